@@ -1,0 +1,1 @@
+"""Wire level: type URLs, resource names and exact resource bytes, without decoding resources."""

@@ -1,0 +1,133 @@
+"""Decode and encode xDS responses as envelopes around exact resource bytes.
+
+A response is read into its envelope fields plus, per resource, its name and the exact bytes the
+sender wrote (`bodies`, parallel to `names`). Encoding splices those bytes into a new envelope, so
+a resource xdsproxy does not change reaches Envoy byte for byte as Istiod sent it, Istio-only
+extension types included. Parallel tuples rather than an object per resource keep decoding of a
+5,000-cluster response within a small multiple of upb's own parse time.
+"""
+
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from xdsproxy.wire import lean
+from xdsproxy.wire.typeurls import NAMED_TYPES
+
+
+class WireError(ValueError):
+    """A message that is not a valid xDS envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class SotwResponse:
+    """`bodies` are serialized `google.protobuf.Any`."""
+
+    version: str
+    type_url: str
+    nonce: str
+    names: tuple[str, ...]
+    bodies: tuple[bytes, ...]
+    control_plane: bytes = b""
+    canary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaResponse:
+    """`bodies` are serialized `envoy.service.discovery.v3.Resource`."""
+
+    system_version: str
+    type_url: str
+    nonce: str
+    names: tuple[str, ...]
+    versions: tuple[str, ...]
+    bodies: tuple[bytes, ...]
+    removed: tuple[str, ...] = ()
+    control_plane: bytes = b""
+    removed_resource_names: tuple[bytes, ...] = ()
+
+
+def _sotw_names(data: bytes, type_url: str, count: int) -> tuple[str, ...]:
+    if type_url not in NAMED_TYPES:
+        return ("",) * count
+    try:
+        named = lean.SotwNames.FromString(data).resources
+    except DecodeError:
+        # A resource whose body is not a valid message of its declared type still passes
+        # through unchanged; it just has no name xdsproxy can act on.
+        return ("",) * count
+    return tuple([entry.value.name for entry in named])
+
+
+def decode_sotw_response(data: bytes) -> SotwResponse:
+    try:
+        envelope = lean.SotwResponse.FromString(data)
+    except DecodeError as exc:
+        raise WireError(f"malformed DiscoveryResponse: {exc}") from None
+    bodies = tuple(envelope.resources)
+    return SotwResponse(
+        version=envelope.version_info,
+        type_url=envelope.type_url,
+        nonce=envelope.nonce,
+        names=_sotw_names(data, envelope.type_url, len(bodies)),
+        bodies=bodies,
+        control_plane=envelope.control_plane,
+        canary=envelope.canary,
+    )
+
+
+def encode_sotw_response(
+    version: str,
+    type_url: str,
+    nonce: str,
+    bodies: list[bytes] | tuple[bytes, ...],
+    control_plane: bytes = b"",
+    canary: bool = False,
+) -> bytes:
+    return lean.SotwResponse(
+        version_info=version,
+        type_url=type_url,
+        nonce=nonce,
+        resources=bodies,
+        control_plane=control_plane,
+        canary=canary,
+    ).SerializeToString()
+
+
+def decode_delta_response(data: bytes) -> DeltaResponse:
+    try:
+        envelope = lean.DeltaResponse.FromString(data)
+        heads = lean.DeltaNames.FromString(data).resources
+    except DecodeError as exc:
+        raise WireError(f"malformed DeltaDiscoveryResponse: {exc}") from None
+    return DeltaResponse(
+        system_version=envelope.system_version_info,
+        type_url=envelope.type_url,
+        nonce=envelope.nonce,
+        names=tuple([head.name for head in heads]),
+        versions=tuple([head.version for head in heads]),
+        bodies=tuple(envelope.resources),
+        removed=tuple(envelope.removed_resources),
+        control_plane=envelope.control_plane,
+        removed_resource_names=tuple(envelope.removed_resource_names),
+    )
+
+
+def encode_delta_response(
+    system_version: str,
+    type_url: str,
+    nonce: str,
+    bodies: list[bytes] | tuple[bytes, ...],
+    removed: list[str] | tuple[str, ...] = (),
+    control_plane: bytes = b"",
+    removed_resource_names: list[bytes] | tuple[bytes, ...] = (),
+) -> bytes:
+    return lean.DeltaResponse(
+        system_version_info=system_version,
+        type_url=type_url,
+        nonce=nonce,
+        resources=bodies,
+        removed_resources=removed,
+        control_plane=control_plane,
+        removed_resource_names=removed_resource_names,
+    ).SerializeToString()
