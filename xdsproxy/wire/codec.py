@@ -113,6 +113,11 @@ def decode_delta_response(data: bytes) -> DeltaResponse:
     )
 
 
+def encode_delta_resource(name: str, any_body: bytes, version: str = "") -> bytes:
+    """A Delta `Resource` wrapping a serialized `Any`, without decoding the Any."""
+    return lean.DeltaResourceBody(name=name, resource=any_body, version=version).SerializeToString()
+
+
 def encode_delta_response(
     system_version: str,
     type_url: str,

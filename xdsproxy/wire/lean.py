@@ -45,6 +45,14 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str | None]]]] = [
     ),
     ("DeltaResourceHead", [("version", 1, _STRING, _ONE, None), ("name", 3, _STRING, _ONE, None)]),
     ("DeltaNames", [("resources", 2, _MESSAGE, _MANY, "DeltaResourceHead")]),
+    (
+        "DeltaResourceBody",
+        [
+            ("version", 1, _STRING, _ONE, None),
+            ("resource", 2, _BYTES, _ONE, None),
+            ("name", 3, _STRING, _ONE, None),
+        ],
+    ),
 ]
 
 
@@ -74,3 +82,4 @@ SotwNames = _CLASSES["SotwNames"]
 DeltaResponse = _CLASSES["DeltaResponse"]
 DeltaResourceHead = _CLASSES["DeltaResourceHead"]
 DeltaNames = _CLASSES["DeltaNames"]
+DeltaResourceBody = _CLASSES["DeltaResourceBody"]

@@ -1,0 +1,125 @@
+"""Command line: `xdsproxy serve`, `xdsproxy sim`, `xdsproxy demo`."""
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from xdsproxy import logs
+
+log = logging.getLogger("xdsproxy")
+
+LATER = "accepted now; used from the lazy-mode release on (see docs/cli.md)"
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the proxy between sidecars and Istiod")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="Istiod's xDS address")
+    tls = p.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--upstream-plaintext", action="store_true", help="dial Istiod without TLS")
+    tls.add_argument("--upstream-ca", type=Path, metavar="FILE", help="root CA to verify Istiod")
+    p.add_argument("--upstream-sni", default="", metavar="NAME", help="TLS name to verify")
+    p.add_argument("--listen", default="0.0.0.0:15010", metavar="HOST:PORT")
+    p.add_argument("--cert", type=Path, metavar="FILE", help="serving certificate (with --key)")
+    p.add_argument("--key", type=Path, metavar="FILE")
+    p.add_argument("--mode", choices=("lazy", "passthrough"), default="passthrough")
+    p.add_argument("--als-listen", default="127.0.0.1:15020", metavar="HOST:PORT", help=LATER)
+    p.add_argument("--debug-listen", default="127.0.0.1:15014", metavar="HOST:PORT", help=LATER)
+    p.add_argument("--store", default="memory://", metavar="URL", help=LATER)
+    p.add_argument("--egress", default="", metavar="FQDN:PORT", help=LATER)
+    p.add_argument("--als-allow", action="append", default=[], metavar="CIDR", help=LATER)
+    p.add_argument("--max-message-bytes", type=int, default=-1,
+                   help="largest gRPC message accepted or sent; -1 for no limit (default)")
+    p.add_argument("--max-pending-bytes", type=int, default=128 * 1024 * 1024,
+                   help="bytes queued for one slow sidecar before its stream is closed")
+
+
+def _sim_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="run the simulated Istiod (a stand-in for tests and demos)")
+    p.add_argument("--services", type=int, default=100)
+    p.add_argument("--namespaces", type=int, default=None)
+    p.add_argument("--listen", default="127.0.0.1:15010", metavar="HOST:PORT")
+    p.add_argument("--registry-only", action="store_true",
+                   help="outboundTrafficPolicy REGISTRY_ONLY: the catch-all vhost is block_all")
+    p.add_argument("--bind-listeners", default=None, metavar="ADDRESS",
+                   help="bind virtualOutbound/virtualInbound here (default: bind nothing)")
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="simulator, xdsproxy and a real Envoy, end to end")
+    p.add_argument("--services", type=int, default=200)
+    p.add_argument("--delta", action="store_true", help="use Delta xDS instead of SotW")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="text", choices=("text", "json"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _sim_parser(sub)
+    _demo_parser(sub)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "sim":
+        return _sim(args)
+    from xdsproxy.demo import run_demo
+
+    return run_demo(services=args.services, delta=args.delta)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from xdsproxy.server.app import ServeConfig, run
+
+    if args.mode == "lazy":
+        print("xdsproxy: --mode lazy is not implemented in this release; use --mode passthrough",
+              file=sys.stderr)
+        return 2
+    if bool(args.cert) != bool(args.key):
+        print("xdsproxy: --cert and --key go together", file=sys.stderr)
+        return 2
+    for path in (args.cert, args.key, args.upstream_ca):
+        if path is not None and not path.is_file():
+            print(f"xdsproxy: {path}: no such file", file=sys.stderr)
+            return 2
+    config = ServeConfig(
+        upstream=args.upstream,
+        listen=args.listen,
+        upstream_ca=args.upstream_ca,
+        upstream_sni=args.upstream_sni,
+        cert=args.cert,
+        key=args.key,
+        max_message_bytes=args.max_message_bytes,
+        max_pending_bytes=args.max_pending_bytes,
+    )
+    asyncio.run(run(config))
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from xdsproxy.sim.mesh import generate
+    from xdsproxy.sim.server import SimServer
+
+    async def serve() -> None:
+        mesh = generate(args.services, args.namespaces, registry_only=args.registry_only)
+        server = SimServer(mesh, bind_address=args.bind_listeners)
+        port = await server.start(args.listen)
+        log.info("simulated istiod serving", extra={"port": port, "services": args.services})
+        print(f"listening on port {port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running real Envoy processes for the demo, the tests and the benchmarks."""

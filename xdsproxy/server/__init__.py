@@ -1,0 +1,1 @@
+"""The asyncio/gRPC shell: downstream ADS server, upstream clients and process wiring."""

@@ -1,0 +1,236 @@
+"""The downstream ADS server: one upstream stream per downstream stream, bytes in and out.
+
+Each downstream stream runs three pieces: a reader of Envoy's requests, a reader of Istiod's
+responses, and the writer (the handler coroutine itself) that drains one outbox towards Envoy.
+All protocol decisions are made by the pure state machines in `xdsproxy.xds`.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from xdsproxy.istio.node import NodeIdError, parse_node
+from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
+from xdsproxy.server.upstream import Upstream, forwardable_metadata
+from xdsproxy.wire.typeurls import short_name
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.events import (
+    Event,
+    Nacked,
+    ProtocolError,
+    SendDownstream,
+    SendUpstream,
+    UpstreamProtocolError,
+)
+from xdsproxy.xds.sotw import SotwStream
+from xdsproxy.xds.view import PASS_THROUGH, ResourceView
+
+log = logging.getLogger("xdsproxy.ads")
+
+# Istiod's own answers to a bad node or token are the sidecar's business: relay them as they are.
+_RELAYED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class Session:
+    """One downstream stream, as the debug endpoint and shutdown see it."""
+
+    id: int
+    protocol: str
+    peer: str
+    stream: SotwStream | DeltaStream
+    connected_at: float = field(default_factory=time.time)
+    outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
+    pending_bytes: int = 0
+
+    @property
+    def node_id(self) -> str:
+        return self.stream.node.id if self.stream.node is not None else ""
+
+    def end(self, code: grpc.StatusCode, message: str) -> None:
+        """The first reason to end wins; the writer is cancelled even if blocked on Envoy."""
+        if not self.ended.done():
+            self.ended.set_result(_End(code, message))
+
+
+@dataclass
+class Limits:
+    max_pending_bytes: int = 128 * 1024 * 1024
+
+
+class AdsProxy:
+    def __init__(
+        self,
+        upstream: Upstream,
+        view_for: Callable[[object], ResourceView] = lambda node: PASS_THROUGH,
+        limits: Limits | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.view_for = view_for
+        self.limits = limits or Limits()
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+
+    async def sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
+        await self._proxy(SOTW_METHOD, SotwStream(), context)
+
+    async def delta(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
+        await self._proxy(DELTA_METHOD, DeltaStream(), context)
+
+    def shutdown(self) -> None:
+        """End every stream with UNAVAILABLE so each Envoy keeps its config and reconnects."""
+        self._closing = True
+        for session in list(self.sessions.values()):
+            session.end(grpc.StatusCode.UNAVAILABLE, "xdsproxy is shutting down")
+
+    async def _proxy(
+        self, method: str, stream: SotwStream | DeltaStream, context: grpc.aio.ServicerContext
+    ) -> None:
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "xdsproxy is shutting down")
+        protocol = "SotW" if method == SOTW_METHOD else "Delta"
+        session = Session(next(self._ids), protocol, context.peer(), stream)
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        try:
+            first_events = stream.receive_downstream(first)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        stream.view = self.view_for(stream.node)
+        self.sessions[session.id] = session
+        log.info(
+            "stream opened",
+            extra={"node": session.node_id, "protocol": protocol, "peer": session.peer},
+        )
+        channel = self.upstream.open()
+        call = self.upstream.call(
+            channel, method, forwardable_metadata(context.invocation_metadata() or ())
+        )
+        tasks = [
+            asyncio.create_task(self._pump_downstream(session, context, call, first_events)),
+            asyncio.create_task(self._pump_upstream(session, call)),
+            asyncio.create_task(self._drain(session, context)),
+        ]
+        try:
+            end = await session.ended
+            for task in tasks:
+                task.cancel()
+            log.info(
+                "stream ended",
+                extra={"node": session.node_id, "code": end.code.name, "reason": end.message},
+            )
+            if end.code != grpc.StatusCode.OK:
+                await context.abort(end.code, end.message)
+        except asyncio.CancelledError:
+            pass  # Envoy went away
+        finally:
+            self.sessions.pop(session.id, None)
+            for task in tasks:
+                task.cancel()
+            call.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await channel.close()
+
+    @staticmethod
+    async def _drain(session: Session, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while True:
+                item = await session.outbox.get()
+                await context.write(item)
+                session.pending_bytes -= len(item)
+        except (asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
+            session.end(grpc.StatusCode.CANCELLED, "downstream went away")
+
+    async def _pump_downstream(
+        self,
+        session: Session,
+        context: grpc.aio.ServicerContext,
+        call: grpc.aio.StreamStreamCall,
+        first_events: list[Event],
+    ) -> None:
+        try:
+            await self._apply(session, first_events, call)
+            while (data := await context.read()) is not grpc.aio.EOF:
+                await self._apply(session, session.stream.receive_downstream(data), call)
+            session.end(grpc.StatusCode.OK, "")
+        except ProtocolError as exc:
+            session.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.aio.AioRpcError as exc:
+            session.end(grpc.StatusCode.UNAVAILABLE, f"upstream: {exc.details()}")
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            session.end(grpc.StatusCode.UNAVAILABLE, "upstream stream closed")
+
+    async def _pump_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while (data := await call.read()) is not grpc.aio.EOF:
+                await self._apply(session, session.stream.receive_upstream(data), call)
+            code = await call.code()
+            session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
+        except UpstreamProtocolError as exc:
+            session.end(grpc.StatusCode.UNAVAILABLE, f"upstream sent a bad message: {exc}")
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            relayed = code if code in _RELAYED_CODES else grpc.StatusCode.UNAVAILABLE
+            session.end(relayed, f"upstream: {exc.details() or code.name}")
+
+    async def _apply(
+        self, session: Session, events: list[Event], call: grpc.aio.StreamStreamCall
+    ) -> None:
+        for event in events:
+            if isinstance(event, SendDownstream):
+                session.pending_bytes += len(event.payload)
+                if session.pending_bytes > self.limits.max_pending_bytes:
+                    session.end(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {self.limits.max_pending_bytes} bytes wait for a slow reader",
+                    )
+                    return
+                session.outbox.put_nowait(event.payload)
+            elif isinstance(event, SendUpstream):
+                await call.write(event.payload)
+            elif isinstance(event, Nacked):
+                log.warning(
+                    "envoy rejected a response",
+                    extra={
+                        "node": session.node_id,
+                        "type": short_name(event.type_url),
+                        "relayed": event.relayed,
+                        "error": event.message[:500],
+                    },
+                )
+
+
+def describe_node(session: Session) -> dict[str, str]:
+    """Workload identity for logs and the debug endpoint; tolerant of non-Istio node ids."""
+    node = session.stream.node
+    if node is None:
+        return {}
+    try:
+        istio = parse_node(node)
+    except NodeIdError:
+        return {"node": node.id}
+    return {"node": node.id, "namespace": istio.namespace, "workload": istio.workload}

@@ -1,0 +1,76 @@
+"""The `xdsproxy serve` process: the downstream gRPC server around `AdsProxy`."""
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from xdsproxy.server.ads import AdsProxy, Limits
+from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
+from xdsproxy.server.upstream import Upstream
+
+log = logging.getLogger("xdsproxy.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    upstream: str
+    listen: str = "127.0.0.1:15010"
+    upstream_ca: Path | None = None
+    upstream_sni: str = ""
+    cert: Path | None = None
+    key: Path | None = None
+    max_message_bytes: int = -1
+    max_pending_bytes: int = 128 * 1024 * 1024
+    shutdown_grace_seconds: float = 5.0
+
+
+class ProxyServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        root = config.upstream_ca.read_bytes() if config.upstream_ca else None
+        upstream = Upstream(config.upstream, root, config.upstream_sni, config.max_message_bytes)
+        self.proxy = AdsProxy(upstream, limits=Limits(config.max_pending_bytes))
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        server = grpc.aio.server(
+            options=message_options(self.config.max_message_bytes) + server_keepalive()
+        )
+        server.add_generic_rpc_handlers((ads_handler(self.proxy.sotw, self.proxy.delta),))
+        if self.config.cert and self.config.key:
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.key.read_bytes(), self.config.cert.read_bytes())]
+            )
+            self.port = server.add_secure_port(self.config.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
+        await server.start()
+        self._server = server
+        log.info("serving ADS", extra={"listen": self.config.listen, "port": self.port,
+                                       "upstream": self.config.upstream})
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, end every stream with UNAVAILABLE, then close."""
+        if self._server is None:
+            return
+        self.proxy.shutdown()
+        await self._server.stop(self.config.shutdown_grace_seconds)
+        self._server = None
+
+
+async def run(config: ServeConfig) -> None:
+    server = ProxyServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

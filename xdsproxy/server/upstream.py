@@ -1,0 +1,52 @@
+"""Dialing Istiod for one sidecar: a channel per downstream stream, with that sidecar's metadata.
+
+A channel per stream mirrors what Istiod would see without xdsproxy (one connection per
+sidecar), so Istiod's per-connection limits, load balancing across its replicas and its
+30-minute connection recycling keep working. xdsproxy never presents a client certificate.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from xdsproxy.server.grpcio import client_keepalive, message_options, method_path
+
+# Metadata the pilot-agent sends that Istiod acts on: the JWT, the cluster id, XDS_HEADER_* ones.
+_FORWARDED = ("authorization", "clusterid")
+
+
+def forwardable_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+    kept = []
+    for key, value in metadata:
+        key = key.lower()
+        if (key in _FORWARDED or key.startswith("x-")) and isinstance(value, str):
+            kept.append((key, value))
+    return tuple(kept)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    target: str
+    root_certificates: bytes | None = None  # None: plaintext
+    server_name: str = ""
+    max_message_bytes: int = -1
+
+    def open(self) -> grpc.aio.Channel:
+        options = [
+            *message_options(self.max_message_bytes),
+            *client_keepalive(),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        if self.root_certificates is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+    @staticmethod
+    def call(
+        channel: grpc.aio.Channel, method: str, metadata: tuple[tuple[str, str], ...]
+    ) -> grpc.aio.StreamStreamCall:
+        return channel.stream_stream(method_path(method))(metadata=metadata)

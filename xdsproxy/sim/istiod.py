@@ -1,0 +1,226 @@
+"""Istiod's side of one ADS connection, as pure protocol logic (no gRPC, no asyncio).
+
+Behaviour copied from Istiod (pilot/pkg/xds): a new nonce per response; a request whose nonce is
+not the last one sent for its type is ignored as stale; an ACK gets no answer unless it changes
+the requested names; a NACK is recorded and not answered; wildcard CDS/LDS are answered even
+when empty; versions look like `2026-11-22T10:00:00Z/42`; pushes go in the order CDS, EDS, LDS,
+RDS; Delta resources carry an empty version, as Istiod's do.
+"""
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import DecodeError, Message
+
+from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
+from xdsproxy.sim import envoyconfig
+from xdsproxy.sim.mesh import Mesh
+from xdsproxy.wire import typeurls
+from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, encode_sotw_response
+
+ORDER = {type_url: rank for rank, type_url in enumerate(typeurls.PUSH_ORDER)}
+
+
+class IstiodError(Exception):
+    """Ends the stream with a gRPC status, as Istiod does for a bad node or request."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _pack(type_url: str, message: Message) -> bytes:
+    return Any(type_url=type_url, value=message.SerializeToString()).SerializeToString()
+
+
+class Snapshot:
+    """Serialized resources for one mesh generation, shared by every connection."""
+
+    def __init__(self, mesh: Mesh, epoch: str, bind_address: str | None) -> None:
+        self.mesh = mesh
+        self.generation = mesh.generation
+        self.version = f"{epoch}/{mesh.generation}"
+        self.bind_address = bind_address
+        self._cache: dict[tuple[str, object], dict[str, bytes]] = {}
+
+    def resources(self, type_url: str, node: IstioNode) -> dict[str, bytes]:
+        """Name -> serialized Any, in Istiod's order, for what this node may see of the type."""
+        if type_url == typeurls.CLUSTER:
+            key: object = None
+        elif type_url == typeurls.ENDPOINT:
+            key = None
+        elif type_url == typeurls.LISTENER:
+            key = self._listener_ports(node)
+        elif type_url == typeurls.ROUTE:
+            key = node.namespace
+        else:
+            return {}
+        cached = self._cache.get((type_url, key))
+        if cached is None:
+            cached = self._cache[(type_url, key)] = self._build(type_url, key)
+        return cached
+
+    def _listener_ports(self, node: IstioNode) -> envoyconfig.ListenerPorts:
+        config = node.proxy_config
+        return envoyconfig.ListenerPorts(
+            address=self.bind_address,
+            outbound=int(config.get("proxyListenPort", 15001)),
+            inbound=int(config.get("proxyInboundListenPort", 15006)),
+        )
+
+    def _build(self, type_url: str, key: object) -> dict[str, bytes]:
+        if type_url == typeurls.CLUSTER:
+            messages = [(c.name, c) for c in envoyconfig.build_clusters(self.mesh)]
+        elif type_url == typeurls.ENDPOINT:
+            messages = [(a.cluster_name, a) for a in envoyconfig.build_endpoints(self.mesh)]
+        elif type_url == typeurls.LISTENER:
+            assert isinstance(key, envoyconfig.ListenerPorts)
+            messages = [(x.name, x) for x in envoyconfig.build_listeners(self.mesh, key)]
+        else:
+            assert isinstance(key, str)
+            messages = [(r.name, r) for r in envoyconfig.build_routes(self.mesh, key)]
+        return {name: _pack(type_url, message) for name, message in messages}
+
+
+@dataclass(slots=True)
+class _Watch:
+    nonce: str = ""
+    names: tuple[str, ...] = ()
+    wildcard: bool = False
+    subscribed: set[str] = field(default_factory=set)
+    sent: dict[str, bytes] = field(default_factory=dict)  # Delta: what the client holds
+    nacks: int = 0
+
+
+def epoch() -> str:
+    """The time part of Istiod's version strings."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Connection:
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.node: IstioNode | None = None
+        self.watches: dict[str, _Watch] = {}
+        self.pushes = 0
+
+    def _identify(self, request: Message) -> IstioNode:
+        if self.node is None:
+            if not request.HasField("node"):
+                raise IstiodError("INVALID_ARGUMENT", "missing node information")
+            try:
+                self.node = parse_node(request.node)
+            except NodeIdError as exc:
+                raise IstiodError("INVALID_ARGUMENT", str(exc)) from None
+        return self.node
+
+    def _ordered(self) -> list[str]:
+        return sorted(self.watches, key=lambda t: ORDER.get(t, len(ORDER)))
+
+    @staticmethod
+    def _nonce() -> str:
+        return str(uuid.uuid4())
+
+
+class SotwConnection(_Connection):
+    def receive(self, data: bytes) -> list[bytes]:
+        try:
+            request = DiscoveryRequest.FromString(data)
+        except DecodeError as exc:
+            raise IstiodError("INVALID_ARGUMENT", f"malformed request: {exc}") from None
+        self._identify(request)
+        watch = self.watches.get(request.type_url)
+        names = tuple(request.resource_names)
+        if watch is None or not request.response_nonce:
+            watch = self.watches[request.type_url] = _Watch(names=names)
+            return [self._respond(request.type_url, watch)]
+        if request.response_nonce != watch.nonce:
+            return []  # stale
+        if request.HasField("error_detail"):
+            watch.nacks += 1
+            return []
+        if names != watch.names:
+            watch.names = names
+            return [self._respond(request.type_url, watch)]
+        return []
+
+    def push(self, snapshot: Snapshot) -> list[bytes]:
+        self.snapshot = snapshot
+        return [self._respond(t, self.watches[t]) for t in self._ordered()]
+
+    def _respond(self, type_url: str, watch: _Watch) -> bytes:
+        assert self.node is not None
+        available = self.snapshot.resources(type_url, self.node)
+        if type_url in typeurls.WILDCARD_TYPES and not watch.names:
+            bodies = list(available.values())
+        else:
+            bodies = [available[name] for name in watch.names if name in available]
+        watch.nonce = self._nonce()
+        self.pushes += 1
+        return encode_sotw_response(self.snapshot.version, type_url, watch.nonce, bodies)
+
+
+class DeltaConnection(_Connection):
+    def receive(self, data: bytes) -> list[bytes]:
+        try:
+            request = DeltaDiscoveryRequest.FromString(data)
+        except DecodeError as exc:
+            raise IstiodError("INVALID_ARGUMENT", f"malformed request: {exc}") from None
+        self._identify(request)
+        type_url = request.type_url
+        watch = self.watches.get(type_url)
+        if watch is None:
+            watch = self.watches[type_url] = _Watch()
+            subscribe = set(request.resource_names_subscribe)
+            watch.wildcard = "*" in subscribe or (
+                not subscribe and type_url in typeurls.WILDCARD_TYPES
+            )
+            watch.subscribed = subscribe - {"*"}
+            # The client says what it already holds; Istiod resends everything anyway and
+            # removes what no longer exists.
+            watch.sent = {name: b"" for name in request.initial_resource_versions}
+            return self._respond(type_url, watch, always=True)
+        if request.response_nonce and request.response_nonce != watch.nonce:
+            return []  # stale
+        if request.HasField("error_detail"):
+            watch.nacks += 1
+            return []
+        added = set(request.resource_names_subscribe) - watch.subscribed
+        for name in request.resource_names_unsubscribe:
+            watch.subscribed.discard(name)
+            watch.sent.pop(name, None)
+        watch.subscribed |= added
+        if added:
+            return self._respond(type_url, watch, always=False)
+        return []
+
+    def push(self, snapshot: Snapshot) -> list[bytes]:
+        self.snapshot = snapshot
+        out: list[bytes] = []
+        for type_url in self._ordered():
+            out += self._respond(type_url, self.watches[type_url], always=False)
+        return out
+
+    def _respond(self, type_url: str, watch: _Watch, always: bool) -> list[bytes]:
+        assert self.node is not None
+        available = self.snapshot.resources(type_url, self.node)
+        if watch.wildcard:
+            wanted = available
+        else:
+            wanted = {n: available[n] for n in sorted(watch.subscribed) if n in available}
+        changed = {n: body for n, body in wanted.items() if watch.sent.get(n) != body}
+        removed = sorted(n for n in watch.sent if n not in wanted)
+        if not (changed or removed or always):
+            return []
+        for name in removed:
+            del watch.sent[name]
+        watch.sent.update(changed)
+        watch.nonce = self._nonce()
+        self.pushes += 1
+        bodies = [encode_delta_resource(name, body) for name, body in changed.items()]
+        return [
+            encode_delta_response(self.snapshot.version, type_url, watch.nonce, bodies, removed)
+        ]

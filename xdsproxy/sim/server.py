@@ -1,0 +1,107 @@
+"""gRPC shell around the simulated Istiod: serves SotW and Delta ADS and pushes on mutations."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive, status_code
+from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection, epoch
+from xdsproxy.sim.mesh import Mesh
+
+log = logging.getLogger("xdsproxy.sim")
+
+_CLOSE = object()
+
+
+class _Live:
+    def __init__(self, connection: SotwConnection | DeltaConnection) -> None:
+        self.connection = connection
+        self.outbox: asyncio.Queue[object] = asyncio.Queue()
+
+
+class SimServer:
+    """A stand-in for Istiod. Mutate `mesh`, then call `push()` to send the change to everyone."""
+
+    def __init__(self, mesh: Mesh, bind_address: str | None = None) -> None:
+        self.mesh = mesh
+        self.bind_address = bind_address
+        self.epoch = epoch()
+        self.snapshot = Snapshot(mesh, self.epoch, bind_address)
+        self.port = 0
+        self.connections_served = 0
+        self._live: set[_Live] = set()
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def connected(self) -> int:
+        return len(self._live)
+
+    async def start(self, listen: str = "127.0.0.1:0") -> int:
+        server = grpc.aio.server(options=message_options() + server_keepalive())
+        server.add_generic_rpc_handlers(
+            (ads_handler(self._sotw, self._delta),)
+        )
+        self.port = server.add_insecure_port(listen)
+        await server.start()
+        self._server = server
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    def mutate(self, change: Callable[[Mesh], None]) -> None:
+        change(self.mesh)
+        self.push()
+
+    def push(self) -> None:
+        """Rebuild the snapshot and push it to every connected node, as Istiod does after its
+        debounce."""
+        self.snapshot = Snapshot(self.mesh, self.epoch, self.bind_address)
+        for live in list(self._live):
+            for response in live.connection.push(self.snapshot):
+                live.outbox.put_nowait(response)
+
+    async def _sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(SotwConnection(self.snapshot), context)
+
+    async def _delta(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(DeltaConnection(self.snapshot), context)
+
+    async def _serve(
+        self, connection: SotwConnection | DeltaConnection, context: grpc.aio.ServicerContext
+    ) -> None:
+        live = _Live(connection)
+        self._live.add(live)
+        self.connections_served += 1
+        reader = asyncio.create_task(self._read(live, context))
+        try:
+            while (item := await live.outbox.get()) is not _CLOSE:
+                if isinstance(item, IstiodError):
+                    await context.abort(status_code(item.code), str(item))
+                assert isinstance(item, bytes)
+                await context.write(item)
+        except asyncio.CancelledError:
+            pass  # the client went away
+        finally:
+            self._live.discard(live)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    @staticmethod
+    async def _read(live: _Live, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while (data := await context.read()) is not grpc.aio.EOF:
+                for response in live.connection.receive(data):
+                    live.outbox.put_nowait(response)
+        except IstiodError as exc:
+            live.outbox.put_nowait(exc)
+            return
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        live.outbox.put_nowait(_CLOSE)

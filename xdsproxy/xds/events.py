@@ -1,0 +1,37 @@
+"""What a protocol state machine asks its transport to do, or reports to it."""
+
+from dataclasses import dataclass
+
+
+class ProtocolError(ValueError):
+    """The downstream peer broke the xDS protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+class UpstreamProtocolError(ValueError):
+    """The upstream sent something that is not xDS; the stream ends with UNAVAILABLE."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendUpstream:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendDownstream:
+    payload: bytes
+    type_url: str
+    resource_count: int
+    relayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Nacked:
+    """Envoy rejected a response. `relayed` tells whether the NACK was forwarded to Istiod."""
+
+    type_url: str
+    nonce: str
+    message: str
+    relayed: bool
+
+
+Event = SendUpstream | SendDownstream | Nacked
