@@ -1,0 +1,167 @@
+"""The simulated Istiod's protocol behaviour and config shapes, without gRPC."""
+
+import re
+
+import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from google.protobuf.any_pb2 import Any
+
+from tests.xds_messages import delta_request, node, sotw_request
+from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection
+from xdsproxy.sim.mesh import Endpoint, cluster_name, generate
+from xdsproxy.wire import typeurls
+from xdsproxy.wire.codec import decode_delta_response, decode_sotw_response
+
+CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE
+VERSION = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ/\d+$")
+
+
+def snapshot(services: int = 40, registry_only: bool = False) -> Snapshot:
+    return Snapshot(generate(services, registry_only=registry_only), "2026-11-22T10:00:00Z", None)
+
+
+def sotw() -> tuple[SotwConnection, bytes]:
+    connection = SotwConnection(snapshot())
+    [response] = connection.receive(sotw_request(with_node=True))
+    return connection, response
+
+
+def test_missing_node_and_bad_node_id_are_invalid_argument() -> None:
+    with pytest.raises(IstiodError) as missing:
+        SotwConnection(snapshot()).receive(sotw_request())
+    assert missing.value.code == "INVALID_ARGUMENT"
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+    request = DiscoveryRequest(type_url=CDS)
+    request.node.id = "not-an-istio-node"
+    with pytest.raises(IstiodError, match="not TYPE~IP"):
+        SotwConnection(snapshot()).receive(request.SerializeToString())
+
+
+def test_initial_cds_is_full_with_istio_version_and_fresh_nonce() -> None:
+    connection, raw = sotw()
+    response = decode_sotw_response(raw)
+    assert VERSION.match(response.version)
+    assert response.nonce
+    assert {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster",
+            "inbound|8080||"} <= set(response.names)
+    assert any(n.startswith("outbound|") and n.count("|") == 3 for n in response.names)
+
+
+def test_ack_gets_no_answer_stale_nonce_is_ignored_nack_is_recorded() -> None:
+    connection, raw = sotw()
+    nonce = decode_sotw_response(raw).nonce
+    assert connection.receive(sotw_request(version="v", nonce=nonce)) == []
+    assert connection.receive(sotw_request(names=("x",), nonce="stale")) == []
+    assert connection.receive(sotw_request(nonce=nonce, error="bad")) == []
+    assert connection.watches[CDS].nacks == 1
+
+
+def test_eds_and_rds_answer_only_requested_names() -> None:
+    connection, _ = sotw()
+    [eds] = connection.receive(sotw_request(EDS, ("outbound|80||svc-0.ns-0.svc.cluster.local",)))
+    assert decode_sotw_response(eds).names == ("outbound|80||svc-0.ns-0.svc.cluster.local",)
+    nonce = decode_sotw_response(eds).nonce
+    [more] = connection.receive(sotw_request(EDS, ("outbound|80||svc-0.ns-0.svc.cluster.local",
+                                                   "outbound|8080||svc-4.ns-0.svc.cluster.local"),
+                                             nonce=nonce))
+    assert len(decode_sotw_response(more).names) == 2
+    [rds] = connection.receive(sotw_request(RDS, ("8080", "nope")))
+    assert decode_sotw_response(rds).names == ("8080",)
+
+
+def test_wildcard_is_answered_even_when_empty() -> None:
+    connection = SotwConnection(Snapshot(generate(0), "2026-11-22T10:00:00Z", None))
+    [cds] = connection.receive(sotw_request(with_node=True))
+    assert decode_sotw_response(cds).names == (
+        "inbound|8080||", "PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"
+    )
+    [lds] = connection.receive(sotw_request(LDS))
+    assert decode_sotw_response(lds).names == ("virtualOutbound", "virtualInbound")
+
+
+def test_push_order_is_cds_eds_lds_rds() -> None:
+    connection, _ = sotw()
+    for type_url, names in ((RDS, ("80",)), (LDS, ()), (EDS, ("x",))):
+        connection.receive(sotw_request(type_url, names))
+    pushed = connection.push(snapshot())
+    assert [decode_sotw_response(p).type_url for p in pushed] == [CDS, EDS, LDS, RDS]
+
+
+def test_routes_depend_on_the_node_namespace() -> None:
+    snap = snapshot()
+    mine = snap.resources(RDS, _istio_node("ns-0"))
+    theirs = snap.resources(RDS, _istio_node("ns-1"))
+    table = RouteConfiguration()
+    Any.FromString(mine["8080"]).Unpack(table)
+    vhost = next(v for v in table.virtual_hosts if v.name.startswith("svc-4.ns-0"))
+    assert "svc-4" in vhost.domains
+    Any.FromString(theirs["8080"]).Unpack(table)
+    vhost = next(v for v in table.virtual_hosts if v.name.startswith("svc-4.ns-0"))
+    assert "svc-4" not in vhost.domains and "svc-4.ns-0" in vhost.domains
+    assert table.virtual_hosts[-1].name == "allow_any"
+
+
+def test_registry_only_ends_with_block_all() -> None:
+    table = RouteConfiguration()
+    Any.FromString(snapshot(registry_only=True).resources(RDS, _istio_node("ns-0"))["80"]).Unpack(
+        table)
+    assert table.virtual_hosts[-1].name == "block_all"
+    assert table.virtual_hosts[-1].routes[0].direct_response.status == 502
+
+
+def test_mesh_has_every_cluster_type_istio_emits() -> None:
+    types = set()
+    for body in snapshot().resources(CDS, _istio_node("ns-0")).values():
+        cluster = Cluster()
+        Any.FromString(body).Unpack(cluster)
+        types.add(Cluster.DiscoveryType.Name(cluster.type))
+    assert {"EDS", "ORIGINAL_DST", "STRICT_DNS", "STATIC"} <= types
+
+
+def test_weighted_route_references_subset_clusters() -> None:
+    snap = snapshot()
+    table = RouteConfiguration()
+    clusters = set(snap.resources(CDS, _istio_node("ns-0")))
+    weighted = 0
+    for body in snap.resources(RDS, _istio_node("ns-0")).values():
+        Any.FromString(body).Unpack(table)
+        for vhost in table.virtual_hosts:
+            for entry in vhost.routes[0].route.weighted_clusters.clusters:
+                assert entry.name in clusters
+                weighted += 1
+    assert weighted >= 2
+
+
+def test_delta_initial_sends_all_and_removes_vanished() -> None:
+    connection = DeltaConnection(snapshot())
+    [raw] = connection.receive(delta_request(with_node=True, initial={"gone": "", "BlackHoleCluster": ""}))
+    response = decode_delta_response(raw)
+    assert "BlackHoleCluster" in response.names
+    assert response.removed == ("gone",)
+    assert set(response.versions) == {""}
+
+
+def test_delta_push_sends_only_changes() -> None:
+    snap = snapshot()
+    connection = DeltaConnection(snap)
+    connection.receive(delta_request(with_node=True))
+    fqdn = "svc-0.ns-0.svc.cluster.local"
+    [eds] = connection.receive(delta_request(EDS, subscribe=(cluster_name(80, fqdn),)))
+    assert decode_delta_response(eds).names == (cluster_name(80, fqdn),)
+    mesh = snap.mesh
+    mesh.set_endpoints(fqdn, [Endpoint("10.9.9.9", 80)])
+    pushed = connection.push(Snapshot(mesh, "2026-11-22T10:00:00Z", None))
+    assert [decode_delta_response(p).type_url for p in pushed] == [EDS]  # CDS is unchanged
+    mesh.remove("svc-5.ns-1.svc.cluster.local")
+    [cds] = connection.push(Snapshot(mesh, "2026-11-22T10:00:00Z", None))
+    assert decode_delta_response(cds).removed == ("outbound|9080||svc-5.ns-1.svc.cluster.local",)
+
+
+def _istio_node(namespace: str):
+    from xdsproxy.istio.node import parse_node
+
+    n = node(f"sidecar~10.0.0.1~app-0.{namespace}~{namespace}.svc.cluster.local")
+    n.metadata.update({"NAMESPACE": namespace})
+    return parse_node(n)

@@ -1,0 +1,111 @@
+"""The Delta stream state machine, driven directly with bytes."""
+
+import pytest
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse
+
+from tests.xds_messages import KeepPrefix, delta_request, delta_response
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.events import Nacked, ProtocolError, SendDownstream, SendUpstream
+
+CDS, EDS = typeurls.CLUSTER, typeurls.ENDPOINT
+
+
+def started(view=None, initial=None) -> DeltaStream:
+    stream = DeltaStream(view) if view else DeltaStream()
+    first = delta_request(with_node=True, initial=initial)
+    assert stream.receive_downstream(first) == [SendUpstream(first)]
+    return stream
+
+
+def test_first_request_needs_a_node() -> None:
+    with pytest.raises(ProtocolError, match="node"):
+        DeltaStream().receive_downstream(delta_request())
+
+
+def test_garbage_request_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        DeltaStream().receive_downstream(b"\x0a\x05ab")
+
+
+def test_empty_first_cds_request_is_wildcard_eds_is_not() -> None:
+    stream = started()
+    assert stream.subscription(CDS) == (True, frozenset())
+    stream.receive_downstream(delta_request(EDS, subscribe=("a", "b")))
+    assert stream.subscription(EDS) == (False, frozenset({"a", "b"}))
+    stream.receive_downstream(delta_request(EDS, unsubscribe=("a",)))
+    assert stream.subscription(EDS) == (False, frozenset({"b"}))
+
+
+def test_explicit_wildcard_subscription() -> None:
+    stream = DeltaStream()
+    stream.receive_downstream(delta_request(subscribe=("*", "x"), with_node=True))
+    assert stream.subscription(CDS) == (True, frozenset({"x"}))
+    stream.receive_downstream(delta_request(unsubscribe=("*",)))
+    assert stream.subscription(CDS) == (False, frozenset({"x"}))
+
+
+def test_relay_is_byte_identical_and_tracks_what_envoy_holds() -> None:
+    stream = started()
+    response = delta_response(["a", "b"], "up-1")
+    [down] = stream.receive_upstream(response)
+    assert isinstance(down, SendDownstream) and down.payload == response
+    assert set(stream.held(CDS)) == {"a", "b"}
+    removal = delta_response([], "up-2", removed=("a",))
+    [down] = stream.receive_upstream(removal)
+    assert down.payload == removal
+    assert set(stream.held(CDS)) == {"b"}
+
+
+def test_ack_and_nack_go_upstream_verbatim() -> None:
+    stream = started()
+    stream.receive_upstream(delta_response(["a"], "up-1"))
+    ack = delta_request(nonce="up-1")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+    assert stream.status()[CDS].state == "SYNCED"
+    stream.receive_upstream(delta_response(["bad"], "up-2"))
+    nack = delta_request(nonce="up-2", error="bad cluster")
+    events = stream.receive_downstream(nack)
+    assert events == [Nacked(CDS, "up-2", "bad cluster", True), SendUpstream(nack)]
+    assert stream.status()[CDS].state == "NACK"
+
+
+def test_initial_resource_versions_count_as_held() -> None:
+    stream = started(initial={"a": "1", "b": "2"})
+    assert stream.held(CDS) == {"a": "1", "b": "2"}
+
+
+def test_narrowing_view_removes_only_what_envoy_holds() -> None:
+    stream = started(KeepPrefix("keep"), initial={"drop-old": ""})
+    response = delta_response(["keep-a", "drop-b", "drop-old"], "up-1", removed=("never-held",))
+    [down] = stream.receive_upstream(response)
+    sent = DeltaDiscoveryResponse.FromString(down.payload)
+    original = DeltaDiscoveryResponse.FromString(response)
+    assert sent.nonce == "up-1"
+    assert list(sent.resources) == [original.resources[0]]
+    # drop-old was held from a previous connection and is now out of view: removed.
+    # never-held and drop-b were never sent: no removal for them.
+    assert list(sent.removed_resources) == ["drop-old"]
+    assert stream.held(CDS) == {"keep-a": ""}
+
+
+def test_ack_of_local_response_stays_local_but_subscription_change_goes_up() -> None:
+    stream = started()
+    plain = delta_request(EDS, nonce="xdsproxy-3")
+    assert stream.receive_downstream(plain) == []
+    mixed = delta_request(EDS, subscribe=("c",), nonce="xdsproxy-4", error="oops")
+    events = stream.receive_downstream(mixed)
+    assert events[0] == Nacked(EDS, "xdsproxy-4", "oops", False)
+    forwarded = DeltaDiscoveryRequest.FromString(events[1].payload)
+    assert forwarded.response_nonce == "" and not forwarded.HasField("error_detail")
+    assert list(forwarded.resource_names_subscribe) == ["c"]
+
+
+def test_unknown_type_passes_through() -> None:
+    stream = started()
+    url = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"
+    request = delta_request(url, subscribe=("x",))
+    assert stream.receive_downstream(request) == [SendUpstream(request)]
+    response = delta_response(["x"], "p-1", type_url=url)
+    [down] = stream.receive_upstream(response)
+    assert down.payload == response

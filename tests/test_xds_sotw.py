@@ -1,0 +1,156 @@
+"""The SotW stream state machine, driven directly with bytes."""
+
+import pytest
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+
+from tests.xds_messages import KeepPrefix, sotw_request, sotw_response
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.events import (
+    Nacked,
+    ProtocolError,
+    SendDownstream,
+    SendUpstream,
+    UpstreamProtocolError,
+)
+from xdsproxy.xds.sotw import SotwStream
+
+CDS, EDS = typeurls.CLUSTER, typeurls.ENDPOINT
+
+
+def started(view=None) -> SotwStream:
+    stream = SotwStream(view) if view else SotwStream()
+    first = sotw_request(with_node=True)
+    assert stream.receive_downstream(first) == [SendUpstream(first)]
+    return stream
+
+
+def test_first_request_needs_a_node() -> None:
+    with pytest.raises(ProtocolError, match="node"):
+        SotwStream().receive_downstream(sotw_request())
+
+
+def test_request_needs_a_type_url() -> None:
+    stream = SotwStream()
+    with pytest.raises(ProtocolError, match="type_url"):
+        stream.receive_downstream(sotw_request(type_url="", with_node=True))
+
+
+def test_garbage_request_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="malformed"):
+        SotwStream().receive_downstream(b"\xff\xff\xff")
+
+
+def test_garbage_response_is_an_upstream_error() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        started().receive_upstream(b"\x0a\xff\xff\xff")
+
+
+def test_node_is_kept_from_the_first_request_only() -> None:
+    stream = started()
+    assert stream.node is not None and stream.node.id.startswith("sidecar~")
+    stream.receive_downstream(sotw_request(EDS, ("a",)))
+    assert stream.node.id.startswith("sidecar~")
+
+
+def test_relay_is_byte_identical_and_ack_goes_upstream() -> None:
+    stream = started()
+    response = sotw_response(["a", "b"], "v1", "up-1")
+    [down] = stream.receive_upstream(response)
+    assert isinstance(down, SendDownstream) and down.payload == response and down.relayed
+    ack = sotw_request(version="v1", nonce="up-1")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+    status = stream.status()[CDS]
+    assert (status.acked_version, status.state) == ("v1", "SYNCED")
+
+
+def test_nack_goes_upstream_with_error_detail() -> None:
+    stream = started()
+    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
+    stream.receive_upstream(sotw_response(["a", "bad"], "v2", "up-2"))
+    nack = sotw_request(version="v1", nonce="up-2", error="cluster bad: invalid")
+    events = stream.receive_downstream(nack)
+    assert Nacked(CDS, "up-2", "cluster bad: invalid", True) in events
+    [sent] = [e for e in events if isinstance(e, SendUpstream)]
+    forwarded = DiscoveryRequest.FromString(sent.payload)
+    assert forwarded.response_nonce == "up-2"
+    assert forwarded.version_info == "v1"
+    assert forwarded.error_detail.message == "cluster bad: invalid"
+    status = stream.status()[CDS]
+    assert status.state == "NACK" and status.nack_count == 1 and status.acked_version == "v1"
+
+
+def test_stale_nonce_is_dropped_not_forwarded() -> None:
+    stream = started()
+    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    stream.receive_upstream(sotw_response(["a", "b"], "v2", "up-2"))
+    assert stream.receive_downstream(sotw_request(version="v1", nonce="up-1")) == []
+    assert stream.status()[CDS].state == "STALE"
+    ack = sotw_request(version="v2", nonce="up-2")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+
+
+def test_unknown_nonce_is_dropped() -> None:
+    stream = started()
+    assert stream.receive_downstream(sotw_request(nonce="never-sent")) == []
+
+
+def test_changed_resource_names_are_forwarded() -> None:
+    stream = started()
+    first = sotw_request(EDS, ("a",))
+    assert stream.receive_downstream(first) == [SendUpstream(first)]
+    stream.receive_upstream(sotw_response(["a"], "v1", "e-1", EDS))
+    more = sotw_request(EDS, ("a", "b"), version="v1", nonce="e-1")
+    assert stream.receive_downstream(more) == [SendUpstream(more)]
+
+
+def test_never_acks_upstream_on_envoys_behalf() -> None:
+    stream = started()
+    events = stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    assert not any(isinstance(e, SendUpstream) for e in events)
+
+
+def test_reconnect_request_with_version_is_relayed() -> None:
+    stream = SotwStream()
+    again = sotw_request(version="v7", with_node=True)
+    assert stream.receive_downstream(again) == [SendUpstream(again)]
+
+
+def test_wildcard_empty_response_is_relayed() -> None:
+    stream = started()
+    [down] = stream.receive_upstream(sotw_response([], "v1", "up-1"))
+    assert isinstance(down, SendDownstream) and down.resource_count == 0
+
+
+def test_unknown_type_passes_through() -> None:
+    stream = started()
+    url = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+    request = sotw_request(url)
+    assert stream.receive_downstream(request) == [SendUpstream(request)]
+    response = sotw_response(["x"], "v1", "nds-1", url)
+    [down] = stream.receive_upstream(response)
+    assert down.payload == response
+
+
+def test_narrowing_view_keeps_nonce_and_exact_bytes() -> None:
+    stream = started(KeepPrefix("keep"))
+    response = sotw_response(["keep-a", "drop-b", "keep-c"], "v1", "up-1")
+    [down] = stream.receive_upstream(response)
+    sent = DiscoveryResponse.FromString(down.payload)
+    original = DiscoveryResponse.FromString(response)
+    assert sent.nonce == "up-1" and sent.version_info == "v1"
+    assert list(sent.resources) == [original.resources[0], original.resources[2]]
+    assert stream.pushed_names(CDS) == ("keep-a", "keep-c")
+    status = stream.status()[CDS]
+    assert (status.upstream_resources, status.pushed_resources) == (3, 2)
+    ack = sotw_request(version="v1", nonce="up-1")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+
+
+def test_ack_of_local_response_stays_local() -> None:
+    stream = started()
+    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    stream._types[CDS].status.pushed_nonce = "xdsproxy-1"  # as after a locally built push
+    assert stream.receive_downstream(sotw_request(version="v1", nonce="xdsproxy-1")) == []
+    events = stream.receive_downstream(sotw_request(version="v1", nonce="xdsproxy-1", error="x"))
+    assert events == [Nacked(CDS, "xdsproxy-1", "x", False)]

@@ -1,0 +1,89 @@
+"""Builders for xDS messages used by the protocol tests."""
+
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from google.protobuf.any_pb2 import Any
+
+from xdsproxy.wire import typeurls
+from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, encode_sotw_response
+
+NODE_ID = "sidecar~10.0.0.1~app-7d9f8c6b5d-abcde.ns-0~ns-0.svc.cluster.local"
+
+
+def node(node_id: str = NODE_ID) -> Node:
+    result = Node(id=node_id)
+    result.metadata.update({"NAMESPACE": "ns-0", "WORKLOAD_NAME": "app"})
+    return result
+
+
+def cluster_any(name: str) -> bytes:
+    packed = Any()
+    packed.Pack(Cluster(name=name, type=Cluster.EDS))
+    return packed.SerializeToString()
+
+
+def sotw_request(
+    type_url: str = typeurls.CLUSTER,
+    names: tuple[str, ...] = (),
+    version: str = "",
+    nonce: str = "",
+    error: str = "",
+    with_node: bool = False,
+) -> bytes:
+    request = DiscoveryRequest(type_url=type_url, resource_names=names, version_info=version,
+                               response_nonce=nonce)
+    if error:
+        request.error_detail.code = 3
+        request.error_detail.message = error
+    if with_node:
+        request.node.CopyFrom(node())
+    return request.SerializeToString()
+
+
+def sotw_response(names: list[str], version: str, nonce: str,
+                  type_url: str = typeurls.CLUSTER) -> bytes:
+    return encode_sotw_response(version, type_url, nonce, [cluster_any(n) for n in names])
+
+
+def delta_request(
+    type_url: str = typeurls.CLUSTER,
+    subscribe: tuple[str, ...] = (),
+    unsubscribe: tuple[str, ...] = (),
+    nonce: str = "",
+    error: str = "",
+    initial: dict[str, str] | None = None,
+    with_node: bool = False,
+) -> bytes:
+    request = DeltaDiscoveryRequest(
+        type_url=type_url,
+        resource_names_subscribe=subscribe,
+        resource_names_unsubscribe=unsubscribe,
+        response_nonce=nonce,
+        initial_resource_versions=initial or {},
+    )
+    if error:
+        request.error_detail.code = 3
+        request.error_detail.message = error
+    if with_node:
+        request.node.CopyFrom(node())
+    return request.SerializeToString()
+
+
+def delta_response(names: list[str], nonce: str, removed: tuple[str, ...] = (),
+                   type_url: str = typeurls.CLUSTER, version: str = "") -> bytes:
+    bodies = [encode_delta_resource(n, cluster_any(n), version) for n in names]
+    return encode_delta_response("sys-1", type_url, nonce, bodies, removed)
+
+
+class KeepPrefix:
+    """A narrowing view for tests: forwards only resources whose name starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def select(self, type_url, names, bodies):
+        kept = [(n, b) for n, b in zip(names, bodies, strict=True) if n.startswith(self.prefix)]
+        if len(kept) == len(names):
+            return names, bodies
+        return tuple(n for n, _ in kept), tuple(b for _, b in kept)
