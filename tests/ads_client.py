@@ -18,14 +18,21 @@ from xdsproxy.server.grpcio import (
 class AdsClient:
     """A bare gRPC ADS peer, for sending what Envoy never would."""
 
-    def __init__(self, port: int, delta: bool = False,
-                 metadata: tuple[tuple[str, str], ...] = (),
-                 credentials: grpc.ChannelCredentials | None = None,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        delta: bool = False,
+        metadata: tuple[tuple[str, str], ...] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
         target = f"127.0.0.1:{port}"
         opts = message_options() + (options or [])
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=opts)
-                        if credentials else grpc.aio.insecure_channel(target, options=opts))
+        self.channel = (
+            grpc.aio.secure_channel(target, credentials, options=opts)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=opts)
+        )
         method = method_path(DELTA_METHOD if delta else SOTW_METHOD)
         self.call = self.channel.stream_stream(method)(metadata=metadata)
 

@@ -18,7 +18,9 @@ from xdsproxy.sim.server import SimServer
 
 
 @asynccontextmanager
-async def running_sim(mesh: Mesh | None = None, listen: str = "127.0.0.1:0") -> AsyncIterator[SimServer]:
+async def running_sim(
+    mesh: Mesh | None = None, listen: str = "127.0.0.1:0"
+) -> AsyncIterator[SimServer]:
     sim = SimServer(mesh or generate(60))
     await sim.start(listen)
     try:
@@ -30,8 +32,12 @@ async def running_sim(mesh: Mesh | None = None, listen: str = "127.0.0.1:0") -> 
 @asynccontextmanager
 async def running_proxy(upstream_port: int, **config: Any) -> AsyncIterator[ProxyServer]:
     proxy = ProxyServer(
-        ServeConfig(upstream=f"127.0.0.1:{upstream_port}", listen="127.0.0.1:0",
-                    shutdown_grace_seconds=1.0, **config)
+        ServeConfig(
+            upstream=f"127.0.0.1:{upstream_port}",
+            listen="127.0.0.1:0",
+            shutdown_grace_seconds=1.0,
+            **config,
+        )
     )
     await proxy.start()
     try:
@@ -41,8 +47,9 @@ async def running_proxy(upstream_port: int, **config: Any) -> AsyncIterator[Prox
 
 
 @asynccontextmanager
-async def running_envoy(ads_port: int, delta: bool = False,
-                        identity: SidecarIdentity | None = None) -> AsyncIterator[Envoy]:
+async def running_envoy(
+    ads_port: int, delta: bool = False, identity: SidecarIdentity | None = None
+) -> AsyncIterator[Envoy]:
     envoy = Envoy(ads_port, identity, delta)
     await asyncio.to_thread(envoy.start)
     try:

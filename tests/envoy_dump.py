@@ -6,8 +6,12 @@ _SECTIONS = {
     "ClustersConfigDump": ("clusters", "dynamic_active_clusters", "cluster", "name"),
     "ListenersConfigDump": ("listeners", "dynamic_listeners", "active_state", "name"),
     "RoutesConfigDump": ("routes", "dynamic_route_configs", "route_config", "name"),
-    "EndpointsConfigDump": ("endpoints", "dynamic_endpoint_configs", "endpoint_config",
-                            "cluster_name"),
+    "EndpointsConfigDump": (
+        "endpoints",
+        "dynamic_endpoint_configs",
+        "endpoint_config",
+        "cluster_name",
+    ),
 }
 
 

@@ -108,8 +108,9 @@ async def test_unknown_type_url_passes_both_ways() -> None:
 
 async def test_fifty_megabyte_response_passes() -> None:
     url = "type.googleapis.com/example.Blob"
-    bodies = [Any(type_url=url, value=bytes([i]) * (1 << 20)).SerializeToString()
-              for i in range(50)]
+    bodies = [
+        Any(type_url=url, value=bytes([i]) * (1 << 20)).SerializeToString() for i in range(50)
+    ]
     big = encode_sotw_response("v1", url, "big-1", bodies)
     assert len(big) > 50 * (1 << 20)
     upstream = RecordingUpstream(lambda data: [big] if b"example.Blob" in data else [])
@@ -131,9 +132,15 @@ async def test_metadata_is_forwarded_and_token_never_logged(caplog) -> None:
     caplog.set_level(logging.DEBUG)
     try:
         async with running_proxy(upstream.port) as proxy:
-            client = AdsClient(proxy.port, metadata=(
-                ("authorization", f"Bearer {token}"), ("clusterid", "Kubernetes"),
-                ("x-xds-header", "yes"), ("cookie", "no")))
+            client = AdsClient(
+                proxy.port,
+                metadata=(
+                    ("authorization", f"Bearer {token}"),
+                    ("clusterid", "Kubernetes"),
+                    ("x-xds-header", "yes"),
+                    ("cookie", "no"),
+                ),
+            )
             await client.send(sotw_request(with_node=True))
             await eventually(lambda: upstream.metadata, timeout=10)
             seen = upstream.metadata[0]
@@ -149,13 +156,15 @@ async def test_metadata_is_forwarded_and_token_never_logged(caplog) -> None:
 
 
 async def test_client_that_never_reads_is_cut_off_others_unaffected() -> None:
-    async with running_sim(generate(1000)) as sim, running_proxy(
-        sim.port, max_pending_bytes=2 * 1024 * 1024
-    ) as proxy:
+    async with (
+        running_sim(generate(1000)) as sim,
+        running_proxy(sim.port, max_pending_bytes=2 * 1024 * 1024) as proxy,
+    ):
         good = await _healthy_client(proxy.port)
         # A small receive window so that unread responses back up inside xdsproxy.
-        stuck = AdsClient(proxy.port, options=[("grpc.http2.lookahead_bytes", 1024),
-                                               ("grpc.http2.bdp_probe", 0)])
+        stuck = AdsClient(
+            proxy.port, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        )
         await stuck.send(sotw_request(with_node=True))
         await eventually(lambda: len(proxy.proxy.sessions) == 2, timeout=10)
         for _ in range(12):

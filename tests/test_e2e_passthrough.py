@@ -37,7 +37,10 @@ def _expected(sim) -> dict[str, int]:
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_proxied_envoy_matches_direct_envoy(delta: bool) -> None:
     async with running_sim(generate(60)) as sim, running_proxy(sim.port) as proxy:
-        async with running_envoy(sim.port, delta) as direct, running_envoy(proxy.port, delta) as via:
+        async with (
+            running_envoy(sim.port, delta) as direct,
+            running_envoy(proxy.port, delta) as via,
+        ):
             expected = _expected(sim)
             for envoy in (direct, via):
                 await eventually(lambda e=envoy: counts(e.config_dump()) == expected)
@@ -47,11 +50,19 @@ async def test_proxied_envoy_matches_direct_envoy(delta: bool) -> None:
                 assert envoy.stat("listener_manager.lds.update_rejected") == 0
 
             # A runtime mutation reaches both: a new service and changed endpoints.
-            new = Service("late", "ns-1", (Port(8080, "HTTP"),), "10.96.200.1",
-                          endpoints=(Endpoint("10.200.0.1", 8080),))
+            new = Service(
+                "late",
+                "ns-1",
+                (Port(8080, "HTTP"),),
+                "10.96.200.1",
+                endpoints=(Endpoint("10.200.0.1", 8080),),
+            )
             sim.mutate(lambda mesh: mesh.add(new))
-            sim.mutate(lambda mesh: mesh.set_endpoints("svc-0.ns-0.svc.cluster.local",
-                                                       [Endpoint("10.77.0.1", 80)]))
+            sim.mutate(
+                lambda mesh: mesh.set_endpoints(
+                    "svc-0.ns-0.svc.cluster.local", [Endpoint("10.77.0.1", 80)]
+                )
+            )
             name = cluster_name(8080, new.fqdn)
             target = "svc-0.ns-0.svc.cluster.local"
 

@@ -14,16 +14,24 @@ def _node(node_id: str, **metadata) -> Node:
 
 
 def test_metadata_wins() -> None:
-    parsed = parse_node(_node("sidecar~10.1.2.3~reviews-v1-5d8f9c7b6-x2x9z.bookinfo~bookinfo.svc.cluster.local",
-                              NAMESPACE="bookinfo", WORKLOAD_NAME="reviews-v1",
-                              INSTANCE_IPS="10.1.2.3,fd00::3", LABELS={"app": "reviews"}))
+    parsed = parse_node(
+        _node(
+            "sidecar~10.1.2.3~reviews-v1-5d8f9c7b6-x2x9z.bookinfo~bookinfo.svc.cluster.local",
+            NAMESPACE="bookinfo",
+            WORKLOAD_NAME="reviews-v1",
+            INSTANCE_IPS="10.1.2.3,fd00::3",
+            LABELS={"app": "reviews"},
+        )
+    )
     assert (parsed.namespace, parsed.workload, parsed.ip) == ("bookinfo", "reviews-v1", "10.1.2.3")
     assert parsed.instance_ips == ("10.1.2.3", "fd00::3")
     assert parsed.labels == {"app": "reviews"}
 
 
 def test_workload_falls_back_to_pod_name_without_replica_suffixes() -> None:
-    parsed = parse_node(_node("sidecar~10.1.2.3~reviews-v1-5d8f9c7b6-x2x9z.bookinfo~bookinfo.svc.cluster.local"))
+    parsed = parse_node(
+        _node("sidecar~10.1.2.3~reviews-v1-5d8f9c7b6-x2x9z.bookinfo~bookinfo.svc.cluster.local")
+    )
     assert (parsed.namespace, parsed.workload) == ("bookinfo", "reviews-v1")
     stateful = parse_node(_node("sidecar~10.1.2.3~db-0.data~data.svc.cluster.local"))
     assert stateful.workload == "db-0"

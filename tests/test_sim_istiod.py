@@ -40,12 +40,16 @@ def test_missing_node_and_bad_node_id_are_invalid_argument() -> None:
 
 
 def test_initial_cds_is_full_with_istio_version_and_fresh_nonce() -> None:
-    connection, raw = sotw()
+    _, raw = sotw()
     response = decode_sotw_response(raw)
     assert VERSION.match(response.version)
     assert response.nonce
-    assert {"PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster",
-            "inbound|8080||"} <= set(response.names)
+    assert {
+        "PassthroughCluster",
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
+        "inbound|8080||",
+    } <= set(response.names)
     assert any(n.startswith("outbound|") and n.count("|") == 3 for n in response.names)
 
 
@@ -63,9 +67,16 @@ def test_eds_and_rds_answer_only_requested_names() -> None:
     [eds] = connection.receive(sotw_request(EDS, ("outbound|80||svc-0.ns-0.svc.cluster.local",)))
     assert decode_sotw_response(eds).names == ("outbound|80||svc-0.ns-0.svc.cluster.local",)
     nonce = decode_sotw_response(eds).nonce
-    [more] = connection.receive(sotw_request(EDS, ("outbound|80||svc-0.ns-0.svc.cluster.local",
-                                                   "outbound|8080||svc-4.ns-0.svc.cluster.local"),
-                                             nonce=nonce))
+    [more] = connection.receive(
+        sotw_request(
+            EDS,
+            (
+                "outbound|80||svc-0.ns-0.svc.cluster.local",
+                "outbound|8080||svc-4.ns-0.svc.cluster.local",
+            ),
+            nonce=nonce,
+        )
+    )
     assert len(decode_sotw_response(more).names) == 2
     [rds] = connection.receive(sotw_request(RDS, ("8080", "nope")))
     assert decode_sotw_response(rds).names == ("8080",)
@@ -75,7 +86,10 @@ def test_wildcard_is_answered_even_when_empty() -> None:
     connection = SotwConnection(Snapshot(generate(0), "2026-11-22T10:00:00Z", None))
     [cds] = connection.receive(sotw_request(with_node=True))
     assert decode_sotw_response(cds).names == (
-        "inbound|8080||", "PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster"
+        "inbound|8080||",
+        "PassthroughCluster",
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
     )
     [lds] = connection.receive(sotw_request(LDS))
     assert decode_sotw_response(lds).names == ("virtualOutbound", "virtualInbound")
@@ -106,7 +120,8 @@ def test_routes_depend_on_the_node_namespace() -> None:
 def test_registry_only_ends_with_block_all() -> None:
     table = RouteConfiguration()
     Any.FromString(snapshot(registry_only=True).resources(RDS, _istio_node("ns-0"))["80"]).Unpack(
-        table)
+        table
+    )
     assert table.virtual_hosts[-1].name == "block_all"
     assert table.virtual_hosts[-1].routes[0].direct_response.status == 502
 
@@ -136,7 +151,9 @@ def test_weighted_route_references_subset_clusters() -> None:
 
 def test_delta_initial_sends_all_and_removes_vanished() -> None:
     connection = DeltaConnection(snapshot())
-    [raw] = connection.receive(delta_request(with_node=True, initial={"gone": "", "BlackHoleCluster": ""}))
+    [raw] = connection.receive(
+        delta_request(with_node=True, initial={"gone": "", "BlackHoleCluster": ""})
+    )
     response = decode_delta_response(raw)
     assert "BlackHoleCluster" in response.names
     assert response.removed == ("gone",)

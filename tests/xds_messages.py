@@ -31,8 +31,9 @@ def sotw_request(
     error: str = "",
     with_node: bool = False,
 ) -> bytes:
-    request = DiscoveryRequest(type_url=type_url, resource_names=names, version_info=version,
-                               response_nonce=nonce)
+    request = DiscoveryRequest(
+        type_url=type_url, resource_names=names, version_info=version, response_nonce=nonce
+    )
     if error:
         request.error_detail.code = 3
         request.error_detail.message = error
@@ -41,8 +42,9 @@ def sotw_request(
     return request.SerializeToString()
 
 
-def sotw_response(names: list[str], version: str, nonce: str,
-                  type_url: str = typeurls.CLUSTER) -> bytes:
+def sotw_response(
+    names: list[str], version: str, nonce: str, type_url: str = typeurls.CLUSTER
+) -> bytes:
     return encode_sotw_response(version, type_url, nonce, [cluster_any(n) for n in names])
 
 
@@ -70,8 +72,13 @@ def delta_request(
     return request.SerializeToString()
 
 
-def delta_response(names: list[str], nonce: str, removed: tuple[str, ...] = (),
-                   type_url: str = typeurls.CLUSTER, version: str = "") -> bytes:
+def delta_response(
+    names: list[str],
+    nonce: str,
+    removed: tuple[str, ...] = (),
+    type_url: str = typeurls.CLUSTER,
+    version: str = "",
+) -> bytes:
     bodies = [encode_delta_resource(n, cluster_any(n), version) for n in names]
     return encode_delta_response("sys-1", type_url, nonce, bodies, removed)
 

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -29,10 +30,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default="memory://", metavar="URL", help=LATER)
     p.add_argument("--egress", default="", metavar="FQDN:PORT", help=LATER)
     p.add_argument("--als-allow", action="append", default=[], metavar="CIDR", help=LATER)
-    p.add_argument("--max-message-bytes", type=int, default=-1,
-                   help="largest gRPC message accepted or sent; -1 for no limit (default)")
-    p.add_argument("--max-pending-bytes", type=int, default=128 * 1024 * 1024,
-                   help="bytes queued for one slow sidecar before its stream is closed")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=-1,
+        help="largest gRPC message accepted or sent; -1 for no limit (default)",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        default=128 * 1024 * 1024,
+        help="bytes queued for one slow sidecar before its stream is closed",
+    )
 
 
 def _sim_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +49,17 @@ def _sim_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--services", type=int, default=100)
     p.add_argument("--namespaces", type=int, default=None)
     p.add_argument("--listen", default="127.0.0.1:15010", metavar="HOST:PORT")
-    p.add_argument("--registry-only", action="store_true",
-                   help="outboundTrafficPolicy REGISTRY_ONLY: the catch-all vhost is block_all")
-    p.add_argument("--bind-listeners", default=None, metavar="ADDRESS",
-                   help="bind virtualOutbound/virtualInbound here (default: bind nothing)")
+    p.add_argument(
+        "--registry-only",
+        action="store_true",
+        help="outboundTrafficPolicy REGISTRY_ONLY: the catch-all vhost is block_all",
+    )
+    p.add_argument(
+        "--bind-listeners",
+        default=None,
+        metavar="ADDRESS",
+        help="bind virtualOutbound/virtualInbound here (default: bind nothing)",
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +70,9 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
@@ -75,8 +93,10 @@ def _serve(args: argparse.Namespace) -> int:
     from xdsproxy.server.app import ServeConfig, run
 
     if args.mode == "lazy":
-        print("xdsproxy: --mode lazy is not implemented in this release; use --mode passthrough",
-              file=sys.stderr)
+        print(
+            "xdsproxy: --mode lazy is not implemented in this release; use --mode passthrough",
+            file=sys.stderr,
+        )
         return 2
     if bool(args.cert) != bool(args.key):
         print("xdsproxy: --cert and --key go together", file=sys.stderr)
@@ -114,10 +134,8 @@ def _sim(args: argparse.Namespace) -> int:
         finally:
             await server.stop()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

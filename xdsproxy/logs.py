@@ -15,8 +15,10 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        extra = " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                         for k, v in _fields(record).items())
+        extra = " ".join(
+            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+            for k, v in _fields(record).items()
+        )
         line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if extra:
             line += " " + extra
@@ -33,8 +35,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v if isinstance(v, int | float | bool) else str(v)
-                      for k, v in _fields(record).items()})
+        entry.update(
+            {
+                k: v if isinstance(v, int | float | bool) else str(v)
+                for k, v in _fields(record).items()
+            }
+        )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -88,9 +88,7 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
                             "@type": "type.googleapis.com/"
                             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                             "explicit_http_config": {
-                                "http2_protocol_options": {
-                                    "max_concurrent_streams": 1073741824
-                                }
+                                "http2_protocol_options": {"max_concurrent_streams": 1073741824}
                             },
                         }
                     },
@@ -140,11 +138,22 @@ class Envoy:
         self.log_path = self.workdir / "envoy.log"
         self.process = subprocess.Popen(
             [
-                envoy_binary(), "-c", str(config), "--use-dynamic-base-id",
-                "--admin-address-path", str(address_file), "--concurrency", "1",
-                "--log-level", "warning", "--log-path", str(self.log_path),
+                envoy_binary(),
+                "-c",
+                str(config),
+                "--use-dynamic-base-id",
+                "--admin-address-path",
+                str(address_file),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+                "--log-path",
+                str(self.log_path),
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -51,8 +51,14 @@ class ProxyServer:
             self.port = server.add_insecure_port(self.config.listen)
         await server.start()
         self._server = server
-        log.info("serving ADS", extra={"listen": self.config.listen, "port": self.port,
-                                       "upstream": self.config.upstream})
+        log.info(
+            "serving ADS",
+            extra={
+                "listen": self.config.listen,
+                "port": self.port,
+                "upstream": self.config.upstream,
+            },
+        )
         return self.port
 
     async def stop(self) -> None:

@@ -16,7 +16,9 @@ from xdsproxy.server.grpcio import client_keepalive, message_options, method_pat
 _FORWARDED = ("authorization", "clusterid")
 
 
-def forwardable_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[tuple[str, str], ...]:
+def forwardable_metadata(
+    metadata: Iterable[tuple[str, str | bytes]],
+) -> tuple[tuple[str, str], ...]:
     kept = []
     for key, value in metadata:
         key = key.lower()

@@ -131,7 +131,9 @@ def build_endpoints(mesh: Mesh) -> list[ClusterLoadAssignment]:
         for port in service.ports:
             subsets = [""] + [name for name, _ in service.subsets]
             for subset in subsets:
-                cla = ClusterLoadAssignment(cluster_name=cluster_name(port.number, service.fqdn, subset))
+                cla = ClusterLoadAssignment(
+                    cluster_name=cluster_name(port.number, service.fqdn, subset)
+                )
                 group = cla.endpoints.add()
                 group.load_balancing_weight.value = 0
                 for endpoint in service.endpoints:
@@ -198,8 +200,9 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
             if port.protocol != "TCP":
                 continue
             target = cluster_name(port.number, service.fqdn)
-            listener = _listener(f"{service.cluster_ip}_{port.number}", service.cluster_ip,
-                                 port.number, False)
+            listener = _listener(
+                f"{service.cluster_ip}_{port.number}", service.cluster_ip, port.number, False
+            )
             listener.filter_chains.add().filters.add(
                 name="envoy.filters.network.tcp_proxy",
                 typed_config=_typed(_tcp_proxy(target, target)),
@@ -228,7 +231,9 @@ def _service_vhost(service: Service, port: int, node_namespace: str) -> VirtualH
     action = route.route
     if service.subsets:
         for subset, weight in service.subsets:
-            entry = action.weighted_clusters.clusters.add(name=cluster_name(port, service.fqdn, subset))
+            entry = action.weighted_clusters.clusters.add(
+                name=cluster_name(port, service.fqdn, subset)
+            )
             entry.weight.value = weight
     else:
         action.cluster = cluster_name(port, service.fqdn)

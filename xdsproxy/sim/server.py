@@ -39,12 +39,15 @@ class SimServer:
     def connected(self) -> int:
         return len(self._live)
 
-    async def start(self, listen: str = "127.0.0.1:0") -> int:
+    async def start(
+        self, listen: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None
+    ) -> int:
         server = grpc.aio.server(options=message_options() + server_keepalive())
-        server.add_generic_rpc_handlers(
-            (ads_handler(self._sotw, self._delta),)
-        )
-        self.port = server.add_insecure_port(listen)
+        server.add_generic_rpc_handlers((ads_handler(self._sotw, self._delta),))
+        if credentials is None:
+            self.port = server.add_insecure_port(listen)
+        else:
+            self.port = server.add_secure_port(listen, credentials)
         await server.start()
         self._server = server
         return self.port

@@ -25,9 +25,16 @@ WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
 # Istiod's push order, which keeps Envoy from warming against missing dependencies.
 PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
-SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS",
-                      SCOPED_ROUTE: "SRDS", SECRET: "SDS", EXTENSION_CONFIG: "ECDS",
-                      NAME_TABLE: "NDS"}
+SHORT_NAMES: Final = {
+    CLUSTER: "CDS",
+    ENDPOINT: "EDS",
+    LISTENER: "LDS",
+    ROUTE: "RDS",
+    SCOPED_ROUTE: "SRDS",
+    SECRET: "SDS",
+    EXTENSION_CONFIG: "ECDS",
+    NAME_TABLE: "NDS",
+}
 
 
 def short_name(type_url: str) -> str:

@@ -1,0 +1,197 @@
+"""`xdsproxy serve` as a real process: TLS both ways, SIGTERM, command-line errors."""
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.ads_client import AdsClient, RecordingUpstream
+from tests.conftest import running_proxy, running_sim
+from tests.xds_messages import sotw_request
+from xdsproxy.sim.mesh import generate
+from xdsproxy.wire.codec import decode_sotw_response
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A mesh root and a serving certificate for Istiod's name and 127.0.0.1."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/O=cluster.local/CN=root",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=istiod",
+        "-keyout",
+        str(d / "tls.key"),
+        "-out",
+        str(d / "tls.csr"),
+    )
+    (d / "ext").write_text(
+        "subjectAltName=DNS:istiod.istio-system.svc,DNS:xdsproxy.istio-system.svc,IP:127.0.0.1\n"
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(d / "tls.csr"),
+        "-CA",
+        str(d / "ca.pem"),
+        "-CAkey",
+        str(d / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(d / "ext"),
+        "-out",
+        str(d / "tls.pem"),
+    )
+    return {"ca": d / "ca.pem", "cert": d / "tls.pem", "key": d / "tls.key"}
+
+
+def _server_credentials(pki: dict[str, Path]) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(pki["key"].read_bytes(), pki["cert"].read_bytes())])
+
+
+async def test_tls_downstream_and_upstream_without_client_certificate(pki) -> None:
+    upstream = RecordingUpstream(lambda data: [])
+    await upstream.start(_server_credentials(pki))
+    try:
+        async with running_proxy(
+            upstream.port,
+            cert=pki["cert"],
+            key=pki["key"],
+            upstream_ca=pki["ca"],
+            upstream_sni="istiod.istio-system.svc",
+        ) as proxy:
+            credentials = grpc.ssl_channel_credentials(pki["ca"].read_bytes())
+            client = AdsClient(
+                proxy.port,
+                credentials=credentials,
+                options=[("grpc.ssl_target_name_override", "xdsproxy.istio-system.svc")],
+            )
+            await client.send(sotw_request(with_node=True))
+            for _ in range(100):
+                if upstream.requests:
+                    break
+                await asyncio.sleep(0.05)
+            assert upstream.requests, "the request did not reach the TLS upstream"
+            assert upstream.auth[0].get("transport_security_type") == [b"ssl"]
+            assert "x509_common_name" not in upstream.auth[0]
+            assert "x509_pem_cert" not in upstream.auth[0]
+            await client.close()
+
+            plain = AdsClient(proxy.port)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await plain.send(sotw_request(with_node=True))
+                await plain.recv()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await plain.close()
+    finally:
+        await upstream.stop()
+
+
+async def test_wrong_upstream_name_fails_the_stream_not_the_process(pki) -> None:
+    upstream = RecordingUpstream(lambda data: [])
+    await upstream.start(_server_credentials(pki))
+    try:
+        async with running_proxy(
+            upstream.port, upstream_ca=pki["ca"], upstream_sni="someone-else.example"
+        ) as proxy:
+            client = AdsClient(proxy.port)
+            await client.send(sotw_request(with_node=True))
+            code, _ = await client.status(timeout=30)
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert not upstream.requests
+            await client.close()
+    finally:
+        await upstream.stop()
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xdsproxy.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def _port_from_log(process: subprocess.Popen[str]) -> int:
+    assert process.stderr is not None
+    for _ in range(200):
+        line = await asyncio.to_thread(process.stderr.readline)
+        if match := re.search(r"serving ADS .*port=(\d+)", line):
+            return int(match.group(1))
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError("xdsproxy did not report its port")
+
+
+async def test_sigterm_ends_streams_with_unavailable_and_exits() -> None:
+    async with running_sim(generate(10)) as sim:
+        process = _spawn(
+            "serve",
+            "--upstream",
+            f"127.0.0.1:{sim.port}",
+            "--upstream-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+        )
+        try:
+            port = await _port_from_log(process)
+            client = AdsClient(port)
+            await client.send(sotw_request(with_node=True))
+            assert decode_sotw_response(await client.recv()).names
+            process.send_signal(signal.SIGTERM)
+            code, details = await client.status()
+            assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+            assert await asyncio.to_thread(process.wait, 15) == 0
+            await client.close()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--upstream", "x:1"], "one of the arguments"),
+        (["serve", "--upstream", "x:1", "--upstream-plaintext", "--cert", "a.pem"], "go together"),
+        (["serve", "--upstream", "x:1", "--upstream-ca", "/nonexistent/ca.pem"], "no such file"),
+        (["serve", "--upstream", "x:1", "--upstream-plaintext", "--mode", "lazy"], "lazy"),
+    ],
+)
+def test_command_line_errors_are_clear(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xdsproxy.cli", *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
