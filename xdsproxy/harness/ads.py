@@ -1,4 +1,5 @@
-"""A raw ADS client and a recording upstream stand-in, both speaking bytes over real gRPC."""
+"""A raw ADS client and a recording upstream stand-in for Istiod, both speaking bytes over real
+gRPC: for tests and benchmarks that need a peer that does what Envoy or Istiod never would."""
 
 import asyncio
 from collections.abc import Callable
