@@ -20,18 +20,13 @@ from google.protobuf.struct_pb2 import Struct
 
 from xdsproxy.wire import typeurls
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "istio-config-dumps"
-_LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "istio-config-dumps"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "istio-config-dumps"
 _MARK = "__xdsproxy_original_type__"
 _STRUCT = "type.googleapis.com/google.protobuf.Struct"
 
 
-def fixture_dir() -> Path:
-    return _LOCAL_FIXTURES if _LOCAL_FIXTURES.is_dir() else FIXTURES
-
-
 def dump_files() -> list[Path]:
-    return sorted(fixture_dir().glob("*.json"))
+    return sorted(FIXTURES.glob("*.json"))
 
 
 @cache
