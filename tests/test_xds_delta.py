@@ -72,7 +72,7 @@ def test_ack_and_nack_go_upstream_verbatim() -> None:
 
 def test_initial_resource_versions_count_as_held() -> None:
     stream = started(initial={"a": "1", "b": "2"})
-    assert stream.held(CDS) == {"a": "1", "b": "2"}
+    assert stream.held(CDS) == {"a", "b"}
 
 
 def test_narrowing_view_removes_only_what_envoy_holds() -> None:
@@ -86,7 +86,7 @@ def test_narrowing_view_removes_only_what_envoy_holds() -> None:
     # drop-old was held from a previous connection and is now out of view: removed.
     # never-held and drop-b were never sent: no removal for them.
     assert list(sent.removed_resources) == ["drop-old"]
-    assert stream.held(CDS) == {"keep-a": ""}
+    assert stream.held(CDS) == {"keep-a"}
 
 
 def test_ack_of_local_response_stays_local_but_subscription_change_goes_up() -> None:
@@ -109,3 +109,67 @@ def test_unknown_type_passes_through() -> None:
     response = delta_response(["x"], "p-1", type_url=url)
     [down] = stream.receive_upstream(response)
     assert down.payload == response
+
+
+def test_widened_view_sends_only_the_new_resources_locally() -> None:
+    view = KeepPrefix("keep")
+    stream = started(view)
+    stream.receive_upstream(delta_response(["keep-a", "other-b", "other-c"], "up-1"))
+    assert stream.refresh() == []
+    view.prefixes.append("other")
+    [push] = stream.refresh()
+    sent = DeltaDiscoveryResponse.FromString(push.payload)
+    assert not push.relayed and sent.nonce.startswith("xdsproxy-")
+    assert sorted(r.name for r in sent.resources) == ["other-b", "other-c"]
+    assert stream.receive_downstream(delta_request(nonce=sent.nonce)) == []
+    view.prefixes.remove("other")
+    [narrowed] = stream.refresh()
+    sent = DeltaDiscoveryResponse.FromString(narrowed.payload)
+    assert not sent.resources and sorted(sent.removed_resources) == ["other-b", "other-c"]
+
+
+def test_upstream_response_that_changes_nothing_in_view_is_still_relayed_for_its_ack() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
+    [down] = stream.receive_upstream(delta_response(["drop-x"], "up-2"))
+    sent = DeltaDiscoveryResponse.FromString(down.payload)
+    assert down.relayed and sent.nonce == "up-2"
+    assert not sent.resources and not sent.removed_resources
+    ack = delta_request(nonce="up-2")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+
+
+def test_unchanged_resource_is_not_resent() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
+    [down] = stream.receive_upstream(delta_response(["keep-a", "keep-b"], "up-2"))
+    assert [r.name for r in DeltaDiscoveryResponse.FromString(down.payload).resources] == ["keep-b"]
+
+
+def test_dependent_type_is_pushed_before_the_relay_that_needs_it() -> None:
+    stream = started(KeepPrefix("keep", cds_follows_lds=True))
+    stream.receive_upstream(delta_response(["keep-a", "tcp-svc"], "up-1"))
+    stream.receive_downstream(delta_request(typeurls.LISTENER))
+    events = stream.receive_upstream(
+        delta_response(["needs:tcp-svc"], "lds-1", type_url=typeurls.LISTENER)
+    )
+    assert [(e.type_url, e.relayed) for e in events] == [(CDS, False), (typeurls.LISTENER, True)]
+    assert stream.held(CDS) == {"keep-a", "tcp-svc"}
+
+
+def test_local_type_is_served_here() -> None:
+    srds = typeurls.SCOPED_ROUTE
+    stream = started(KeepPrefix("keep", local={srds: [("ns-0/80", b"\x0a\x00")]}))
+    [push] = stream.receive_downstream(delta_request(srds))
+    assert push.type_url == srds and not push.relayed and push.resource_count == 1
+    nonce = DeltaDiscoveryResponse.FromString(push.payload).nonce
+    assert stream.receive_downstream(delta_request(srds, nonce=nonce)) == []
+
+
+def test_unsubscribe_forgets_the_resource() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_downstream(delta_request(EDS, subscribe=("keep-a",)))
+    stream.receive_upstream(delta_response(["keep-a"], "e-1", type_url=EDS))
+    assert stream.held(EDS) == {"keep-a"}
+    stream.receive_downstream(delta_request(EDS, unsubscribe=("keep-a",), nonce="e-1"))
+    assert stream.held(EDS) == frozenset() and stream.upstream(EDS) == ((), ())

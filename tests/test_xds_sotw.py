@@ -147,10 +147,65 @@ def test_narrowing_view_keeps_nonce_and_exact_bytes() -> None:
     assert stream.receive_downstream(ack) == [SendUpstream(ack)]
 
 
-def test_ack_of_local_response_stays_local() -> None:
-    stream = started()
-    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
-    stream._types[CDS].status.pushed_nonce = "xdsproxy-1"  # as after a locally built push
-    assert stream.receive_downstream(sotw_request(version="v1", nonce="xdsproxy-1")) == []
-    events = stream.receive_downstream(sotw_request(version="v1", nonce="xdsproxy-1", error="x"))
-    assert events == [Nacked(CDS, "xdsproxy-1", "x", False)]
+def test_widened_view_pushes_locally_and_its_ack_stays_local() -> None:
+    view = KeepPrefix("keep")
+    stream = started(view)
+    stream.receive_upstream(sotw_response(["keep-a", "other-b"], "v1", "up-1"))
+    stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
+    assert stream.refresh() == []  # nothing changed, nothing pushed
+    view.prefixes.append("other")
+    [push] = stream.refresh()
+    assert isinstance(push, SendDownstream) and not push.relayed
+    sent = DiscoveryResponse.FromString(push.payload)
+    assert sent.nonce.startswith("xdsproxy-") and sent.version_info.startswith("v1+")
+    assert stream.pushed_names(CDS) == ("keep-a", "other-b")
+    assert (
+        stream.receive_downstream(sotw_request(version=sent.version_info, nonce=sent.nonce)) == []
+    )
+    assert stream.status()[CDS].state == "SYNCED"
+    nack = sotw_request(version="v1", nonce=sent.nonce, error="bad")
+    assert stream.receive_downstream(nack) == [Nacked(CDS, sent.nonce, "bad", False)]
+    assert stream.local_nacks == 1
+
+
+def test_subscription_change_on_a_local_nonce_goes_up_against_the_upstream_nonce() -> None:
+    view = KeepPrefix("keep")
+    stream = started(view)
+    stream.receive_downstream(sotw_request(EDS, ("keep-a",)))
+    stream.receive_upstream(sotw_response(["keep-a", "x"], "e1", "eds-1", EDS))
+    view.prefixes.append("x")
+    [push] = stream.refresh()
+    local_nonce = DiscoveryResponse.FromString(push.payload).nonce
+    [up] = stream.receive_downstream(sotw_request(EDS, ("keep-a", "keep-b"), "e1", local_nonce))
+    forwarded = DiscoveryRequest.FromString(up.payload)
+    assert forwarded.response_nonce == "eds-1" and forwarded.version_info == "e1"
+    assert list(forwarded.resource_names) == ["keep-a", "keep-b"]
+
+
+def test_dependent_type_is_pushed_before_the_relay_that_needs_it() -> None:
+    view = KeepPrefix("keep", cds_follows_lds=True)
+    stream = started(view)
+    stream.receive_upstream(sotw_response(["keep-a", "tcp-svc"], "v1", "up-1"))
+    assert stream.pushed_names(CDS) == ("keep-a",)
+    stream.receive_downstream(sotw_request(typeurls.LISTENER))
+    events = stream.receive_upstream(
+        sotw_response(["needs:tcp-svc"], "l1", "lds-1", typeurls.LISTENER)
+    )
+    assert [(e.type_url, e.relayed) for e in events] == [
+        (CDS, False),
+        (typeurls.LISTENER, True),
+    ]
+    assert stream.pushed_names(CDS) == ("keep-a", "tcp-svc")
+
+
+def test_local_type_is_answered_here_and_never_upstream() -> None:
+    srds = typeurls.SCOPED_ROUTE
+    view = KeepPrefix("keep", local={srds: [("ns-0/80", b"\x0a\x00")]})
+    stream = started(view)
+    [push] = stream.receive_downstream(sotw_request(srds))
+    assert isinstance(push, SendDownstream) and not push.relayed and push.type_url == srds
+    nonce = DiscoveryResponse.FromString(push.payload).nonce
+    assert stream.receive_downstream(sotw_request(srds, nonce=nonce)) == []
+    view.local_resources[srds].append(("ns-1/80", b"\x0a\x00"))
+    [again] = stream.refresh()
+    assert again.type_url == srds and again.resource_count == 2

@@ -84,13 +84,45 @@ def delta_response(
 
 
 class KeepPrefix:
-    """A narrowing view for tests: forwards only resources whose name starts with `prefix`."""
+    """A narrowing view for tests: forwards only resources whose name starts with a prefix.
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    `prefixes` may be widened at run time (as a learn widens a scope). Optionally CDS depends
+    on LDS: a listener named `needs:<cluster>` pulls that cluster in. `local` types are served
+    from `local_resources`.
+    """
 
-    def select(self, type_url, names, bodies):
-        kept = [(n, b) for n, b in zip(names, bodies, strict=True) if n.startswith(self.prefix)]
+    transparent = False
+
+    def __init__(
+        self,
+        *prefixes: str,
+        cds_follows_lds: bool = False,
+        local: dict[str, list[tuple[str, bytes]]] | None = None,
+    ) -> None:
+        self.prefixes = list(prefixes)
+        self.cds_follows_lds = cds_follows_lds
+        self.local_resources = local or {}
+        self.local_types = frozenset(self.local_resources)
+
+    def depends_on(self, type_url):
+        if self.cds_follows_lds and type_url == typeurls.CLUSTER:
+            return frozenset({typeurls.LISTENER})
+        return frozenset()
+
+    def select(self, type_url, upstream):
+        if type_url in self.local_types:
+            entries = self.local_resources[type_url]
+            return tuple(n for n, _ in entries), tuple(b for _, b in entries)
+        names, bodies = upstream.get(type_url, ((), ()))
+        wanted = set()
+        if type_url == typeurls.CLUSTER and self.cds_follows_lds:
+            listeners = upstream.get(typeurls.LISTENER, ((), ()))[0]
+            wanted = {n.split(":", 1)[1] for n in listeners if n.startswith("needs:")}
+        kept = [
+            (n, b)
+            for n, b in zip(names, bodies, strict=True)
+            if n in wanted or any(n.startswith(p) for p in self.prefixes)
+        ]
         if len(kept) == len(names):
             return names, bodies
         return tuple(n for n, _ in kept), tuple(b for _, b in kept)

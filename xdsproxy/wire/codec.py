@@ -34,7 +34,8 @@ class SotwResponse:
 
 @dataclass(frozen=True, slots=True)
 class DeltaResponse:
-    """`bodies` are serialized `envoy.service.discovery.v3.Resource`."""
+    """`bodies` are serialized `envoy.service.discovery.v3.Resource`; `anys` the serialized
+    `Any` each of them wraps (empty for a resource sent without a body)."""
 
     system_version: str
     type_url: str
@@ -42,6 +43,7 @@ class DeltaResponse:
     names: tuple[str, ...]
     versions: tuple[str, ...]
     bodies: tuple[bytes, ...]
+    anys: tuple[bytes, ...]
     removed: tuple[str, ...] = ()
     control_plane: bytes = b""
     removed_resource_names: tuple[bytes, ...] = ()
@@ -107,6 +109,7 @@ def decode_delta_response(data: bytes) -> DeltaResponse:
         names=tuple([head.name for head in heads]),
         versions=tuple([head.version for head in heads]),
         bodies=tuple(envelope.resources),
+        anys=tuple([head.resource for head in heads]),
         removed=tuple(envelope.removed_resources),
         control_plane=envelope.control_plane,
         removed_resource_names=tuple(envelope.removed_resource_names),
@@ -115,7 +118,7 @@ def decode_delta_response(data: bytes) -> DeltaResponse:
 
 def encode_delta_resource(name: str, any_body: bytes, version: str = "") -> bytes:
     """A Delta `Resource` wrapping a serialized `Any`, without decoding the Any."""
-    return lean.DeltaResourceBody(name=name, resource=any_body, version=version).SerializeToString()
+    return lean.DeltaResourceHead(name=name, resource=any_body, version=version).SerializeToString()
 
 
 def encode_delta_response(

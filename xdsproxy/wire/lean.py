@@ -43,16 +43,15 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str | None]]]] = [
             ("removed_resource_names", 8, _BYTES, _MANY, None),
         ],
     ),
-    ("DeltaResourceHead", [("version", 1, _STRING, _ONE, None), ("name", 3, _STRING, _ONE, None)]),
-    ("DeltaNames", [("resources", 2, _MESSAGE, _MANY, "DeltaResourceHead")]),
     (
-        "DeltaResourceBody",
+        "DeltaResourceHead",
         [
             ("version", 1, _STRING, _ONE, None),
             ("resource", 2, _BYTES, _ONE, None),
             ("name", 3, _STRING, _ONE, None),
         ],
     ),
+    ("DeltaNames", [("resources", 2, _MESSAGE, _MANY, "DeltaResourceHead")]),
 ]
 
 
@@ -82,4 +81,3 @@ SotwNames = _CLASSES["SotwNames"]
 DeltaResponse = _CLASSES["DeltaResponse"]
 DeltaResourceHead = _CLASSES["DeltaResourceHead"]
 DeltaNames = _CLASSES["DeltaNames"]
-DeltaResourceBody = _CLASSES["DeltaResourceBody"]

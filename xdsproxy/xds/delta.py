@@ -1,18 +1,25 @@
 """State of one Delta (incremental) ADS stream between Envoy and Istiod.
 
-Nonces follow the same rule as SotW (see `sotw`): relayed responses keep Istiod's nonce. The
-stream also tracks what Envoy holds per type (from `initial_resource_versions` on reconnect and
-from every response since), so that a policy that narrows the view can send the removals Envoy
-needs, and never a removal for something Envoy does not hold.
+Nonces follow the same two-source rule as SotW (see `sotw`). The stream keeps, per type, the
+upstream's current resources and what Envoy holds (from `initial_resource_versions` on
+reconnect and from every response since). Every upstream response is relayed as exactly one
+downstream response with the upstream nonce, holding the difference between what the view
+selects and what Envoy holds, so removals are sent only for names Envoy holds.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 from google.protobuf.message import DecodeError
 
-from xdsproxy.wire.codec import WireError, decode_delta_response, encode_delta_response
+from xdsproxy.wire.codec import (
+    WireError,
+    decode_delta_response,
+    encode_delta_resource,
+    encode_delta_response,
+)
 from xdsproxy.wire.typeurls import WILDCARD_TYPES
 from xdsproxy.xds.events import (
     Event,
@@ -22,9 +29,9 @@ from xdsproxy.xds.events import (
     SendUpstream,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.sotw import LOCAL_NONCE_PREFIX
+from xdsproxy.xds.sotw import LOCAL_NONCE_PREFIX, push_order
 from xdsproxy.xds.status import TypeStatus
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView
+from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
 WILDCARD = "*"
 
@@ -34,28 +41,45 @@ class _TypeState:
     started: bool = False
     wildcard: bool = False
     subscribed: set[str] = field(default_factory=set)
-    upstream: dict[str, bytes] = field(default_factory=dict)
-    held: dict[str, str] = field(default_factory=dict)
+    # name -> (serialized Resource, serialized Any inside it), as the upstream last sent them
+    upstream: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
+    held: dict[str, bytes | None] = field(default_factory=dict)
+    system_version: str = ""
     status: TypeStatus = field(default_factory=TypeStatus)
+
+    def upstream_selection(self) -> Selection:
+        return tuple(self.upstream), tuple(any_ for _, any_ in self.upstream.values())
 
 
 class DeltaStream:
     def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
         self.view = view
         self.node: Node | None = None
+        self.local_nacks = 0
         self._types: dict[str, _TypeState] = {}
+        self._local_nonces = itertools.count(1)
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
 
-    def held(self, type_url: str) -> dict[str, str]:
-        """Names Envoy holds for the type, with the version it was sent (may be empty)."""
+    def held(self, type_url: str) -> frozenset[str]:
+        """Names Envoy holds for the type."""
         state = self._types.get(type_url)
-        return dict(state.held) if state else {}
+        return frozenset(state.held) if state else frozenset()
+
+    def pushed_names(self, type_url: str) -> tuple[str, ...]:
+        return tuple(sorted(self.held(type_url)))
 
     def subscription(self, type_url: str) -> tuple[bool, frozenset[str]]:
         state = self._types.get(type_url)
         return (state.wildcard, frozenset(state.subscribed)) if state else (False, frozenset())
+
+    def upstream(self, type_url: str) -> Selection:
+        state = self._types.get(type_url)
+        return state.upstream_selection() if state else ((), ())
+
+    # -- from Envoy ------------------------------------------------------------------------
 
     def receive_downstream(self, data: bytes) -> list[Event]:
         try:
@@ -66,36 +90,44 @@ class DeltaStream:
             if not request.HasField("node"):
                 raise ProtocolError("the first DeltaDiscoveryRequest on a stream must carry a node")
             self.node = request.node
-        if not request.type_url:
+        type_url = request.type_url
+        if not type_url:
             raise ProtocolError("DeltaDiscoveryRequest without type_url on an aggregated stream")
-        state = self._types.setdefault(request.type_url, _TypeState())
+        state = self._types.setdefault(type_url, _TypeState())
+        first = not state.started
         self._update_subscription(state, request)
         nonce = request.response_nonce
-        if not nonce:
-            return [SendUpstream(data)]
-        status = state.status
-        nacked = request.HasField("error_detail")
-        if nacked:
-            status.last_nack = request.error_detail.message
-            status.nack_count += 1
-        else:
-            status.acked_nonce = nonce
-            status.acked_version = status.pushed_version
-            status.last_nack = ""
-        relayed = not nonce.startswith(LOCAL_NONCE_PREFIX)
         events: list[Event] = []
-        if nacked:
-            events.append(Nacked(request.type_url, nonce, request.error_detail.message, relayed))
-        if relayed:
+        if nonce:
+            events += self._record_answer(request, state)
+        if type_url in self.view.local_types:
+            if first or request.resource_names_subscribe:
+                events += self._push(type_url, state, upstream_nonce=None)
+            return events
+        if not nonce or not nonce.startswith(LOCAL_NONCE_PREFIX):
             events.append(SendUpstream(data))
         elif request.resource_names_subscribe or request.resource_names_unsubscribe:
             # The answer to a local response stays here, but a subscription change riding on
             # it is Istiod's business: forward it as a plain subscription request.
             request.response_nonce = ""
             request.ClearField("error_detail")
-            request.ClearField("node")
             events.append(SendUpstream(request.SerializeToString()))
         return events
+
+    def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
+        status = state.status
+        relayed = not request.response_nonce.startswith(LOCAL_NONCE_PREFIX)
+        if request.HasField("error_detail"):
+            status.last_nack = request.error_detail.message
+            status.nack_count += 1
+            if not relayed:
+                self.local_nacks += 1
+            message = request.error_detail.message
+            return [Nacked(request.type_url, request.response_nonce, message, relayed)]
+        status.acked_nonce = request.response_nonce
+        status.acked_version = status.pushed_version
+        status.last_nack = ""
+        return []
 
     @staticmethod
     def _update_subscription(state: _TypeState, request: DeltaDiscoveryRequest) -> None:
@@ -104,7 +136,7 @@ class DeltaStream:
             state.started = True
             # An empty first request subscribes to everything for wildcard-capable types.
             state.wildcard = not subscribe and request.type_url in WILDCARD_TYPES
-            state.held.update(request.initial_resource_versions)
+            state.held.update(dict.fromkeys(request.initial_resource_versions))
         for name in subscribe:
             if name == WILDCARD:
                 state.wildcard = True
@@ -114,49 +146,101 @@ class DeltaStream:
             if name == WILDCARD:
                 state.wildcard = False
             else:
+                # Envoy drops what it unsubscribes; the upstream stops sending it.
                 state.subscribed.discard(name)
+                state.held.pop(name, None)
+                state.upstream.pop(name, None)
+
+    # -- from Istiod -----------------------------------------------------------------------
 
     def receive_upstream(self, data: bytes) -> list[Event]:
         try:
             response = decode_delta_response(data)
         except WireError as exc:
             raise UpstreamProtocolError(str(exc)) from None
-        state = self._types.setdefault(response.type_url, _TypeState())
+        type_url = response.type_url
+        state = self._types.setdefault(type_url, _TypeState())
         upstream = state.upstream
-        upstream.update(zip(response.names, response.bodies, strict=True))
+        upstream.update(
+            zip(response.names, zip(response.bodies, response.anys, strict=True), strict=True)
+        )
         for name in response.removed:
             upstream.pop(name, None)
+        state.system_version = response.system_version
         status = state.status
         status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
         status.upstream_resources = len(upstream)
         status.upstream_bytes += len(data)
 
-        names, bodies = self.view.select(response.type_url, response.names, response.bodies)
-        held = state.held
-        if bodies is response.bodies:
-            payload = data
-            removed = response.removed
+        if self.view.transparent:
+            held = state.held
+            held.update(zip(response.names, response.anys, strict=True))
+            for name in response.removed:
+                held.pop(name, None)
+            self._pushed(state, response.system_version, response.nonce, len(data))
+            return [SendDownstream(data, type_url, len(response.names), relayed=True)]
+        # Dependents first: clusters a new listener needs must reach Envoy before it.
+        events = self.refresh(self._dependents(type_url))
+        events += self._push(
+            type_url, state, upstream_nonce=response.nonce, control_plane=response.control_plane
+        )
+        return events
+
+    # -- originated here -------------------------------------------------------------------
+
+    def _dependents(self, type_url: str) -> frozenset[str]:
+        return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
+
+    def refresh(self, type_urls: frozenset[str] | None = None) -> list[Event]:
+        """Recompute types (all started ones by default) and push what Envoy lacks."""
+        events: list[Event] = []
+        for type_url in push_order(set(self._types if type_urls is None else type_urls)):
+            state = self._types[type_url]
+            if state.started and (state.upstream or type_url in self.view.local_types):
+                events += self._push(type_url, state, upstream_nonce=None, skip_empty=True)
+        return events
+
+    def _push(
+        self,
+        type_url: str,
+        state: _TypeState,
+        upstream_nonce: str | None,
+        control_plane: bytes = b"",
+        skip_empty: bool = False,
+    ) -> list[Event]:
+        upstream_view = {t: s.upstream_selection() for t, s in self._types.items()}
+        names, anys = self.view.select(type_url, upstream_view)
+        if not state.wildcard and type_url not in self.view.local_types:
+            wanted = state.subscribed
+            pairs = [(n, a) for n, a in zip(names, anys, strict=True) if n in wanted]
         else:
-            kept = set(names)
-            removed = tuple(
-                [name for name in response.removed if name in held]
-                + [name for name in response.names if name not in kept and name in held]
-            )
-            payload = encode_delta_response(
-                response.system_version,
-                response.type_url,
-                response.nonce,
-                bodies,
-                removed,
-                response.control_plane,
-                response.removed_resource_names,
-            )
-        versions = dict(zip(response.names, response.versions, strict=True))
-        for name in names:
-            held[name] = versions.get(name, "")
+            pairs = list(zip(names, anys, strict=True))
+        held = state.held
+        bodies: list[bytes] = []
+        for name, any_ in pairs:
+            if held.get(name, b"") == any_ and name in held:
+                continue
+            original = state.upstream.get(name)
+            if original is not None and original[1] == any_:
+                bodies.append(original[0])
+            else:
+                bodies.append(encode_delta_resource(name, any_))
+            held[name] = any_
+        kept = {n for n, _ in pairs}
+        removed = [name for name in held if name not in kept]
         for name in removed:
-            held.pop(name, None)
-        status.pushed_version, status.pushed_nonce = response.system_version, response.nonce
-        status.pushed_resources = len(held)
-        status.pushed_bytes += len(payload)
-        return [SendDownstream(payload, response.type_url, len(bodies), relayed=True)]
+            del held[name]
+        if skip_empty and not bodies and not removed:
+            return []
+        nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
+        version = state.system_version if upstream_nonce else f"{state.system_version}+{nonce}"
+        payload = encode_delta_response(version, type_url, nonce, bodies, removed, control_plane)
+        self._pushed(state, version, nonce, len(payload))
+        return [SendDownstream(payload, type_url, len(bodies), relayed=upstream_nonce is not None)]
+
+    @staticmethod
+    def _pushed(state: _TypeState, version: str, nonce: str, size: int) -> None:
+        status = state.status
+        status.pushed_version, status.pushed_nonce = version, nonce
+        status.pushed_resources = len(state.held)
+        status.pushed_bytes += size

@@ -1,11 +1,14 @@
 """State of one State-of-the-World ADS stream between Envoy and Istiod.
 
-Nonces: a response that relays an upstream response keeps the upstream nonce, so Envoy's ACK or
-NACK of it maps to Istiod one to one. A response xdsproxy originates itself carries a nonce with
-`LOCAL_NONCE_PREFIX`, and Envoy's answer to it stays local. Only an answer to the newest response
-of its type is acted on: Istiod ignores stale nonces anyway, and Envoy answers the newest one too.
+Two sources of responses share the stream. A response that relays an upstream response keeps
+the upstream nonce and version, so Envoy's ACK or NACK of it maps to Istiod one to one. A
+response xdsproxy originates (a scope widened, a dependency changed, a type served locally)
+carries a nonce with `LOCAL_NONCE_PREFIX`; Envoy's answer to it stays local. Only an answer to
+the newest response of its type is acted on: Istiod ignores stale nonces anyway, and Envoy
+answers the newest one too.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
@@ -13,6 +16,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.message import DecodeError
 
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
+from xdsproxy.wire.typeurls import PUSH_ORDER
 from xdsproxy.xds.events import (
     Event,
     Nacked,
@@ -22,17 +26,21 @@ from xdsproxy.xds.events import (
     UpstreamProtocolError,
 )
 from xdsproxy.xds.status import TypeStatus
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView
+from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
 LOCAL_NONCE_PREFIX = "xdsproxy-"
+_RANK = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}
+
+
+def push_order(type_urls: "set[str] | frozenset[str]") -> list[str]:
+    return sorted(type_urls, key=lambda t: (_RANK.get(t, len(_RANK)), t))
 
 
 @dataclass(slots=True)
 class _TypeState:
     subscribed: tuple[str, ...] = ()
-    upstream_names: tuple[str, ...] = ()
-    upstream_bodies: tuple[bytes, ...] = ()
-    pushed_names: tuple[str, ...] = ()
+    requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
+    pushed: Selection | None = None
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -40,14 +48,22 @@ class SotwStream:
     def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
         self.view = view
         self.node: Node | None = None
+        self.local_nacks = 0
         self._types: dict[str, _TypeState] = {}
+        self._upstream: dict[str, Selection] = {}
+        self._local_nonces = itertools.count(1)
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
 
     def pushed_names(self, type_url: str) -> tuple[str, ...]:
         state = self._types.get(type_url)
-        return state.pushed_names if state else ()
+        return state.pushed[0] if state and state.pushed else ()
+
+    def upstream(self, type_url: str) -> Selection:
+        return self._upstream.get(type_url, ((), ()))
+
+    # -- from Envoy ------------------------------------------------------------------------
 
     def receive_downstream(self, data: bytes) -> list[Event]:
         try:
@@ -58,55 +74,133 @@ class SotwStream:
             if not request.HasField("node"):
                 raise ProtocolError("the first DiscoveryRequest on a stream must carry a node")
             self.node = request.node
-        if not request.type_url:
+        type_url = request.type_url
+        if not type_url:
             raise ProtocolError("DiscoveryRequest without type_url on an aggregated stream")
-        state = self._types.setdefault(request.type_url, _TypeState())
-        state.subscribed = tuple(request.resource_names)
+        state = self._types.setdefault(type_url, _TypeState())
+        names = tuple(request.resource_names)
+        changed = names != state.subscribed
+        state.subscribed = names
         nonce = request.response_nonce
+        status = state.status
+
+        if type_url in self.view.local_types:
+            events: list[Event] = []
+            if nonce and nonce == status.pushed_nonce:
+                events += self._record_answer(request, relayed=False)
+            if not nonce or changed:
+                events += self._push_local(type_url, force=True)
+            return events
+
         if not nonce:
             # A first request for the type, or Envoy's re-request after reconnecting.
+            state.requested_upstream = names
             return [SendUpstream(data)]
-        status = state.status
         if nonce != status.pushed_nonce:
             return []
+        events = self._record_answer(request, relayed=not nonce.startswith(LOCAL_NONCE_PREFIX))
+        if not nonce.startswith(LOCAL_NONCE_PREFIX):
+            state.requested_upstream = names
+            events.append(SendUpstream(data))
+        elif names != state.requested_upstream and status.upstream_nonce:
+            # A subscription change answered on a local response is still Istiod's business:
+            # send it against the newest upstream nonce, with the version Envoy holds from it.
+            state.requested_upstream = names
+            forward = DiscoveryRequest(
+                type_url=type_url,
+                resource_names=names,
+                version_info=status.upstream_version,
+                response_nonce=status.upstream_nonce,
+            )
+            events.append(SendUpstream(forward.SerializeToString()))
+        return events
+
+    def _record_answer(self, request: DiscoveryRequest, relayed: bool) -> list[Event]:
+        status = self._types[request.type_url].status
         if request.HasField("error_detail"):
             status.last_nack = request.error_detail.message
             status.nack_count += 1
-        else:
-            status.acked_version = request.version_info
-            status.acked_nonce = nonce
-            status.last_nack = ""
-        relayed = not nonce.startswith(LOCAL_NONCE_PREFIX)
-        events: list[Event] = []
-        if request.HasField("error_detail"):
-            events.append(Nacked(request.type_url, nonce, request.error_detail.message, relayed))
-        if relayed:
-            events.append(SendUpstream(data))
-        return events
+            if not relayed:
+                self.local_nacks += 1
+            nonce, message = request.response_nonce, request.error_detail.message
+            return [Nacked(request.type_url, nonce, message, relayed)]
+        status.acked_version = request.version_info
+        status.acked_nonce = request.response_nonce
+        status.last_nack = ""
+        return []
+
+    # -- from Istiod -----------------------------------------------------------------------
 
     def receive_upstream(self, data: bytes) -> list[Event]:
         try:
             response = decode_sotw_response(data)
         except WireError as exc:
             raise UpstreamProtocolError(str(exc)) from None
-        state = self._types.setdefault(response.type_url, _TypeState())
-        state.upstream_names, state.upstream_bodies = response.names, response.bodies
+        type_url = response.type_url
+        state = self._types.setdefault(type_url, _TypeState())
         status = state.status
         status.upstream_version, status.upstream_nonce = response.version, response.nonce
         status.upstream_resources, status.upstream_bytes = len(response.bodies), len(data)
-        names, bodies = self.view.select(response.type_url, response.names, response.bodies)
-        if bodies is response.bodies:
+        upstream = (response.names, response.bodies)
+        self._upstream[type_url] = upstream
+
+        if self.view.transparent:
+            events: list[Event] = []
+            selection = upstream
+        else:
+            # Dependents first: clusters a new listener needs must reach Envoy before it.
+            events = self._refresh(self._dependents(type_url))
+            selection = self.view.select(type_url, self._upstream)
+        if selection[1] is response.bodies:
             payload = data
         else:
             payload = encode_sotw_response(
                 response.version,
-                response.type_url,
+                type_url,
                 response.nonce,
-                bodies,
+                selection[1],
                 response.control_plane,
                 response.canary,
             )
-        state.pushed_names = names
-        status.pushed_version, status.pushed_nonce = response.version, response.nonce
-        status.pushed_resources, status.pushed_bytes = len(bodies), len(payload)
-        return [SendDownstream(payload, response.type_url, len(bodies), relayed=True)]
+        self._pushed(state, selection, response.version, response.nonce, len(payload))
+        events.append(SendDownstream(payload, type_url, len(selection[1]), relayed=True))
+        return events
+
+    # -- originated here -------------------------------------------------------------------
+
+    def _dependents(self, type_url: str) -> frozenset[str]:
+        return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
+
+    def refresh(self) -> list[Event]:
+        """Recompute every pushed type (after the scope changed); push what differs."""
+        return self._refresh(frozenset(self._types))
+
+    def _refresh(self, type_urls: frozenset[str]) -> list[Event]:
+        events: list[Event] = []
+        for type_url in push_order(set(type_urls)):
+            events += self._push_local(type_url, force=False)
+        return events
+
+    def _push_local(self, type_url: str, force: bool) -> list[Event]:
+        state = self._types.get(type_url)
+        if state is None or (state.pushed is None and not force):
+            return []
+        if type_url not in self.view.local_types and type_url not in self._upstream:
+            return []
+        selection = self.view.select(type_url, self._upstream)
+        if not force and selection == state.pushed:
+            return []
+        nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
+        version = f"{state.status.upstream_version or 'local'}+{nonce}"
+        payload = encode_sotw_response(version, type_url, nonce, selection[1])
+        self._pushed(state, selection, version, nonce, len(payload))
+        return [SendDownstream(payload, type_url, len(selection[1]), relayed=False)]
+
+    @staticmethod
+    def _pushed(
+        state: _TypeState, selection: Selection, version: str, nonce: str, size: int
+    ) -> None:
+        state.pushed = selection
+        status = state.status
+        status.pushed_version, status.pushed_nonce = version, nonce
+        status.pushed_resources, status.pushed_bytes = len(selection[1]), size

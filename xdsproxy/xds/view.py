@@ -1,27 +1,46 @@
-"""The hook through which a policy decides what part of the upstream view a stream forwards."""
+"""The hook through which a policy decides what a stream forwards, and what it serves itself."""
 
+from collections.abc import Mapping
 from typing import Protocol
+
+Selection = tuple[tuple[str, ...], tuple[bytes, ...]]
+# type URL -> (names, serialized Any bodies), the latest the upstream sent on this stream.
+UpstreamView = Mapping[str, Selection]
 
 
 class ResourceView(Protocol):
-    def select(
-        self, type_url: str, names: tuple[str, ...], bodies: tuple[bytes, ...]
-    ) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
-        """The resources to forward, given what the upstream sent.
+    #: True only when `select` returns the upstream's own resources for every type, which lets
+    #: a stream relay upstream messages byte for byte without computing a selection.
+    transparent: bool
 
-        Returning the very same tuples means "forward unchanged", which lets the stream relay
-        the upstream message byte for byte.
+    def select(self, type_url: str, upstream: UpstreamView) -> Selection:
+        """The resources of `type_url` to push, given everything the upstream sent so far.
+
+        Returning `upstream[type_url]` itself means "forward unchanged".
         """
         ...
+
+    def depends_on(self, type_url: str) -> frozenset[str]:
+        """Other types whose upstream content changes the selection of `type_url`."""
+        ...
+
+    #: Types xdsproxy serves itself (scoped routes on the lazy egress): requests for them are
+    #: answered locally and never reach the upstream.
+    local_types: frozenset[str]
 
 
 class PassThrough:
     """Forward everything: the passthrough mode."""
 
-    def select(
-        self, type_url: str, names: tuple[str, ...], bodies: tuple[bytes, ...]
-    ) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
-        return names, bodies
+    transparent = True
+
+    def select(self, type_url: str, upstream: UpstreamView) -> Selection:
+        return upstream.get(type_url, ((), ()))
+
+    local_types: frozenset[str] = frozenset()
+
+    def depends_on(self, type_url: str) -> frozenset[str]:
+        return frozenset()
 
 
 PASS_THROUGH = PassThrough()
