@@ -1,0 +1,50 @@
+"""Istio's resource names: `outbound|PORT|SUBSET|FQDN` clusters and `FQDN:PORT` virtual hosts."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePort:
+    """The unit of a dependency: a service host and one of its ports."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def outbound_cluster(name: str) -> tuple[ServicePort, str] | None:
+    """`outbound|9080|v1|reviews.ns.svc.cluster.local` -> (reviews...:9080, "v1")."""
+    parts = name.split("|")
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit() or not parts[3]:
+        return None
+    return ServicePort(parts[3], int(parts[1])), parts[2]
+
+
+def cluster_name(service: ServicePort, subset: str = "") -> str:
+    return f"outbound|{service.port}|{subset}|{service.host}"
+
+
+def vhost_service(name: str) -> ServicePort | None:
+    """`reviews.ns.svc.cluster.local:9080` -> ServicePort; None for `allow_any` and the like."""
+    host, sep, port = name.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return ServicePort(host, int(port))
+
+
+def route_table_port(name: str) -> int | None:
+    """The port a route table serves: `9080` or `reviews.ns.svc.cluster.local:9080`."""
+    if name.isdigit():
+        return int(name)
+    service = vhost_service(name)
+    return service.port if service else None
+
+
+def service_namespace(host: str) -> str | None:
+    """`reviews.ns.svc.cluster.local` -> `ns`; None for hosts that are not Kubernetes services."""
+    parts = host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[1]
+    return None

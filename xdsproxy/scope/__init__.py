@@ -1,0 +1,1 @@
+"""Istio-aware scoping, pure: which part of the upstream view each workload gets."""

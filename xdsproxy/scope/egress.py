@@ -1,0 +1,214 @@
+"""The lazy egress: full config, plus what xdsproxy synthesizes for it.
+
+- A listener (`--egress-port`) whose HTTP connection manager picks a route table per request
+  by scoped routes keyed on (source namespace, original port), takes the caller's address from
+  the socket (`use_remote_address`), moves the `x-xdsproxy-*` headers into dynamic metadata
+  (so backends never see them but the access log does), and streams one access log entry per
+  request to xdsproxy's ALS endpoint without buffering.
+- Scoped route configurations (served by xdsproxy only), one per (namespace, HTTP port) of the
+  mesh, each with the caller namespace's own table inline; a namespace whose tables this
+  replica does not hold falls back to the egress's own table for that port.
+- A cluster for the ALS endpoint and an ORIGINAL_DST cluster that reads the original
+  destination the sidecar recorded, for hosts that are not mesh services.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.address_pb2 import Address, SocketAddress
+from envoy.config.core.v3.config_source_pb2 import ApiVersion, ConfigSource
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
+from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
+from envoy.extensions.filters.http.header_to_metadata.v3.header_to_metadata_pb2 import (
+    Config as HeaderToMetadata,
+)
+from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
+
+from xdsproxy.istio.names import outbound_cluster, service_namespace
+from xdsproxy.scope.mesh import MeshTables
+from xdsproxy.scope.routes import (
+    LAZY_HEADERS,
+    ORIGINAL_DST,
+    ORIGINAL_DST_CLUSTER,
+    ORIGINAL_PORT,
+    SOURCE_NAMESPACE,
+    egress_table,
+)
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.view import Selection, UpstreamView
+
+EGRESS_LISTENER = "xdsproxy_lazy_egress"
+ALS_CLUSTER = "xdsproxy-als"
+ALS_LOG_NAME = "xdsproxy-lazy-egress"
+METADATA_NAMESPACE = "xdsproxy"
+EGRESS_ROLE_LABEL = "xdsproxy.io/role"
+EGRESS_ROLE = "lazy-egress"
+
+
+@dataclass(frozen=True, slots=True)
+class EgressSettings:
+    port: int = 15081
+    bind_address: str = "0.0.0.0"
+    als_host: str = "xdsproxy.istio-system.svc"
+    als_port: int = 15020
+
+
+def _pack(type_url: str, message: Message) -> bytes:
+    return Any(
+        type_url=type_url, value=message.SerializeToString(deterministic=True)
+    ).SerializeToString()
+
+
+def _typed(message: Message) -> Any:
+    packed = Any()
+    packed.Pack(message)
+    return packed
+
+
+def _ads() -> ConfigSource:
+    source = ConfigSource(resource_api_version=ApiVersion.V3)
+    source.ads.SetInParent()
+    return source
+
+
+def _is_ip(host: str) -> bool:
+    return host.replace(".", "").isdigit() or ":" in host
+
+
+@lru_cache(maxsize=64)
+def synthesized_clusters(settings: EgressSettings) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    als = Cluster(
+        name=ALS_CLUSTER, type=Cluster.STATIC if _is_ip(settings.als_host) else Cluster.STRICT_DNS
+    )
+    als.connect_timeout.seconds = 1
+    als.load_assignment.cluster_name = ALS_CLUSTER
+    als.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
+        Address(
+            socket_address=SocketAddress(address=settings.als_host, port_value=settings.als_port)
+        )
+    )
+    options = HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.SetInParent()
+    als.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].Pack(options)
+    original = Cluster(
+        name=ORIGINAL_DST_CLUSTER, type=Cluster.ORIGINAL_DST, lb_policy=Cluster.CLUSTER_PROVIDED
+    )
+    original.connect_timeout.seconds = 10
+    key = original.original_dst_lb_config.metadata_key
+    key.key = METADATA_NAMESPACE
+    key.path.add().key = ORIGINAL_DST
+    return (ALS_CLUSTER, ORIGINAL_DST_CLUSTER), (
+        _pack(typeurls.CLUSTER, als),
+        _pack(typeurls.CLUSTER, original),
+    )
+
+
+@lru_cache(maxsize=64)
+def synthesized_listener(settings: EgressSettings) -> bytes:
+    manager = hcm.HttpConnectionManager(stat_prefix=EGRESS_LISTENER)
+    manager.use_remote_address.value = True
+    scoped = manager.scoped_routes
+    scoped.name = "xdsproxy-lazy-scopes"
+    for header in (SOURCE_NAMESPACE, ORIGINAL_PORT):
+        fragment = scoped.scope_key_builder.fragments.add()
+        fragment.header_value_extractor.name = header
+        fragment.header_value_extractor.index = 0
+    scoped.rds_config_source.CopyFrom(_ads())
+    scoped.scoped_rds.scoped_rds_config_source.CopyFrom(_ads())
+    to_metadata = HeaderToMetadata()
+    for header in LAZY_HEADERS:
+        rule = to_metadata.request_rules.add(header=header, remove=True)
+        rule.on_header_present.metadata_namespace = METADATA_NAMESPACE
+        rule.on_header_present.key = header
+    manager.http_filters.add(
+        name="envoy.filters.http.header_to_metadata", typed_config=_typed(to_metadata)
+    )
+    manager.http_filters.add(name="envoy.filters.http.router", typed_config=_typed(Router()))
+    logger = HttpGrpcAccessLogConfig()
+    common = logger.common_config
+    common.log_name = ALS_LOG_NAME
+    common.grpc_service.envoy_grpc.cluster_name = ALS_CLUSTER
+    common.transport_api_version = ApiVersion.V3
+    common.buffer_size_bytes.value = 0  # flush every entry: a learn waits for nothing
+    manager.access_log.add(name="envoy.access_loggers.http_grpc", typed_config=_typed(logger))
+    listener = Listener(
+        name=EGRESS_LISTENER,
+        address=Address(
+            socket_address=SocketAddress(address=settings.bind_address, port_value=settings.port)
+        ),
+    )
+    listener.filter_chains.add().filters.add(
+        name="envoy.filters.network.http_connection_manager", typed_config=_typed(manager)
+    )
+    return _pack(typeurls.LISTENER, listener)
+
+
+@lru_cache(maxsize=16384)
+def scoped_route(table_any: bytes, namespace: str, port: int) -> bytes:
+    name = f"{namespace}/{port}"
+    scope = ScopedRouteConfiguration(name=name)
+    scope.route_configuration.CopyFrom(egress_table(table_any, name))
+    scope.key.fragments.add(string_key=namespace)
+    scope.key.fragments.add(string_key=str(port))
+    return _pack(typeurls.SCOPED_ROUTE, scope)
+
+
+class EgressView:
+    transparent = False
+    local_types = frozenset({typeurls.SCOPED_ROUTE})
+
+    def __init__(self, settings: EgressSettings, tables: MeshTables) -> None:
+        self.settings = settings
+        self.tables = tables
+
+    def depends_on(self, type_url: str) -> frozenset[str]:
+        if type_url == typeurls.SCOPED_ROUTE:
+            return frozenset({typeurls.CLUSTER, typeurls.ROUTE})
+        return frozenset()
+
+    def select(self, type_url: str, upstream: UpstreamView) -> Selection:
+        current = upstream.get(type_url, ((), ()))
+        if type_url == typeurls.CLUSTER:
+            names, bodies = synthesized_clusters(self.settings)
+            return current[0] + names, current[1] + bodies
+        if type_url == typeurls.LISTENER:
+            return current[0] + (EGRESS_LISTENER,), current[1] + (
+                synthesized_listener(self.settings),
+            )
+        if type_url == typeurls.SCOPED_ROUTE:
+            return self._scopes(upstream)
+        return current
+
+    def _scopes(self, upstream: UpstreamView) -> Selection:
+        own = {
+            int(name): body
+            for name, body in zip(*upstream.get(typeurls.ROUTE, ((), ())), strict=True)
+            if name.isdigit()
+        }
+        namespaces = set(self.tables.namespaces())
+        for cluster in upstream.get(typeurls.CLUSTER, ((), ()))[0]:
+            parsed = outbound_cluster(cluster)
+            if parsed and (namespace := service_namespace(parsed[0].host)):
+                namespaces.add(namespace)
+        names: list[str] = []
+        bodies: list[bytes] = []
+        for namespace in sorted(namespaces):
+            for port in sorted(own):
+                table = self.tables.table(namespace, port) or own[port]
+                names.append(f"{namespace}/{port}")
+                bodies.append(scoped_route(table, namespace, port))
+        return tuple(names), tuple(bodies)
+
+
+def is_egress(labels: dict[str, str]) -> bool:
+    return labels.get(EGRESS_ROLE_LABEL) == EGRESS_ROLE

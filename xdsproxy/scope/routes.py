@@ -1,0 +1,157 @@
+"""Route tables: what they reference, the sidecar's scoped copy, and the egress's renamed copy.
+
+Parsing a table costs far more than anything else in scoping, so parsed tables and rewritten
+copies are cached by the exact upstream bytes (shared by every node that received them).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
+from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from google.protobuf.any_pb2 import Any
+
+from xdsproxy.istio.names import ServicePort, route_table_port, vhost_service
+from xdsproxy.wire import typeurls
+
+SOURCE_NAMESPACE = "x-xdsproxy-source-namespace"
+SOURCE_WORKLOAD = "x-xdsproxy-source-workload"
+ORIGINAL_DST = "x-xdsproxy-original-dst"
+ORIGINAL_PORT = "x-xdsproxy-original-port"
+LAZY_HEADERS = (SOURCE_NAMESPACE, SOURCE_WORKLOAD, ORIGINAL_DST, ORIGINAL_PORT)
+
+EGRESS_VHOST = "xdsproxy_lazy_egress"
+PASSTHROUGH = "PassthroughCluster"
+ORIGINAL_DST_CLUSTER = "xdsproxy-original-dst"
+
+
+def route_clusters(route: Route) -> set[str]:
+    """Clusters a route can send to: its cluster, weighted clusters and mirrors."""
+    if not route.HasField("route"):
+        return set()
+    action = route.route
+    found = {action.cluster} if action.cluster else set()
+    found.update(entry.name for entry in action.weighted_clusters.clusters)
+    found.update(policy.cluster for policy in action.request_mirror_policies if policy.cluster)
+    return found
+
+
+def _is_catch_all(vhost: VirtualHost) -> bool:
+    return "*" in vhost.domains
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTable:
+    name: str
+    port: int | None
+    services: tuple[ServicePort | None, ...]  # per vhost; None when not a service vhost
+    clusters: tuple[frozenset[str], ...]  # per vhost
+    catch_all: tuple[bool, ...]  # per vhost
+
+
+@lru_cache(maxsize=256)
+def _decode(any_bytes: bytes) -> RouteConfiguration:
+    table = RouteConfiguration()
+    Any.FromString(any_bytes).Unpack(table)
+    return table
+
+
+@lru_cache(maxsize=4096)
+def parse_table(any_bytes: bytes) -> ParsedTable:
+    table = _decode(any_bytes)
+    vhosts = table.virtual_hosts
+    return ParsedTable(
+        name=table.name,
+        port=route_table_port(table.name),
+        services=tuple(vhost_service(v.name) for v in vhosts),
+        clusters=tuple(
+            frozenset(c for route in v.routes for c in route_clusters(route)) for v in vhosts
+        ),
+        catch_all=tuple(_is_catch_all(v) for v in vhosts),
+    )
+
+
+def kept_vhosts(parsed: ParsedTable, covers: Callable[[ServicePort], bool]) -> tuple[int, ...]:
+    """Indexes of the vhosts a scoped sidecar keeps: in-scope services and any vhost that is
+    neither a service nor the catch-all (kept as Istiod sent it, to stay on the safe side)."""
+    return tuple(
+        i
+        for i, (service, catch_all) in enumerate(
+            zip(parsed.services, parsed.catch_all, strict=True)
+        )
+        if not catch_all and (service is None or covers(service))
+    )
+
+
+def _egress_vhost(
+    egress_cluster: str, namespace: str, workload: str, port: int | None
+) -> VirtualHost:
+    vhost = VirtualHost(name=EGRESS_VHOST, domains=["*"])
+    vhost.include_request_attempt_count = True
+    route = vhost.routes.add(name=EGRESS_VHOST)
+    route.match.prefix = "/"
+    route.route.cluster = egress_cluster
+    route.route.timeout.SetInParent()
+    values = (
+        (SOURCE_NAMESPACE, namespace),
+        (SOURCE_WORKLOAD, workload),
+        (ORIGINAL_DST, "%DOWNSTREAM_LOCAL_ADDRESS%"),
+        (ORIGINAL_PORT, str(port) if port is not None else ""),
+    )
+    for key, value in values:
+        option = vhost.request_headers_to_add.add(
+            append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        )
+        option.header.key, option.header.value = key, value
+    return vhost
+
+
+def _pack(table: RouteConfiguration) -> bytes:
+    return Any(
+        type_url=typeurls.ROUTE, value=table.SerializeToString(deterministic=True)
+    ).SerializeToString()
+
+
+@lru_cache(maxsize=65536)
+def sidecar_table(
+    any_bytes: bytes, kept: tuple[int, ...], egress_cluster: str, namespace: str, workload: str
+) -> bytes:
+    """The scoped copy: kept vhosts, then a catch-all to the egress that sets the lazy headers.
+
+    Every other vhost strips those headers (route-table level removal with
+    `most_specific_header_mutations_wins`), so an app cannot forge them through a known host.
+    """
+    source = _decode(any_bytes)
+    table = RouteConfiguration()
+    table.CopyFrom(source)
+    del table.virtual_hosts[:]
+    table.virtual_hosts.extend(source.virtual_hosts[i] for i in kept)
+    table.virtual_hosts.append(
+        _egress_vhost(egress_cluster, namespace, workload, route_table_port(source.name))
+    )
+    for header in LAZY_HEADERS:
+        if header not in table.request_headers_to_remove:
+            table.request_headers_to_remove.append(header)
+    table.most_specific_header_mutations_wins = True
+    return _pack(table)
+
+
+@lru_cache(maxsize=1024)
+def egress_table(any_bytes: bytes, name: str) -> RouteConfiguration:
+    """The egress's copy of a namespace's table: renamed, with passthrough routes sent to the
+    ORIGINAL_DST cluster that reads the original destination the sidecar recorded."""
+    table = RouteConfiguration()
+    table.CopyFrom(_decode(any_bytes))
+    table.name = name
+    for vhost in table.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            if route.route.cluster == PASSTHROUGH:
+                route.route.cluster = ORIGINAL_DST_CLUSTER
+            for entry in route.route.weighted_clusters.clusters:
+                if entry.name == PASSTHROUGH:
+                    entry.name = ORIGINAL_DST_CLUSTER
+    return table

@@ -1,0 +1,81 @@
+"""The view a scoped sidecar gets of its upstream config.
+
+Per type:
+- CDS: every cluster that is not `outbound|...` (inbound, Passthrough, BlackHole, ...), the
+  egress cluster, the outbound clusters (all subsets) of in-scope services, and the closure of
+  clusters that kept listeners and kept route vhosts reference. TCP services are therefore in
+  scope by default: their listeners reference their clusters.
+- EDS: as Envoy asks; it only asks for clusters it holds.
+- LDS: unchanged, so every HTTP port still reaches the catch-all.
+- RDS: each table keeps its in-scope vhosts and ends with a catch-all to the egress.
+Unchanged resources keep their exact upstream bytes; only route tables are re-encoded.
+"""
+
+from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.scope.listeners import listener_refs
+from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
+from xdsproxy.scope.scope import Scope
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.view import Selection, UpstreamView
+
+_CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
+
+
+class SidecarView:
+    transparent = False
+    local_types: frozenset[str] = frozenset()
+
+    def __init__(self, scope: Scope, egress_cluster: str) -> None:
+        self.scope = scope
+        self.egress_cluster = egress_cluster
+
+    def depends_on(self, type_url: str) -> frozenset[str]:
+        return _CDS_INPUTS if type_url == typeurls.CLUSTER else frozenset()
+
+    def select(self, type_url: str, upstream: UpstreamView) -> Selection:
+        current = upstream.get(type_url, ((), ()))
+        if type_url == typeurls.CLUSTER:
+            return self._clusters(current, upstream)
+        if type_url == typeurls.ROUTE:
+            return self._routes(current)
+        return current
+
+    def _routes(self, current: Selection) -> Selection:
+        names, bodies = current
+        key = self.scope.key
+        rewritten = tuple(
+            sidecar_table(
+                body,
+                kept_vhosts(parse_table(body), self.scope.covers),
+                self.egress_cluster,
+                key.namespace,
+                key.workload,
+            )
+            for body in bodies
+        )
+        return names, rewritten
+
+    def referenced_clusters(self, upstream: UpstreamView) -> set[str]:
+        """Clusters the pushed listeners and route tables can send to."""
+        referenced: set[str] = set()
+        for body in upstream.get(typeurls.LISTENER, ((), ()))[1]:
+            referenced |= listener_refs(body).clusters
+        for body in upstream.get(typeurls.ROUTE, ((), ()))[1]:
+            parsed = parse_table(body)
+            for index in kept_vhosts(parsed, self.scope.covers):
+                referenced |= parsed.clusters[index]
+        return referenced
+
+    def _clusters(self, current: Selection, upstream: UpstreamView) -> Selection:
+        names, bodies = current
+        referenced = self.referenced_clusters(upstream)
+        referenced.add(self.egress_cluster)
+        covers = self.scope.covers
+        keep = []
+        for index, name in enumerate(names):
+            parsed = outbound_cluster(name)
+            if parsed is None or name in referenced or covers(parsed[0]):
+                keep.append(index)
+        if len(keep) == len(names):
+            return current
+        return tuple(names[i] for i in keep), tuple(bodies[i] for i in keep)
