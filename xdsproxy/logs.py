@@ -52,3 +52,25 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """Logs a repeated warning once per cause per interval, with how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, cause: str, message: str, extra: dict[str, object] | None = None) -> None:
+        now = time.monotonic()
+        last = self._last.get(cause)
+        if last is not None and now - last < self.interval:
+            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+            return
+        self._last[cause] = now
+        fields = dict(extra or {})
+        if suppressed := self._suppressed.pop(cause, 0):
+            fields["suppressed"] = suppressed
+        self.logger.warning(message, extra=fields)

@@ -10,12 +10,12 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
+from envoy.config.core.v3.base_pb2 import Node
 
-from xdsproxy.istio.node import NodeIdError, parse_node
 from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
 from xdsproxy.server.upstream import Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
@@ -78,19 +78,62 @@ class Limits:
     max_pending_bytes: int = 128 * 1024 * 1024
 
 
+class Runtime(Protocol):
+    """What a mode adds around the streams: the view each node gets and what happens when
+    streams open, close and receive upstream config."""
+
+    def view_for(self, node: Node) -> ResourceView: ...
+
+    def opened(self, session: "Session") -> None: ...
+
+    def closed(self, session: "Session") -> None: ...
+
+    def upstream_applied(self, session: "Session", type_url: str) -> None: ...
+
+
+class Passthrough:
+    def view_for(self, node: Node) -> ResourceView:
+        return PASS_THROUGH
+
+    def opened(self, session: "Session") -> None:
+        pass
+
+    def closed(self, session: "Session") -> None:
+        pass
+
+    def upstream_applied(self, session: "Session", type_url: str) -> None:
+        pass
+
+
 class AdsProxy:
     def __init__(
         self,
         upstream: Upstream,
-        view_for: Callable[[object], ResourceView] = lambda node: PASS_THROUGH,
+        runtime: Runtime | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.upstream = upstream
-        self.view_for = view_for
+        self.runtime = runtime or Passthrough()
         self.limits = limits or Limits()
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._closing = False
+
+    def deliver(self, session: Session, events: list[Event]) -> None:
+        """Queue responses xdsproxy originated (a learn, a shared table changed) for Envoy."""
+        for event in events:
+            assert isinstance(event, SendDownstream), "a local push never talks upstream"
+            self._enqueue(session, event)
+
+    def _enqueue(self, session: Session, event: SendDownstream) -> None:
+        session.pending_bytes += len(event.payload)
+        if session.pending_bytes > self.limits.max_pending_bytes:
+            session.end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {self.limits.max_pending_bytes} bytes wait for a slow reader",
+            )
+            return
+        session.outbox.put_nowait(event.payload)
 
     async def sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         await self._proxy(SOTW_METHOD, SotwStream(), context)
@@ -118,8 +161,10 @@ class AdsProxy:
             first_events = stream.receive_downstream(first)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        stream.view = self.view_for(stream.node)
+        assert stream.node is not None
+        stream.view = self.runtime.view_for(stream.node)
         self.sessions[session.id] = session
+        self.runtime.opened(session)
         log.info(
             "stream opened",
             extra={"node": session.node_id, "protocol": protocol, "peer": session.peer},
@@ -147,6 +192,7 @@ class AdsProxy:
             pass  # Envoy went away
         finally:
             self.sessions.pop(session.id, None)
+            self.runtime.closed(session)
             for task in tasks:
                 task.cancel()
             call.cancel()
@@ -187,7 +233,10 @@ class AdsProxy:
     async def _pump_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
         try:
             while (data := await call.read()) is not grpc.aio.EOF:
-                await self._apply(session, session.stream.receive_upstream(data), call)
+                events = session.stream.receive_upstream(data)
+                await self._apply(session, events, call)
+                if events and isinstance(events[-1], SendDownstream):
+                    self.runtime.upstream_applied(session, events[-1].type_url)
             code = await call.code()
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
         except UpstreamProtocolError as exc:
@@ -202,14 +251,7 @@ class AdsProxy:
     ) -> None:
         for event in events:
             if isinstance(event, SendDownstream):
-                session.pending_bytes += len(event.payload)
-                if session.pending_bytes > self.limits.max_pending_bytes:
-                    session.end(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"more than {self.limits.max_pending_bytes} bytes wait for a slow reader",
-                    )
-                    return
-                session.outbox.put_nowait(event.payload)
+                self._enqueue(session, event)
             elif isinstance(event, SendUpstream):
                 await call.write(event.payload)
             elif isinstance(event, Nacked):
@@ -222,15 +264,3 @@ class AdsProxy:
                         "error": event.message[:500],
                     },
                 )
-
-
-def describe_node(session: Session) -> dict[str, str]:
-    """Workload identity for logs and the debug endpoint; tolerant of non-Istio node ids."""
-    node = session.stream.node
-    if node is None:
-        return {}
-    try:
-        istio = parse_node(node)
-    except NodeIdError:
-        return {"node": node.id}
-    return {"node": node.id, "namespace": istio.namespace, "workload": istio.workload}

@@ -3,13 +3,18 @@
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
+from xdsproxy.istio.names import ServicePort
+from xdsproxy.scope.egress import EgressSettings
+from xdsproxy.scope.rules import Rules
 from xdsproxy.server.ads import AdsProxy, Limits
+from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
+from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.server.upstream import Upstream
 
 log = logging.getLogger("xdsproxy.serve")
@@ -26,6 +31,12 @@ class ServeConfig:
     max_message_bytes: int = -1
     max_pending_bytes: int = 128 * 1024 * 1024
     shutdown_grace_seconds: float = 5.0
+    mode: str = "passthrough"
+    egress: ServicePort | None = None
+    egress_settings: EgressSettings = field(default_factory=EgressSettings)
+    als_listen: str = "127.0.0.1:15020"
+    als_allow: tuple[str, ...] = ()
+    rules: Rules | None = None
 
 
 class ProxyServer:
@@ -33,9 +44,20 @@ class ProxyServer:
         self.config = config
         root = config.upstream_ca.read_bytes() if config.upstream_ca else None
         upstream = Upstream(config.upstream, root, config.upstream_sni, config.max_message_bytes)
-        self.proxy = AdsProxy(upstream, limits=Limits(config.max_pending_bytes))
+        self.runtime: LazyRuntime | None = None
+        if config.mode == "lazy":
+            if config.egress is None:
+                raise ValueError("lazy mode needs the egress service (--egress FQDN:PORT)")
+            self.runtime = LazyRuntime(
+                config.egress, config.egress_settings, config.rules, config.als_allow
+            )
+        self.proxy = AdsProxy(upstream, self.runtime, Limits(config.max_pending_bytes))
+        if self.runtime is not None:
+            self.runtime.deliver = self.proxy.deliver
         self.port = 0
+        self.als_port = 0
         self._server: grpc.aio.Server | None = None
+        self._als: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(
@@ -51,6 +73,15 @@ class ProxyServer:
             self.port = server.add_insecure_port(self.config.listen)
         await server.start()
         self._server = server
+        if self.runtime is not None:
+            als = grpc.aio.server(options=message_options(self.config.max_message_bytes))
+            als.add_generic_rpc_handlers((AlsService(self.runtime).handler(),))
+            self.als_port = als.add_insecure_port(self.config.als_listen)
+            if self.runtime.settings.als_port == 0:  # a kernel-chosen port (tests)
+                self.runtime.settings = replace(self.runtime.settings, als_port=self.als_port)
+            await als.start()
+            self._als = als
+            log.info("serving ALS", extra={"listen": self.config.als_listen, "port": self.als_port})
         log.info(
             "serving ADS",
             extra={
@@ -66,6 +97,9 @@ class ProxyServer:
         if self._server is None:
             return
         self.proxy.shutdown()
+        if self._als is not None:
+            await self._als.stop(0)
+            self._als = None
         await self._server.stop(self.config.shutdown_grace_seconds)
         self._server = None
 

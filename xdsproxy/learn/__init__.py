@@ -1,0 +1,1 @@
+"""Learning dependencies from the lazy egress's access logs."""
