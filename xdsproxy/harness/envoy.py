@@ -115,6 +115,10 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
             ]
         },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        # Connections leave from the node's own IP (127.0.0.x on loopback), as from a pod.
+        "cluster_manager": {
+            "upstream_bind_config": {"source_address": {"address": identity.ip, "port_value": 0}}
+        },
     }
 
 

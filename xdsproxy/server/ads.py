@@ -50,7 +50,7 @@ class _End:
     message: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     """One downstream stream, as the debug endpoint and shutdown see it."""
 

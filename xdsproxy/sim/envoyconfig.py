@@ -18,6 +18,7 @@ from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.listener.proxy_protocol.v3.proxy_protocol_pb2 import ProxyProtocol
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -40,6 +41,9 @@ class ListenerPorts:
     address: str | None = None
     outbound: int = 15001
     inbound: int = 15006
+    # A stand-in for iptables on loopback: clients state the original destination in a PROXY
+    # protocol header, and virtualOutbound hands the connection to the listener for it.
+    proxy_protocol: bool = False
 
 
 def _ads() -> ConfigSource:
@@ -175,6 +179,10 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
     host = ports.address or "0.0.0.0"
     outbound = _listener("virtualOutbound", host, ports.outbound, bind)
     outbound.use_original_dst.value = True
+    if ports.proxy_protocol:
+        outbound.listener_filters.add(
+            name="envoy.filters.listener.proxy_protocol", typed_config=_typed(ProxyProtocol())
+        )
     outbound.filter_chains.add(name="virtualOutbound-catchall-tcp").filters.add(
         name="envoy.filters.network.tcp_proxy",
         typed_config=_typed(_tcp_proxy(PASSTHROUGH, PASSTHROUGH)),

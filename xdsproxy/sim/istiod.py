@@ -39,11 +39,14 @@ def _pack(type_url: str, message: Message) -> bytes:
 class Snapshot:
     """Serialized resources for one mesh generation, shared by every connection."""
 
-    def __init__(self, mesh: Mesh, epoch: str, bind_address: str | None) -> None:
+    def __init__(
+        self, mesh: Mesh, epoch: str, bind_address: str | None, proxy_protocol: bool = False
+    ) -> None:
         self.mesh = mesh
         self.generation = mesh.generation
         self.version = f"{epoch}/{mesh.generation}"
         self.bind_address = bind_address
+        self.proxy_protocol = proxy_protocol
         self._cache: dict[tuple[str, object], dict[str, bytes]] = {}
 
     def resources(self, type_url: str, node: IstioNode) -> dict[str, bytes]:
@@ -69,6 +72,7 @@ class Snapshot:
             address=self.bind_address,
             outbound=int(config.get("proxyListenPort", 15001)),
             inbound=int(config.get("proxyInboundListenPort", 15006)),
+            proxy_protocol=self.proxy_protocol,
         )
 
     def _build(self, type_url: str, key: object) -> dict[str, bytes]:

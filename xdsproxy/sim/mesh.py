@@ -79,7 +79,12 @@ def _pod_endpoints(index: int, port: int, subsets: tuple[tuple[str, int], ...]) 
     return tuple(Endpoint(str(base + k), port, names[k % len(names)]) for k in range(3))
 
 
-def generate(services: int, namespaces: int | None = None, registry_only: bool = False) -> Mesh:
+def generate(
+    services: int,
+    namespaces: int | None = None,
+    registry_only: bool = False,
+    http_ports: tuple[int, ...] = HTTP_PORTS,
+) -> Mesh:
     """An Istio-shaped mesh of `services` services spread over several namespaces.
 
     Most services have one HTTP port; every tenth is TCP; every seventh has two subsets split by
@@ -91,14 +96,14 @@ def generate(services: int, namespaces: int | None = None, registry_only: bool =
     for i in range(services):
         namespace = f"ns-{i % count}"
         tcp = i % 10 == 9
-        port = Port(TCP_PORT, "TCP") if tcp else Port(HTTP_PORTS[i % len(HTTP_PORTS)], "HTTP")
+        port = Port(TCP_PORT, "TCP") if tcp else Port(http_ports[i % len(http_ports)], "HTTP")
         subsets = (("v1", 90), ("v2", 10)) if i % 7 == 3 and not tcp else ()
         kind: Kind = "eds"
         host = ""
         if i == 1:
             kind = "headless"
         elif i == 2:
-            kind, host, port = "dns", "api.example.internal", Port(80, "HTTP")
+            kind, host, port = "dns", "api.example.internal", Port(http_ports[0], "HTTP")
         service = Service(
             name=f"svc-{i}",
             namespace=namespace,

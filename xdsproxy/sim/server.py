@@ -25,11 +25,14 @@ class _Live:
 class SimServer:
     """A stand-in for Istiod. Mutate `mesh`, then call `push()` to send the change to everyone."""
 
-    def __init__(self, mesh: Mesh, bind_address: str | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, bind_address: str | None = None, proxy_protocol: bool = False
+    ) -> None:
         self.mesh = mesh
         self.bind_address = bind_address
+        self.proxy_protocol = proxy_protocol
         self.epoch = epoch()
-        self.snapshot = Snapshot(mesh, self.epoch, bind_address)
+        self.snapshot = self._snapshot()
         self.port = 0
         self.connections_served = 0
         self._live: set[_Live] = set()
@@ -57,6 +60,9 @@ class SimServer:
             await self._server.stop(grace)
             self._server = None
 
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(self.mesh, self.epoch, self.bind_address, self.proxy_protocol)
+
     def mutate(self, change: Callable[[Mesh], None]) -> None:
         change(self.mesh)
         self.push()
@@ -64,7 +70,7 @@ class SimServer:
     def push(self) -> None:
         """Rebuild the snapshot and push it to every connected node, as Istiod does after its
         debounce."""
-        self.snapshot = Snapshot(self.mesh, self.epoch, self.bind_address)
+        self.snapshot = self._snapshot()
         for live in list(self._live):
             for response in live.connection.push(self.snapshot):
                 live.outbox.put_nowait(response)

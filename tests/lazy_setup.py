@@ -1,0 +1,136 @@
+"""A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from tests.conftest import eventually, running_envoy, running_proxy, running_sim
+from tests.envoy_dump import dynamic_config
+from xdsproxy.harness.envoy import Envoy, SidecarIdentity
+from xdsproxy.harness.http import Backend, free_port
+from xdsproxy.istio.names import ServicePort
+from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
+from xdsproxy.server.app import ProxyServer
+from xdsproxy.sim.mesh import Endpoint, Mesh, Port, Service, generate
+from xdsproxy.sim.server import SimServer
+
+EGRESS_HOST = "lazy-egress.istio-system.svc.cluster.local"
+
+
+def sidecar_identity(
+    pod: str,
+    ip: str,
+    namespace: str = "ns-0",
+    workload: str = "app",
+    labels: dict[str, str] | None = None,
+) -> SidecarIdentity:
+    return SidecarIdentity(
+        pod=pod,
+        namespace=namespace,
+        workload=workload,
+        ip=ip,
+        labels=labels or {},
+        proxy_config={"proxyListenPort": free_port(), "proxyInboundListenPort": free_port()},
+    )
+
+
+@dataclass
+class LazyMesh:
+    sim: SimServer
+    proxy: ProxyServer
+    egress: Envoy
+    port: int  # the mesh's HTTP port
+    backends: dict[str, Backend]
+    stack: AsyncExitStack
+    sidecars: list[Envoy] = field(default_factory=list)
+
+    async def add_sidecar(self, identity: SidecarIdentity, delta: bool) -> Envoy:
+        envoy = await self.stack.enter_async_context(
+            running_envoy(self.proxy.port, delta, identity)
+        )
+        self.sidecars.append(envoy)
+        await eventually(lambda: str(self.port) in dynamic_config(envoy.config_dump())["routes"])
+        return envoy
+
+
+def build_mesh(port: int, backends: dict[str, Backend], egress_port: int) -> Mesh:
+    mesh = generate(12, namespaces=2, http_ports=(port,))
+    a, b = "svc-3.ns-1.svc.cluster.local", "svc-4.ns-0.svc.cluster.local"
+    # svc-3 has subsets v1/v2; all traffic to v2, so only the weighted route can reach backend b.
+    service_a = mesh.services[a]
+    mesh.services[a] = Service(
+        service_a.name,
+        service_a.namespace,
+        service_a.ports,
+        service_a.cluster_ip,
+        subsets=(("v1", 0), ("v2", 100)),
+        endpoints=(
+            Endpoint("127.0.0.1", backends["a"].port, "v1"),
+            Endpoint("127.0.0.1", backends["b"].port, "v2"),
+        ),
+    )
+    mesh.set_endpoints(b, [Endpoint("127.0.0.1", backends["c"].port)])
+    mesh.add(
+        Service(
+            "lazy-egress",
+            "istio-system",
+            (Port(port, "HTTP"),),
+            "10.96.250.1",
+            endpoints=(Endpoint("127.0.0.1", egress_port),),
+        )
+    )
+    return mesh
+
+
+@asynccontextmanager
+async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+    async with AsyncExitStack() as stack:
+        backends = {name: stack.enter_context(Backend(name)) for name in ("a", "b", "c")}
+        # A host outside the mesh; its port becomes the mesh's HTTP port so that traffic to it
+        # goes through an HTTP listener and the catch-all, as it would in Istio.
+        backends["outside"] = stack.enter_context(Backend("outside", host="127.0.0.50"))
+        port = backends["outside"].port
+        egress_port = free_port()
+        mesh = build_mesh(port, backends, egress_port)
+        sim = await stack.enter_async_context(running_sim_with(mesh))
+        proxy = await stack.enter_async_context(
+            running_proxy(
+                sim.port,
+                mode="lazy",
+                egress=ServicePort(EGRESS_HOST, port),
+                egress_settings=EgressSettings(
+                    port=egress_port, bind_address="127.0.0.1", als_host="127.0.0.1", als_port=0
+                ),
+                als_listen="127.0.0.1:0",
+            )
+        )
+        identity = sidecar_identity(
+            "lazy-egress-0",
+            "127.0.0.1",
+            "istio-system",
+            "lazy-egress",
+            {EGRESS_ROLE_LABEL: EGRESS_ROLE},
+        )
+        egress = await stack.enter_async_context(running_envoy(proxy.port, delta, identity))
+        await eventually(
+            lambda: (
+                egress.stat("listener_manager.total_listeners_active") > 0
+                and "xdsproxy_lazy_egress" in dynamic_config(egress.config_dump())["listeners"]
+            )
+        )
+        yield LazyMesh(sim, proxy, egress, port, backends, stack)
+        await asyncio.sleep(0)
+
+
+@asynccontextmanager
+async def running_sim_with(mesh: Mesh) -> AsyncIterator[SimServer]:
+    sim = SimServer(mesh, bind_address="127.0.0.1", proxy_protocol=True)
+    await sim.start("127.0.0.1:0")
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+__all__ = ["lazy_mesh", "running_sim", "sidecar_identity"]
