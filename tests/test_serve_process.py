@@ -186,7 +186,22 @@ async def test_sigterm_ends_streams_with_unavailable_and_exits() -> None:
         (["serve", "--upstream", "x:1"], "one of the arguments"),
         (["serve", "--upstream", "x:1", "--upstream-plaintext", "--cert", "a.pem"], "go together"),
         (["serve", "--upstream", "x:1", "--upstream-ca", "/nonexistent/ca.pem"], "no such file"),
-        (["serve", "--upstream", "x:1", "--upstream-plaintext", "--mode", "lazy"], "lazy"),
+        (["serve", "--upstream", "x:1", "--upstream-plaintext", "--mode", "lazy"], "--egress"),
+        (
+            [
+                "serve",
+                "--upstream",
+                "x:1",
+                "--upstream-plaintext",
+                "--mode",
+                "lazy",
+                "--egress",
+                "e.ns.svc.cluster.local:80",
+                "--rules",
+                "/nonexistent/rules.yaml",
+            ],
+            "/nonexistent/rules.yaml",
+        ),
     ],
 )
 def test_command_line_errors_are_clear(args: list[str], message: str) -> None:
@@ -195,3 +210,30 @@ def test_command_line_errors_are_clear(args: list[str], message: str) -> None:
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_invalid_rules_file_names_file_and_line(tmp_path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("default:\n  - istio-system/*\nworkloadz: []\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xdsproxy.cli",
+            "serve",
+            "--upstream",
+            "x:1",
+            "--upstream-plaintext",
+            "--mode",
+            "lazy",
+            "--egress",
+            "e.ns.svc.cluster.local:80",
+            "--rules",
+            str(rules),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"{rules}:3" in result.stderr and "workloadz" in result.stderr

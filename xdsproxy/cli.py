@@ -11,7 +11,7 @@ from xdsproxy import logs
 
 log = logging.getLogger("xdsproxy")
 
-LATER = "accepted now; used from the lazy-mode release on (see docs/cli.md)"
+LATER = "accepted now; used from a later release on (see docs/cli.md)"
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,11 +25,46 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cert", type=Path, metavar="FILE", help="serving certificate (with --key)")
     p.add_argument("--key", type=Path, metavar="FILE")
     p.add_argument("--mode", choices=("lazy", "passthrough"), default="passthrough")
-    p.add_argument("--als-listen", default="127.0.0.1:15020", metavar="HOST:PORT", help=LATER)
+    p.add_argument(
+        "--egress",
+        default="",
+        metavar="FQDN:PORT",
+        help="the lazy egress service, e.g. lazy-egress.istio-system.svc.cluster.local:80",
+    )
+    p.add_argument(
+        "--egress-port",
+        type=int,
+        default=15081,
+        help="port of the listener synthesized on the egress",
+    )
+    p.add_argument(
+        "--egress-bind",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="address the egress listener binds",
+    )
+    p.add_argument(
+        "--als-listen",
+        default="0.0.0.0:15020",
+        metavar="HOST:PORT",
+        help="the ALS endpoint the egress streams access logs to",
+    )
+    p.add_argument(
+        "--als-advertise",
+        default="xdsproxy.istio-system.svc:15020",
+        metavar="HOST:PORT",
+        help="how the egress reaches the ALS endpoint",
+    )
+    p.add_argument(
+        "--als-allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="networks allowed to stream access logs besides connected egress nodes",
+    )
+    p.add_argument("--rules", type=Path, metavar="FILE", help="static scope rules (YAML)")
     p.add_argument("--debug-listen", default="127.0.0.1:15014", metavar="HOST:PORT", help=LATER)
     p.add_argument("--store", default="memory://", metavar="URL", help=LATER)
-    p.add_argument("--egress", default="", metavar="FQDN:PORT", help=LATER)
-    p.add_argument("--als-allow", action="append", default=[], metavar="CIDR", help=LATER)
     p.add_argument(
         "--max-message-bytes",
         type=int,
@@ -90,13 +125,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from xdsproxy.istio.names import vhost_service
+    from xdsproxy.scope.egress import EgressSettings
+    from xdsproxy.scope.rules import RulesError, load_rules
     from xdsproxy.server.app import ServeConfig, run
 
-    if args.mode == "lazy":
-        print(
-            "xdsproxy: --mode lazy is not implemented in this release; use --mode passthrough",
-            file=sys.stderr,
-        )
+    egress = vhost_service(args.egress) if args.egress else None
+    if args.mode == "lazy" and egress is None:
+        print("xdsproxy: --mode lazy needs --egress FQDN:PORT", file=sys.stderr)
+        return 2
+    als_host, _, als_port = args.als_advertise.rpartition(":")
+    if not als_host or not als_port.isdigit():
+        print("xdsproxy: --als-advertise must be HOST:PORT", file=sys.stderr)
+        return 2
+    try:
+        rules = load_rules(args.rules) if args.rules else None
+    except RulesError as exc:
+        print(f"xdsproxy: {exc}", file=sys.stderr)
         return 2
     if bool(args.cert) != bool(args.key):
         print("xdsproxy: --cert and --key go together", file=sys.stderr)
@@ -114,8 +159,18 @@ def _serve(args: argparse.Namespace) -> int:
         key=args.key,
         max_message_bytes=args.max_message_bytes,
         max_pending_bytes=args.max_pending_bytes,
+        mode=args.mode,
+        egress=egress,
+        egress_settings=EgressSettings(args.egress_port, args.egress_bind, als_host, int(als_port)),
+        als_listen=args.als_listen,
+        als_allow=tuple(args.als_allow),
+        rules=rules,
     )
-    asyncio.run(run(config))
+    try:
+        asyncio.run(run(config))
+    except ValueError as exc:  # a bad --als-allow CIDR and the like
+        print(f"xdsproxy: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

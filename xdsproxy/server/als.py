@@ -56,5 +56,9 @@ class AlsService:
                 self._warn.warning("malformed", "malformed access log message", extra={"peer": ip})
                 continue
             for record, started in records(message):
-                self.runtime.observe(record, started)
+                try:
+                    self.runtime.observe(record, started)
+                except Exception:  # one bad entry must not end the egress's log stream
+                    self.runtime.rejections["internal_error"] += 1
+                    log.exception("failed to process an access log entry")
         return b""

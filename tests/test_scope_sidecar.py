@@ -1,0 +1,164 @@
+"""The sidecar view: consistency on the simulator mesh and on real Istio dumps, exact bytes,
+the catch-all to the egress and its header rules."""
+
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from google.protobuf.any_pb2 import Any
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.istio_fixtures import dump_files, load_dump
+from tests.test_sim_istiod import _istio_node
+from xdsproxy.istio.names import ServicePort, outbound_cluster
+from xdsproxy.scope.listeners import listener_refs
+from xdsproxy.scope.routes import EGRESS_VHOST, LAZY_HEADERS, route_clusters
+from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.sidecar import SidecarView
+from xdsproxy.sim.istiod import Snapshot
+from xdsproxy.sim.mesh import generate
+from xdsproxy.wire import typeurls
+
+CDS, LDS, RDS = typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE
+EGRESS = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
+
+_SNAPSHOT = Snapshot(generate(300), "2026-11-22T10:00:00Z", None)
+_NODE = _istio_node("ns-0")
+SIM_UPSTREAM = {
+    t: tuple(zip(*_SNAPSHOT.resources(t, _NODE).items(), strict=True)) for t in (CDS, LDS, RDS)
+}
+SIM_SERVICES = sorted({p[0] for n in SIM_UPSTREAM[CDS][0] if (p := outbound_cluster(n))})
+
+DUMPS = {path.name: load_dump(path) for path in dump_files()}
+
+
+def _upstream_from_dump(dump) -> dict:
+    return {
+        t: (
+            tuple(n for n, _ in dump.resources.get(t, [])),
+            tuple(b for _, b in dump.resources.get(t, [])),
+        )
+        for t in (CDS, LDS, RDS)
+    }
+
+
+def _table(body: bytes) -> RouteConfiguration:
+    table = RouteConfiguration()
+    Any.FromString(body).Unpack(table)
+    return table
+
+
+def assert_consistent(view: SidecarView, upstream: dict) -> dict:
+    """Nothing pushed references a cluster or route table that was not pushed (but the egress)."""
+    clusters = set(view.select(CDS, upstream)[0])
+    _, listeners = view.select(LDS, upstream)
+    route_names, routes = view.select(RDS, upstream)
+    allowed = clusters | {EGRESS}
+    # Every table Envoy asked for (here: every upstream table) is pushed, renamed never.
+    assert route_names == upstream[RDS][0]
+    for body in listeners:
+        refs = listener_refs(body)
+        assert refs.clusters <= allowed, refs.clusters - allowed
+    for body in routes:
+        for vhost in _table(body).virtual_hosts:
+            for route in vhost.routes:
+                assert route_clusters(route) <= allowed, (
+                    vhost.name,
+                    route_clusters(route) - allowed,
+                )
+    return {"clusters": clusters, "routes": routes, "listeners": listeners}
+
+
+def _scope(services) -> Scope:
+    scope = Scope(WorkloadKey("ns-0", "app"))
+    for service in services:
+        scope.learn(service, 1.0)
+    return scope
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.sampled_from(SIM_SERVICES), max_size=12))
+def test_consistency_on_the_simulator_mesh(services) -> None:
+    view = SidecarView(_scope(services), EGRESS)
+    pushed = assert_consistent(view, SIM_UPSTREAM)
+    for name in SIM_UPSTREAM[CDS][0]:
+        parsed = outbound_cluster(name)
+        if parsed is None or parsed[0] in services:
+            assert name in pushed["clusters"], name  # always kept, or in scope with all subsets
+
+
+def test_consistency_on_every_real_dump_with_random_scopes() -> None:
+    import random
+
+    rng = random.Random(7)
+    for name, dump in DUMPS.items():
+        upstream = _upstream_from_dump(dump)
+        services = sorted({p[0] for n in upstream[CDS][0] if (p := outbound_cluster(n))})
+        for size in (0, 1, 5, len(services)):
+            chosen = rng.sample(services, min(size, len(services)))
+            pushed = assert_consistent(SidecarView(_scope(chosen), EGRESS), upstream)
+            assert len(pushed["clusters"]) <= len(upstream[CDS][0]), name
+
+
+def test_empty_scope_keeps_only_what_is_always_kept_and_tcp() -> None:
+    view = SidecarView(_scope(()), EGRESS)
+    kept = set(view.select(CDS, SIM_UPSTREAM)[0])
+    outbound = {n for n in kept if n.startswith("outbound|")}
+    tcp = {n for n in outbound if n.startswith("outbound|3306|")}
+    assert outbound == tcp, outbound - tcp  # TCP services stay in scope by default
+    assert {
+        "PassthroughCluster",
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
+        "inbound|8080||",
+    } <= kept
+
+
+def test_kept_resources_are_the_exact_upstream_bytes() -> None:
+    view = SidecarView(_scope(SIM_SERVICES[:5]), EGRESS)
+    names, bodies = view.select(CDS, SIM_UPSTREAM)
+    upstream = dict(zip(*SIM_UPSTREAM[CDS], strict=True))
+    assert all(upstream[n] is b for n, b in zip(names, bodies, strict=True))
+    assert view.select(LDS, SIM_UPSTREAM) == SIM_UPSTREAM[LDS]
+
+
+def test_route_tables_end_with_the_egress_and_strip_forged_headers() -> None:
+    a = ServicePort("svc-0.ns-0.svc.cluster.local", 80)
+    view = SidecarView(_scope([a]), EGRESS)
+    names, bodies = view.select(RDS, SIM_UPSTREAM)
+    table = _table(bodies[names.index("80")])
+    assert [v.name for v in table.virtual_hosts] == [
+        "svc-0.ns-0.svc.cluster.local:80",
+        EGRESS_VHOST,
+    ]
+    catch_all = table.virtual_hosts[-1]
+    assert list(catch_all.domains) == ["*"]
+    assert catch_all.routes[0].route.cluster == EGRESS
+    added = {o.header.key: o.header.value for o in catch_all.request_headers_to_add}
+    assert added == {
+        "x-xdsproxy-source-namespace": "ns-0",
+        "x-xdsproxy-source-workload": "app",
+        "x-xdsproxy-original-dst": "%DOWNSTREAM_LOCAL_ADDRESS%",
+        "x-xdsproxy-original-port": "80",
+    }
+    assert all(
+        o.append_action == o.OVERWRITE_IF_EXISTS_OR_ADD for o in catch_all.request_headers_to_add
+    )
+    assert set(LAZY_HEADERS) <= set(table.request_headers_to_remove)
+    assert table.most_specific_header_mutations_wins
+
+
+def test_static_patterns_widen_the_scope() -> None:
+    scope = _scope(())
+    scope.set_static((HostPattern.parse("ns-1/*"),))
+    kept = set(SidecarView(scope, EGRESS).select(CDS, SIM_UPSTREAM)[0])
+    assert any(".ns-1.svc" in n for n in kept if not n.startswith("outbound|3306|"))
+    assert not any(".ns-2.svc" in n for n in kept if not n.startswith("outbound|3306|"))
+
+
+def test_host_patterns() -> None:
+    svc = ServicePort("reviews.shop.svc.cluster.local", 9080)
+    assert HostPattern.parse("shop/*").matches(svc)
+    assert not HostPattern.parse("other/*").matches(svc)
+    assert HostPattern.parse("*/reviews.shop.svc.cluster.local").matches(svc)
+    assert HostPattern.parse("reviews.shop.svc.cluster.local:9080").matches(svc)
+    assert not HostPattern.parse("reviews.shop.svc.cluster.local:80").matches(svc)
+    assert HostPattern.parse("*.shop.svc.cluster.local").matches(svc)
