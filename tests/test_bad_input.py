@@ -7,9 +7,9 @@ import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
-from tests.conftest import eventually, running_proxy, running_sim
 from tests.xds_messages import delta_request, sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
+from xdsproxy.harness.stack import eventually, running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import decode_delta_response, decode_sotw_response, encode_sotw_response

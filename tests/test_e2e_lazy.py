@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from tests.conftest import eventually
-from tests.envoy_dump import dynamic_config
-from tests.lazy_setup import lazy_mesh, sidecar_identity
+from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import request_via_sidecar
+from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
+from xdsproxy.harness.stack import eventually
 from xdsproxy.scope.routes import LAZY_HEADERS
 
 pytestmark = pytest.mark.envoy

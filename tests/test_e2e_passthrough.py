@@ -11,9 +11,9 @@ import pytest
 from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.json_format import ParseDict
 
-from tests.conftest import eventually, running_envoy, running_proxy, running_sim
-from tests.envoy_dump import counts, dynamic_config
+from xdsproxy.harness.dump import counts, dynamic_config
 from xdsproxy.harness.envoy import SidecarIdentity
+from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
 from xdsproxy.istio.node import parse_node
 from xdsproxy.sim.mesh import Endpoint, Port, Service, cluster_name, generate
 from xdsproxy.wire import typeurls

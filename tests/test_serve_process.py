@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import running_proxy, running_sim
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
+from xdsproxy.harness.stack import running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire.codec import decode_sotw_response
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.conftest import eventually, running_envoy, running_proxy, running_sim
-from tests.envoy_dump import counts
+from xdsproxy.harness.dump import counts
+from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 
 pytestmark = pytest.mark.envoy

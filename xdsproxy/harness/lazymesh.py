@@ -5,10 +5,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-from tests.conftest import eventually, running_envoy, running_proxy, running_sim
-from tests.envoy_dump import dynamic_config
+from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.envoy import Envoy, SidecarIdentity
 from xdsproxy.harness.http import Backend, free_port
+from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
 from xdsproxy.server.app import ProxyServer
@@ -131,6 +131,3 @@ async def running_sim_with(mesh: Mesh) -> AsyncIterator[SimServer]:
         yield sim
     finally:
         await sim.stop()
-
-
-__all__ = ["lazy_mesh", "running_sim", "sidecar_identity"]
