@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-forward lint format clean
+.PHONY: install test demo bench-forward bench-lazy lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench-forward: $(STAMP)
 	$(BIN)/python benchmarks/forward.py
+
+bench-lazy: $(STAMP)
+	$(BIN)/python benchmarks/lazy.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

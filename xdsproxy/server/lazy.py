@@ -47,6 +47,8 @@ class LazyRuntime:
         self.known_services: set[ServicePort] = set()
         self.rejections: Counter[str] = Counter()
         self.learns = 0
+        # Seconds from the egress seeing the request to the re-push being queued, per learn.
+        self.learn_latencies: list[float] = []
         self.deliver: Callable[[Session, list[Event]], None] = lambda session, events: None
         self._nodes: dict[int, IstioNode] = {}
         self._by_workload: dict[WorkloadKey, set[Session]] = defaultdict(set)
@@ -159,8 +161,11 @@ class LazyRuntime:
                 extra={"remote": record.remote_ip},
             )
         scope = self.scope(result.workload)
-        if scope.learn(result.service, started or self.clock()):
+        now = self.clock()
+        if scope.learn(result.service, started or now):
             self.learns += 1
+            if started:
+                self.learn_latencies.append(max(0.0, now - started))
             log.info(
                 "learned", extra={"workload": str(result.workload), "service": str(result.service)}
             )

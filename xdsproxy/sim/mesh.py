@@ -84,18 +84,20 @@ def generate(
     namespaces: int | None = None,
     registry_only: bool = False,
     http_ports: tuple[int, ...] = HTTP_PORTS,
+    tcp_every: int = 10,
 ) -> Mesh:
     """An Istio-shaped mesh of `services` services spread over several namespaces.
 
-    Most services have one HTTP port; every tenth is TCP; every seventh has two subsets split by
-    a weighted route. Service 1 is headless (ORIGINAL_DST) and service 2 is a DNS ServiceEntry
-    (STRICT_DNS), so every cluster type Istiod emits for a sidecar is present.
+    Most services have one HTTP port; every `tcp_every`-th is TCP (none with 0); every seventh
+    has two subsets split by a weighted route. Service 1 is headless (ORIGINAL_DST) and service 2
+    is a DNS ServiceEntry (STRICT_DNS), so every cluster type Istiod emits for a sidecar is
+    present.
     """
     count = namespaces or max(2, min(10, services // 100))
     mesh = Mesh(registry_only=registry_only)
     for i in range(services):
         namespace = f"ns-{i % count}"
-        tcp = i % 10 == 9
+        tcp = tcp_every > 0 and i % tcp_every == tcp_every - 1
         port = Port(TCP_PORT, "TCP") if tcp else Port(http_ports[i % len(http_ports)], "HTTP")
         subsets = (("v1", 90), ("v2", 10)) if i % 7 == 3 and not tcp else ()
         kind: Kind = "eds"

@@ -1,0 +1,315 @@
+"""Lazy against full push against the ideal scope, with real Envoy 1.40; and learn latency.
+
+Config size and memory (`--sizes`, default 1000 5000 10000; k = 10 dependencies):
+- full: an Envoy fed the whole simulated mesh (through a passthrough xdsproxy, for byte counts);
+- lazy: an Envoy of a workload whose scope holds k learned services (lazy xdsproxy);
+- ideal: an Envoy fed a mesh of exactly those k services (what a hand-written Sidecar gives).
+Per type, the bytes of the last response (SotW, so each is the type's full state), and Envoy's
+allocated memory (admin /memory) and RSS once the config is applied.
+
+Learn latency (`--learns`, default 50): time from sending a request to a service outside the
+scope through the sidecar (it goes via the egress) until the sidecar holds that service's
+cluster with its endpoints; and xdsproxy's own share, from the egress's log entry start time to
+the re-push being queued. Both with real Envoys on loopback.
+
+Run: `make bench-lazy` (writes benchmarks/results/lazy.json and updates benchmarks/RESULTS.md).
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from xdsproxy.harness.envoy import Envoy
+from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.lazymesh import EGRESS_HOST, running_sim_with, sidecar_identity
+from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
+from xdsproxy.istio.names import ServicePort, cluster_name
+from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
+from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.sim.mesh import Endpoint, Mesh, Port, Service, generate
+from xdsproxy.wire import typeurls
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TYPES = {
+    "CDS": typeurls.CLUSTER,
+    "EDS": typeurls.ENDPOINT,
+    "LDS": typeurls.LISTENER,
+    "RDS": typeurls.ROUTE,
+}
+EGRESS_PORT = 80
+
+
+def egress_service(endpoint_port: int = 15081) -> Service:
+    return Service(
+        "lazy-egress",
+        "istio-system",
+        (Port(EGRESS_PORT, "HTTP"),),
+        "10.96.250.1",
+        endpoints=(Endpoint("127.0.0.1", endpoint_port),),
+    )
+
+
+def dependencies(mesh: Mesh, k: int) -> list[ServicePort]:
+    """k HTTP services spread over the mesh's namespaces."""
+    candidates = [
+        s
+        for s in mesh.services.values()
+        if s.kind == "eds" and s.ports[0].protocol == "HTTP" and s.namespace != "istio-system"
+    ]
+    step = max(1, len(candidates) // k)
+    return [ServicePort(s.fqdn, s.ports[0].number) for s in candidates[::step][:k]]
+
+
+async def _settled(envoy: Envoy, proxy, timeout: float = 180.0) -> None:
+    """Wait until Envoy holds every cluster xdsproxy pushed, none warming, routes loaded."""
+
+    def ready() -> bool:
+        session = next(iter(proxy.proxy.sessions.values()), None)
+        if session is None:
+            return False
+        status = session.stream.status()
+        if typeurls.ROUTE not in status or not status[typeurls.ROUTE].pushed_nonce:
+            return False
+        expected = status[typeurls.CLUSTER].pushed_resources + 1  # + the static xds cluster
+        return (
+            envoy.stat("cluster_manager.active_clusters") == expected
+            and envoy.stat("cluster_manager.warming_clusters") == 0
+            and envoy.stat("listener_manager.total_listeners_warming") == 0
+            and status[typeurls.ROUTE].acked_nonce == status[typeurls.ROUTE].pushed_nonce
+        )
+
+    await eventually(ready, timeout=timeout, interval=0.5)
+    await asyncio.sleep(2.0)
+
+
+async def _measure(envoy: Envoy, proxy) -> dict:
+    await _settled(envoy, proxy)
+    session = next(iter(proxy.proxy.sessions.values()))
+    status = session.stream.status()
+    row = {
+        f"{label}_bytes": status[t].pushed_bytes if t in status else 0 for label, t in TYPES.items()
+    }
+    row["clusters"] = status[typeurls.CLUSTER].pushed_resources
+    row["allocated_mb"] = (await asyncio.to_thread(envoy.allocated_bytes)) / 1e6
+    row["rss_mb"] = envoy.rss_bytes() / 1e6
+    return row
+
+
+async def config_point(n: int, k: int, tcp_every: int) -> dict:
+    mesh = generate(n, tcp_every=tcp_every)
+    mesh.add(egress_service())
+    deps = dependencies(mesh, k)
+    identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app")
+    out: dict = {"services": n, "k": k, "tcp_every": tcp_every}
+    async with running_sim(mesh) as sim, running_proxy(sim.port) as proxy:
+        async with running_envoy(proxy.port, identity=identity) as envoy:
+            out["full"] = await _measure(envoy, proxy)
+    egress = ServicePort(EGRESS_HOST, EGRESS_PORT)
+    async with (
+        running_sim(mesh) as sim,
+        running_proxy(
+            sim.port,
+            mode="lazy",
+            egress=egress,
+            als_listen="127.0.0.1:0",
+            egress_settings=EgressSettings(als_host="127.0.0.1", als_port=0),
+        ) as proxy,
+    ):
+        scope = proxy.runtime.scope(WorkloadKey("ns-0", "app"))
+        for dep in deps:
+            scope.learn(dep, time.time())
+        async with running_envoy(proxy.port, identity=identity) as envoy:
+            out["lazy"] = await _measure(envoy, proxy)
+    ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps})
+    ideal.add(egress_service())
+    async with running_sim(ideal) as sim, running_proxy(sim.port) as proxy:
+        async with running_envoy(proxy.port, identity=identity) as envoy:
+            out["ideal"] = await _measure(envoy, proxy)
+    for case in ("full", "lazy", "ideal"):
+        row = out[case]
+        row["cds_eds_rds_bytes"] = row["CDS_bytes"] + row["EDS_bytes"] + row["RDS_bytes"]
+    out["lazy_vs_full_bytes"] = out["lazy"]["cds_eds_rds_bytes"] / out["full"]["cds_eds_rds_bytes"]
+    out["full_vs_lazy_allocated"] = out["full"]["allocated_mb"] / out["lazy"]["allocated_mb"]
+    out["lazy_vs_ideal_allocated"] = out["lazy"]["allocated_mb"] / out["ideal"]["allocated_mb"]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+async def learn_latency(n: int, learns: int) -> dict:
+    """Median/p90/p99 of end-to-end learn latency and of xdsproxy's own share."""
+    async with AsyncExitStack() as stack:
+        backend = stack.enter_context(Backend("backend"))
+        egress_port = free_port()
+        mesh = generate(n)
+        for service in list(mesh.services.values()):
+            if service.kind == "eds":
+                subsets = [name for name, _ in service.subsets] or [""]
+                mesh.set_endpoints(
+                    service.fqdn, [Endpoint("127.0.0.1", backend.port, s) for s in subsets]
+                )
+        mesh.add(egress_service(egress_port))
+        sim = await stack.enter_async_context(running_sim_with(mesh))
+        proxy = await stack.enter_async_context(
+            running_proxy(
+                sim.port,
+                mode="lazy",
+                egress=ServicePort(EGRESS_HOST, EGRESS_PORT),
+                egress_settings=EgressSettings(
+                    port=egress_port, bind_address="127.0.0.1", als_host="127.0.0.1", als_port=0
+                ),
+                als_listen="127.0.0.1:0",
+            )
+        )
+        egress_id = sidecar_identity(
+            "lazy-egress-0",
+            "127.0.0.1",
+            "istio-system",
+            "lazy-egress",
+            {EGRESS_ROLE_LABEL: EGRESS_ROLE},
+        )
+        egress = await stack.enter_async_context(running_envoy(proxy.port, identity=egress_id))
+        await eventually(
+            lambda: egress.stat("listener_manager.total_listeners_active") > 3, timeout=120
+        )
+        identity = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app")
+        sidecar = await stack.enter_async_context(running_envoy(proxy.port, identity=identity))
+        await _settled(sidecar, _OnlySession(proxy, "app-0"))
+        listen = identity.proxy_config["proxyListenPort"]
+        targets = dependencies(mesh, learns)
+        samples = []
+        for target in targets:
+            service = mesh.services[target.host]
+            name = cluster_name(target)
+            start = time.perf_counter()
+            reply = await asyncio.to_thread(
+                request_via_sidecar,
+                listen,
+                (service.cluster_ip, target.port),
+                target.host,
+                "127.0.0.2",
+            )
+            assert reply.status == 200, (target, reply)
+            await eventually(
+                lambda n=name: sidecar.stat(f"cluster.{n}.membership_total") > 0,
+                timeout=10,
+                interval=0.002,
+            )
+            samples.append((time.perf_counter() - start) * 1000)
+        inner = [s * 1000 for s in proxy.runtime.learn_latencies]
+    return {
+        "services": n,
+        "learns": len(samples),
+        **_percentiles("end_to_end_ms", samples),
+        **_percentiles("xdsproxy_ms", inner),
+    }
+
+
+class _OnlySession:
+    """`_settled` for one named node among several streams."""
+
+    def __init__(self, proxy, pod: str) -> None:
+        self.proxy = type("P", (), {})()
+        self.proxy.sessions = {
+            k: v for k, v in proxy.proxy.sessions.items() if f"~{pod}." in v.node_id
+        }
+
+
+def _percentiles(label: str, values: list[float]) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {
+        f"{label}_p50": statistics.median(ordered),
+        f"{label}_p90": pick(0.9),
+        f"{label}_p99": pick(0.99),
+        f"{label}_max": ordered[-1],
+    }
+
+
+def write_results(points: list[dict], latency: dict | None) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lazy.json").write_text(
+        json.dumps({"config": points, "learn_latency": latency}, indent=2) + "\n"
+    )
+    lines = [
+        "## Lazy against full against ideal (`make bench-lazy`)",
+        "",
+        "k = 10 dependencies; SotW; bytes are each type's full state as last pushed.",
+        "",
+        "| services | TCP share | case | clusters | CDS | EDS | LDS | RDS | "
+        "allocated MB | RSS MB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        share = f"1/{p['tcp_every']}" if p["tcp_every"] else "0"
+        for case in ("full", "lazy", "ideal"):
+            r = p[case]
+            lines.append(
+                f"| {p['services']} | {share} | {case} | {r['clusters']} | {r['CDS_bytes']:,} | "
+                f"{r['EDS_bytes']:,} | {r['LDS_bytes']:,} | {r['RDS_bytes']:,} | "
+                f"{r['allocated_mb']:.1f} | {r['rss_mb']:.1f} |"
+            )
+    lines += [
+        "",
+        "| services | TCP share | lazy/full CDS+EDS+RDS bytes | full/lazy allocated | "
+        "lazy/ideal allocated |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        share = f"1/{p['tcp_every']}" if p["tcp_every"] else "0"
+        lines.append(
+            f"| {p['services']} | {share} | {p['lazy_vs_full_bytes']:.2%} | "
+            f"{p['full_vs_lazy_allocated']:.1f}x | {p['lazy_vs_ideal_allocated']:.2f}x |"
+        )
+    if latency:
+        lines += [
+            "",
+            f"Learn latency over {latency['learns']} learns, {latency['services']} services (ms):",
+            "",
+            "| measure | p50 | p90 | p99 | max |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label in ("end_to_end_ms", "xdsproxy_ms"):
+            lines.append(
+                f"| {label} | {latency[label + '_p50']:.1f} | {latency[label + '_p90']:.1f} "
+                f"| {latency[label + '_p99']:.1f} | {latency[label + '_max']:.1f} |"
+            )
+    _update_section(Path(__file__).resolve().parent / "RESULTS.md", lines)
+
+
+def _update_section(path: Path, lines: list[str]) -> None:
+    """Replace this benchmark's section of RESULTS.md, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    head = lines[0]
+    if head in text:
+        start = text.index(head)
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 :] if end != -1 else text[:start]
+    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000, 10000])
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--tcp-every", type=int, nargs="*", default=[10, 0])
+    parser.add_argument("--learns", type=int, default=50)
+    parser.add_argument("--learn-services", type=int, default=1000)
+    args = parser.parse_args()
+    points = [asyncio.run(config_point(n, args.k, t)) for n in args.sizes for t in args.tcp_every]
+    latency = asyncio.run(learn_latency(args.learn_services, args.learns)) if args.learns else None
+    if latency:
+        print(json.dumps(latency), flush=True)
+    write_results(points, latency)
+
+
+if __name__ == "__main__":
+    main()
