@@ -208,6 +208,10 @@ async def test_als_learns_from_an_allowed_peer_and_counts_bad_entries() -> None:
         assert runtime.scope(W).covers(A)
         assert not runtime.scope(V).covers(A), "an edge reached the workload a header claimed"
         assert runtime.learns == 1
+        metric = "xdsproxy_als_rejections_total"
+        assert runtime.metrics.value(metric, {"reason": "forged_source"}) == 1
+        assert runtime.metrics.value(metric, {"reason": "malformed"}) == 1
+        assert runtime.metrics.value("xdsproxy_learns_total") == 1
     finally:
         await channel.close()
         await server.stop(0)
@@ -219,3 +223,16 @@ def test_egress_node_ips_are_allowed_als_peers() -> None:
     assert runtime.als_peer_allowed("10.0.0.5")
     assert not runtime.als_peer_allowed("10.0.0.6")
     assert runtime.workloads_at("10.0.0.5") == frozenset()
+
+
+def test_repeated_warnings_are_rate_limited(caplog) -> None:
+    import logging
+
+    from xdsproxy.logs import RateLimitedLog
+
+    limited = RateLimitedLog(logging.getLogger("test.ratelimit"), interval=60)
+    with caplog.at_level(logging.WARNING, "test.ratelimit"):
+        for _ in range(100):
+            limited.warning("cause-a", "same problem")
+        limited.warning("cause-b", "other problem")
+    assert [r.getMessage() for r in caplog.records] == ["same problem", "other problem"]

@@ -40,7 +40,7 @@ class AlsService:
     ) -> bytes:
         ip = peer_ip(context.peer())
         if not self.runtime.als_peer_allowed(ip):
-            self.runtime.rejections["peer_not_allowed"] += 1
+            self.runtime.reject("peer_not_allowed")
             self._warn.warning(
                 "peer", "access log stream from a peer that is not allowed", extra={"peer": ip}
             )
@@ -52,13 +52,13 @@ class AlsService:
             try:
                 message = StreamAccessLogsMessage.FromString(data)
             except DecodeError:
-                self.runtime.rejections["malformed"] += 1
+                self.runtime.reject("malformed")
                 self._warn.warning("malformed", "malformed access log message", extra={"peer": ip})
                 continue
             for record, started in records(message):
                 try:
                     self.runtime.observe(record, started)
                 except Exception:  # one bad entry must not end the egress's log stream
-                    self.runtime.rejections["internal_error"] += 1
+                    self.runtime.reject("internal_error")
                     log.exception("failed to process an access log entry")
         return b""

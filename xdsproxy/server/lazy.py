@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 from envoy.config.core.v3.base_pb2 import Node
 
+from xdsproxy.debug.metrics import Metrics
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
@@ -36,16 +37,18 @@ class LazyRuntime:
         rules: Rules | None = None,
         als_allow: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
         self.rules = rules or Rules()
         self.als_allow = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in als_allow)
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self.scopes: dict[WorkloadKey, Scope] = {}
         self.tables = MeshTables()
         self.known_services: set[ServicePort] = set()
-        self.rejections: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()  # mirrored in metrics.als_rejections
         self.learns = 0
         # Seconds from the egress seeing the request to the re-push being queued, per learn.
         self.learn_latencies: list[float] = []
@@ -142,11 +145,15 @@ class LazyRuntime:
             return False
         return any(address in network for network in self.als_allow)
 
+    def reject(self, reason: str) -> None:
+        self.rejections[reason] += 1
+        self.metrics.als_rejections.labels(reason).inc()
+
     def observe(self, record: AccessRecord, started: float) -> Learned | None:
         """Attribute one access log entry; widen and re-push the scope when it is new."""
         result = attribute(record, self, self.known_services.__contains__)
         if not isinstance(result, Learned):
-            self.rejections[result.reason] += 1
+            self.reject(result.reason)
             self._warn.warning(
                 result.reason,
                 "access log entry not learned",
@@ -154,7 +161,7 @@ class LazyRuntime:
             )
             return None
         if result.claim_ignored:
-            self.rejections["forged_claim"] += 1
+            self.reject("forged_claim")
             self._warn.warning(
                 "forged_claim",
                 "source header disagrees with the connection",
@@ -164,8 +171,10 @@ class LazyRuntime:
         now = self.clock()
         if scope.learn(result.service, started or now):
             self.learns += 1
+            self.metrics.learns.inc()
             if started:
                 self.learn_latencies.append(max(0.0, now - started))
+                self.metrics.learn_latency.observe(max(0.0, now - started))
             log.info(
                 "learned", extra={"workload": str(result.workload), "service": str(result.service)}
             )
