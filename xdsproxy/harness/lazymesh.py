@@ -1,6 +1,5 @@
 """A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -71,34 +70,33 @@ def build_mesh(port: int, backends: dict[str, Backend], egress_port: int) -> Mes
         ),
     )
     mesh.set_endpoints(b, [Endpoint("127.0.0.1", backends["c"].port)])
-    mesh.add(
-        Service(
-            "lazy-egress",
-            "istio-system",
-            (Port(port, "HTTP"),),
-            "10.96.250.1",
-            endpoints=(Endpoint("127.0.0.1", egress_port),),
-        )
-    )
+    mesh.add(egress_service(port, egress_port))
     return mesh
 
 
+def egress_service(port: int, endpoint_port: int) -> Service:
+    """The egress as Istiod knows it: a mesh service whose endpoint is the egress listener."""
+    return Service(
+        "lazy-egress",
+        "istio-system",
+        (Port(port, "HTTP"),),
+        "10.96.250.1",
+        endpoints=(Endpoint("127.0.0.1", endpoint_port),),
+    )
+
+
 @asynccontextmanager
-async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+async def lazy_stack(
+    mesh: Mesh, egress_port: int, egress_service_port: int, delta: bool = False
+) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
+    """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress."""
     async with AsyncExitStack() as stack:
-        backends = {name: stack.enter_context(Backend(name)) for name in ("a", "b", "c")}
-        # A host outside the mesh; its port becomes the mesh's HTTP port so that traffic to it
-        # goes through an HTTP listener and the catch-all, as it would in Istio.
-        backends["outside"] = stack.enter_context(Backend("outside", host="127.0.0.50"))
-        port = backends["outside"].port
-        egress_port = free_port()
-        mesh = build_mesh(port, backends, egress_port)
         sim = await stack.enter_async_context(running_sim_with(mesh))
         proxy = await stack.enter_async_context(
             running_proxy(
                 sim.port,
                 mode="lazy",
-                egress=ServicePort(EGRESS_HOST, port),
+                egress=ServicePort(EGRESS_HOST, egress_service_port),
                 egress_settings=EgressSettings(
                     port=egress_port, bind_address="127.0.0.1", als_host="127.0.0.1", als_port=0
                 ),
@@ -113,14 +111,33 @@ async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
             {EGRESS_ROLE_LABEL: EGRESS_ROLE},
         )
         egress = await stack.enter_async_context(running_envoy(proxy.port, delta, identity))
-        await eventually(
-            lambda: (
-                egress.stat("listener_manager.total_listeners_active") > 0
-                and "xdsproxy_lazy_egress" in dynamic_config(egress.config_dump())["listeners"]
+
+        def ready() -> bool:
+            listeners = dynamic_config(egress.config_dump(include_eds=False))["listeners"]
+            return (
+                "xdsproxy_lazy_egress" in listeners
+                and egress.stat("cluster_manager.warming_clusters") == 0
+                and egress.stat("listener_manager.total_listeners_warming") == 0
             )
+
+        await eventually(ready, timeout=180, interval=0.3)
+        yield sim, proxy, egress
+
+
+@asynccontextmanager
+async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+    async with AsyncExitStack() as stack:
+        backends = {name: stack.enter_context(Backend(name)) for name in ("a", "b", "c")}
+        # A host outside the mesh; its port becomes the mesh's HTTP port so that traffic to it
+        # goes through an HTTP listener and the catch-all, as it would in Istio.
+        backends["outside"] = stack.enter_context(Backend("outside", host="127.0.0.50"))
+        port = backends["outside"].port
+        egress_port = free_port()
+        mesh = build_mesh(port, backends, egress_port)
+        sim, proxy, egress = await stack.enter_async_context(
+            lazy_stack(mesh, egress_port, port, delta)
         )
         yield LazyMesh(sim, proxy, egress, port, backends, stack)
-        await asyncio.sleep(0)
 
 
 @asynccontextmanager

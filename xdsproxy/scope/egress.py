@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.core.v3.config_source_pb2 import ApiVersion, ConfigSource
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
@@ -29,9 +29,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
-from google.protobuf.any_pb2 import Any
-from google.protobuf.message import Message
 
+from xdsproxy.istio.envoyconfig import ads, pack, typed
 from xdsproxy.istio.names import outbound_cluster, service_namespace
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
@@ -59,24 +58,6 @@ class EgressSettings:
     bind_address: str = "0.0.0.0"
     als_host: str = "xdsproxy.istio-system.svc"
     als_port: int = 15020
-
-
-def _pack(type_url: str, message: Message) -> bytes:
-    return Any(
-        type_url=type_url, value=message.SerializeToString(deterministic=True)
-    ).SerializeToString()
-
-
-def _typed(message: Message) -> Any:
-    packed = Any()
-    packed.Pack(message)
-    return packed
-
-
-def _ads() -> ConfigSource:
-    source = ConfigSource(resource_api_version=ApiVersion.V3)
-    source.ads.SetInParent()
-    return source
 
 
 def _is_ip(host: str) -> bool:
@@ -108,8 +89,8 @@ def synthesized_clusters(settings: EgressSettings) -> tuple[tuple[str, ...], tup
     key.key = METADATA_NAMESPACE
     key.path.add().key = ORIGINAL_DST
     return (ALS_CLUSTER, ORIGINAL_DST_CLUSTER), (
-        _pack(typeurls.CLUSTER, als),
-        _pack(typeurls.CLUSTER, original),
+        pack(als),
+        pack(original),
     )
 
 
@@ -123,24 +104,24 @@ def synthesized_listener(settings: EgressSettings) -> bytes:
         fragment = scoped.scope_key_builder.fragments.add()
         fragment.header_value_extractor.name = header
         fragment.header_value_extractor.index = 0
-    scoped.rds_config_source.CopyFrom(_ads())
-    scoped.scoped_rds.scoped_rds_config_source.CopyFrom(_ads())
+    scoped.rds_config_source.CopyFrom(ads())
+    scoped.scoped_rds.scoped_rds_config_source.CopyFrom(ads())
     to_metadata = HeaderToMetadata()
     for header in LAZY_HEADERS:
         rule = to_metadata.request_rules.add(header=header, remove=True)
         rule.on_header_present.metadata_namespace = METADATA_NAMESPACE
         rule.on_header_present.key = header
     manager.http_filters.add(
-        name="envoy.filters.http.header_to_metadata", typed_config=_typed(to_metadata)
+        name="envoy.filters.http.header_to_metadata", typed_config=typed(to_metadata)
     )
-    manager.http_filters.add(name="envoy.filters.http.router", typed_config=_typed(Router()))
+    manager.http_filters.add(name="envoy.filters.http.router", typed_config=typed(Router()))
     logger = HttpGrpcAccessLogConfig()
     common = logger.common_config
     common.log_name = ALS_LOG_NAME
     common.grpc_service.envoy_grpc.cluster_name = ALS_CLUSTER
     common.transport_api_version = ApiVersion.V3
     common.buffer_size_bytes.value = 0  # flush every entry: a learn waits for nothing
-    manager.access_log.add(name="envoy.access_loggers.http_grpc", typed_config=_typed(logger))
+    manager.access_log.add(name="envoy.access_loggers.http_grpc", typed_config=typed(logger))
     listener = Listener(
         name=EGRESS_LISTENER,
         address=Address(
@@ -148,9 +129,9 @@ def synthesized_listener(settings: EgressSettings) -> bytes:
         ),
     )
     listener.filter_chains.add().filters.add(
-        name="envoy.filters.network.http_connection_manager", typed_config=_typed(manager)
+        name="envoy.filters.network.http_connection_manager", typed_config=typed(manager)
     )
-    return _pack(typeurls.LISTENER, listener)
+    return pack(listener)
 
 
 @lru_cache(maxsize=16384)
@@ -160,7 +141,7 @@ def scoped_route(table_any: bytes, namespace: str, port: int) -> bytes:
     scope.route_configuration.CopyFrom(egress_table(table_any, name))
     scope.key.fragments.add(string_key=namespace)
     scope.key.fragments.add(string_key=str(port))
-    return _pack(typeurls.SCOPED_ROUTE, scope)
+    return pack(scope)
 
 
 class EgressView:

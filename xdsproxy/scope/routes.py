@@ -13,8 +13,8 @@ from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from google.protobuf.any_pb2 import Any
 
+from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.istio.names import ServicePort, route_table_port, vhost_service
-from xdsproxy.wire import typeurls
 
 SOURCE_NAMESPACE = "x-xdsproxy-source-namespace"
 SOURCE_WORKLOAD = "x-xdsproxy-source-workload"
@@ -108,12 +108,6 @@ def _egress_vhost(
     return vhost
 
 
-def _pack(table: RouteConfiguration) -> bytes:
-    return Any(
-        type_url=typeurls.ROUTE, value=table.SerializeToString(deterministic=True)
-    ).SerializeToString()
-
-
 @lru_cache(maxsize=65536)
 def sidecar_table(
     any_bytes: bytes, kept: tuple[int, ...], egress_cluster: str, namespace: str, workload: str
@@ -135,7 +129,7 @@ def sidecar_table(
         if header not in table.request_headers_to_remove:
             table.request_headers_to_remove.append(header)
     table.most_specific_header_mutations_wins = True
-    return _pack(table)
+    return pack(table)
 
 
 @lru_cache(maxsize=1024)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.core.v3.config_source_pb2 import ApiVersion, ConfigSource
 from envoy.config.endpoint.v3.endpoint_components_pb2 import LbEndpoint
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
@@ -23,9 +22,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
-from google.protobuf.any_pb2 import Any
-from google.protobuf.message import Message
 
+from xdsproxy.istio.envoyconfig import ads, typed
 from xdsproxy.sim.mesh import Mesh, Service, cluster_name
 
 PASSTHROUGH = "PassthroughCluster"
@@ -46,20 +44,8 @@ class ListenerPorts:
     proxy_protocol: bool = False
 
 
-def _ads() -> ConfigSource:
-    source = ConfigSource(resource_api_version=ApiVersion.V3)
-    source.ads.SetInParent()
-    return source
-
-
 def _address(host: str, port: int) -> Address:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
-
-
-def _typed(message: Message) -> Any:
-    packed = Any()
-    packed.Pack(message)
-    return packed
 
 
 def _istio_metadata(cluster: Cluster, service: Service, port: int, subset: str) -> None:
@@ -93,7 +79,7 @@ def _outbound_cluster(service: Service, port: int, subset: str) -> Cluster:
     else:
         cluster.type = Cluster.EDS
         cluster.eds_cluster_config.service_name = name
-        cluster.eds_cluster_config.eds_config.CopyFrom(_ads())
+        cluster.eds_cluster_config.eds_config.CopyFrom(ads())
         cluster.eds_cluster_config.eds_config.initial_fetch_timeout.SetInParent()
         cluster.common_lb_config.locality_weighted_lb_config.SetInParent()
     return cluster
@@ -157,8 +143,8 @@ def build_endpoints(mesh: Mesh) -> list[ClusterLoadAssignment]:
 def _http_manager(stat_prefix: str, route_name: str) -> hcm.HttpConnectionManager:
     manager = hcm.HttpConnectionManager(stat_prefix=stat_prefix)
     manager.rds.route_config_name = route_name
-    manager.rds.config_source.CopyFrom(_ads())
-    manager.http_filters.add(name="envoy.filters.http.router", typed_config=_typed(Router()))
+    manager.rds.config_source.CopyFrom(ads())
+    manager.http_filters.add(name="envoy.filters.http.router", typed_config=typed(Router()))
     manager.use_remote_address.value = False
     return manager
 
@@ -181,16 +167,16 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
     outbound.use_original_dst.value = True
     if ports.proxy_protocol:
         outbound.listener_filters.add(
-            name="envoy.filters.listener.proxy_protocol", typed_config=_typed(ProxyProtocol())
+            name="envoy.filters.listener.proxy_protocol", typed_config=typed(ProxyProtocol())
         )
     outbound.filter_chains.add(name="virtualOutbound-catchall-tcp").filters.add(
         name="envoy.filters.network.tcp_proxy",
-        typed_config=_typed(_tcp_proxy(PASSTHROUGH, PASSTHROUGH)),
+        typed_config=typed(_tcp_proxy(PASSTHROUGH, PASSTHROUGH)),
     )
     inbound = _listener("virtualInbound", host, ports.inbound, bind)
     inbound.filter_chains.add(name="virtualInbound-catchall-tcp").filters.add(
         name="envoy.filters.network.tcp_proxy",
-        typed_config=_typed(_tcp_proxy("InboundPassthroughCluster", INBOUND_PASSTHROUGH)),
+        typed_config=typed(_tcp_proxy("InboundPassthroughCluster", INBOUND_PASSTHROUGH)),
     )
     listeners = [outbound, inbound]
     http_ports = sorted(
@@ -200,7 +186,7 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
         listener = _listener(f"0.0.0.0_{port}", "0.0.0.0", port, False)
         listener.filter_chains.add().filters.add(
             name="envoy.filters.network.http_connection_manager",
-            typed_config=_typed(_http_manager(f"outbound_0.0.0.0_{port}", str(port))),
+            typed_config=typed(_http_manager(f"outbound_0.0.0.0_{port}", str(port))),
         )
         listeners.append(listener)
     for service in mesh.services.values():
@@ -213,7 +199,7 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
             )
             listener.filter_chains.add().filters.add(
                 name="envoy.filters.network.tcp_proxy",
-                typed_config=_typed(_tcp_proxy(target, target)),
+                typed_config=typed(_tcp_proxy(target, target)),
             )
             listeners.append(listener)
     return listeners

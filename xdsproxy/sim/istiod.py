@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
-from google.protobuf.any_pb2 import Any
 from google.protobuf.message import DecodeError, Message
 
+from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.sim import envoyconfig
 from xdsproxy.sim.mesh import Mesh
@@ -30,10 +30,6 @@ class IstiodError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _pack(type_url: str, message: Message) -> bytes:
-    return Any(type_url=type_url, value=message.SerializeToString()).SerializeToString()
 
 
 class Snapshot:
@@ -86,7 +82,7 @@ class Snapshot:
         else:
             assert isinstance(key, str)
             messages = [(r.name, r) for r in envoyconfig.build_routes(self.mesh, key)]
-        return {name: _pack(type_url, message) for name, message in messages}
+        return {name: pack(message) for name, message in messages}
 
 
 @dataclass(slots=True)

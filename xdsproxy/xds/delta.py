@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
-from google.protobuf.message import DecodeError
 
 from xdsproxy.wire.codec import (
     WireError,
@@ -23,13 +22,12 @@ from xdsproxy.wire.codec import (
 from xdsproxy.wire.typeurls import WILDCARD_TYPES
 from xdsproxy.xds.events import (
     Event,
-    Nacked,
-    ProtocolError,
     SendDownstream,
     SendUpstream,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.sotw import LOCAL_NONCE_PREFIX, push_order
+from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
+from xdsproxy.xds.sotw import push_order
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
@@ -82,17 +80,8 @@ class DeltaStream:
     # -- from Envoy ------------------------------------------------------------------------
 
     def receive_downstream(self, data: bytes) -> list[Event]:
-        try:
-            request = DeltaDiscoveryRequest.FromString(data)
-        except DecodeError as exc:
-            raise ProtocolError(f"malformed DeltaDiscoveryRequest: {exc}") from None
-        if self.node is None:
-            if not request.HasField("node"):
-                raise ProtocolError("the first DeltaDiscoveryRequest on a stream must carry a node")
-            self.node = request.node
+        request, self.node = read_request(DeltaDiscoveryRequest, data, self.node)
         type_url = request.type_url
-        if not type_url:
-            raise ProtocolError("DeltaDiscoveryRequest without type_url on an aggregated stream")
         state = self._types.setdefault(type_url, _TypeState())
         first = not state.started
         self._update_subscription(state, request)
@@ -115,19 +104,11 @@ class DeltaStream:
         return events
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
-        status = state.status
-        relayed = not request.response_nonce.startswith(LOCAL_NONCE_PREFIX)
-        if request.HasField("error_detail"):
-            status.last_nack = request.error_detail.message
-            status.nack_count += 1
-            if not relayed:
-                self.local_nacks += 1
-            message = request.error_detail.message
-            return [Nacked(request.type_url, request.response_nonce, message, relayed)]
-        status.acked_nonce = request.response_nonce
-        status.acked_version = status.pushed_version
-        status.last_nack = ""
-        return []
+        nacked = record_answer(request, state.status, state.status.pushed_version)
+        if nacked is None:
+            return []
+        self.local_nacks += not nacked.relayed
+        return [nacked]
 
     @staticmethod
     def _update_subscription(state: _TypeState, request: DeltaDiscoveryRequest) -> None:

@@ -13,22 +13,19 @@ from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
-from google.protobuf.message import DecodeError
 
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
 from xdsproxy.wire.typeurls import PUSH_ORDER
 from xdsproxy.xds.events import (
     Event,
-    Nacked,
-    ProtocolError,
     SendDownstream,
     SendUpstream,
     UpstreamProtocolError,
 )
+from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
-LOCAL_NONCE_PREFIX = "xdsproxy-"
 _RANK = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}
 
 
@@ -66,17 +63,8 @@ class SotwStream:
     # -- from Envoy ------------------------------------------------------------------------
 
     def receive_downstream(self, data: bytes) -> list[Event]:
-        try:
-            request = DiscoveryRequest.FromString(data)
-        except DecodeError as exc:
-            raise ProtocolError(f"malformed DiscoveryRequest: {exc}") from None
-        if self.node is None:
-            if not request.HasField("node"):
-                raise ProtocolError("the first DiscoveryRequest on a stream must carry a node")
-            self.node = request.node
+        request, self.node = read_request(DiscoveryRequest, data, self.node)
         type_url = request.type_url
-        if not type_url:
-            raise ProtocolError("DiscoveryRequest without type_url on an aggregated stream")
         state = self._types.setdefault(type_url, _TypeState())
         names = tuple(request.resource_names)
         changed = names != state.subscribed
@@ -87,7 +75,7 @@ class SotwStream:
         if type_url in self.view.local_types:
             events: list[Event] = []
             if nonce and nonce == status.pushed_nonce:
-                events += self._record_answer(request, relayed=False)
+                events += self._record_answer(request)
             if not nonce or changed:
                 events += self._push_local(type_url, force=True)
             return events
@@ -98,7 +86,7 @@ class SotwStream:
             return [SendUpstream(data)]
         if nonce != status.pushed_nonce:
             return []
-        events = self._record_answer(request, relayed=not nonce.startswith(LOCAL_NONCE_PREFIX))
+        events = self._record_answer(request)
         if not nonce.startswith(LOCAL_NONCE_PREFIX):
             state.requested_upstream = names
             events.append(SendUpstream(data))
@@ -115,19 +103,13 @@ class SotwStream:
             events.append(SendUpstream(forward.SerializeToString()))
         return events
 
-    def _record_answer(self, request: DiscoveryRequest, relayed: bool) -> list[Event]:
+    def _record_answer(self, request: DiscoveryRequest) -> list[Event]:
         status = self._types[request.type_url].status
-        if request.HasField("error_detail"):
-            status.last_nack = request.error_detail.message
-            status.nack_count += 1
-            if not relayed:
-                self.local_nacks += 1
-            nonce, message = request.response_nonce, request.error_detail.message
-            return [Nacked(request.type_url, nonce, message, relayed)]
-        status.acked_version = request.version_info
-        status.acked_nonce = request.response_nonce
-        status.last_nack = ""
-        return []
+        nacked = record_answer(request, status, request.version_info)
+        if nacked is None:
+            return []
+        self.local_nacks += not nacked.relayed
+        return [nacked]
 
     # -- from Istiod -----------------------------------------------------------------------
 

@@ -1,0 +1,47 @@
+"""Reading a request from Envoy: the checks both protocols make before anything else."""
+
+from typing import TypeVar
+
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from google.protobuf.message import DecodeError
+
+from xdsproxy.xds.events import Nacked, ProtocolError
+from xdsproxy.xds.status import TypeStatus
+
+Request = TypeVar("Request", DiscoveryRequest, DeltaDiscoveryRequest)
+
+#: Marks responses xdsproxy originated; Envoy's answers to them never go upstream.
+LOCAL_NONCE_PREFIX = "xdsproxy-"
+
+
+def read_request(kind: type[Request], data: bytes, node: Node | None) -> tuple[Request, Node]:
+    """Parse and check a request; the node comes from the first request of a stream only."""
+    name = kind.DESCRIPTOR.name
+    try:
+        request = kind.FromString(data)
+    except DecodeError as exc:
+        raise ProtocolError(f"malformed {name}: {exc}") from None
+    if node is None:
+        if not request.HasField("node"):
+            raise ProtocolError(f"the first {name} on a stream must carry a node")
+        node = request.node
+    if not request.type_url:
+        raise ProtocolError(f"{name} without type_url on an aggregated stream")
+    return request, node
+
+
+def record_answer(
+    request: DiscoveryRequest | DeltaDiscoveryRequest, status: TypeStatus, acked_version: str
+) -> Nacked | None:
+    """Note Envoy's ACK or NACK of the response with `request.response_nonce`."""
+    nonce = request.response_nonce
+    if request.HasField("error_detail"):
+        status.last_nack = request.error_detail.message
+        status.nack_count += 1
+        relayed = not nonce.startswith(LOCAL_NONCE_PREFIX)
+        return Nacked(request.type_url, nonce, request.error_detail.message, relayed)
+    status.acked_version = acked_version
+    status.acked_nonce = nonce
+    status.last_nack = ""
+    return None
