@@ -217,11 +217,13 @@ async def test_als_learns_from_an_allowed_peer_and_counts_bad_entries() -> None:
         await server.stop(0)
 
 
-def test_egress_node_ips_are_allowed_als_peers() -> None:
+def test_als_roles_by_peer_ip() -> None:
     runtime = _runtime()
     runtime.opened(_Session(_node("10.0.0.5", "lazy-egress", {EGRESS_ROLE_LABEL: EGRESS_ROLE})))
-    assert runtime.als_peer_allowed("10.0.0.5")
-    assert not runtime.als_peer_allowed("10.0.0.6")
+    runtime.opened(_Session(_node("10.0.0.7", "app")))
+    assert runtime.als_role("10.0.0.5") == "egress"
+    assert runtime.als_role("10.0.0.7") == "sidecar"
+    assert runtime.als_role("10.0.0.6") is None
     assert runtime.workloads_at("10.0.0.5") == frozenset()
 
 

@@ -64,7 +64,27 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rules", type=Path, metavar="FILE", help="static scope rules (YAML)")
     p.add_argument("--debug-listen", default="127.0.0.1:15014", metavar="HOST:PORT", help=LATER)
-    p.add_argument("--store", default="memory://", metavar="URL", help=LATER)
+    p.add_argument(
+        "--store",
+        default="sqlite:///var/lib/xdsproxy/edges.db",
+        metavar="URL",
+        help="where learned dependencies live: sqlite:///PATH (default), "
+        "kubernetes://NAMESPACE, or memory://",
+    )
+    p.add_argument(
+        "--ttl",
+        type=_duration,
+        default=_duration("168h"),
+        metavar="DURATION",
+        help="drop a learned dependency unused this long (default 168h; 0 never)",
+    )
+    p.add_argument(
+        "--flush-interval",
+        type=_duration,
+        default=_duration("10s"),
+        metavar="DURATION",
+        help="how often last-seen updates are written in batch",
+    )
     p.add_argument(
         "--max-message-bytes",
         type=int,
@@ -77,6 +97,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=128 * 1024 * 1024,
         help="bytes queued for one slow sidecar before its stream is closed",
     )
+
+
+def _duration(text: str) -> float:
+    """`90s`, `30m`, `168h`, `1h30m`, or plain seconds."""
+    import re
+
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s|ms)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m or 168h")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(value) * scale[unit] for value, unit in parts)
 
 
 def _sim_parser(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     from xdsproxy.scope.egress import EgressSettings
     from xdsproxy.scope.rules import RulesError, load_rules
     from xdsproxy.server.app import ServeConfig, run
+    from xdsproxy.store.base import open_store
 
     egress = vhost_service(args.egress) if args.egress else None
     if args.mode == "lazy" and egress is None:
@@ -165,7 +199,16 @@ def _serve(args: argparse.Namespace) -> int:
         als_listen=args.als_listen,
         als_allow=tuple(args.als_allow),
         rules=rules,
+        store=args.store,
+        ttl_seconds=args.ttl,
+        flush_seconds=args.flush_interval,
     )
+    if args.mode == "lazy":
+        try:
+            open_store(args.store)
+        except ValueError as exc:
+            print(f"xdsproxy: {exc}", file=sys.stderr)
+            return 2
     try:
         asyncio.run(run(config))
     except ValueError as exc:  # a bad --als-allow CIDR and the like

@@ -81,8 +81,10 @@ async def _demo(services: int, delta: bool) -> int:
                 for t, s in session.stream.status().items()
             }
             _say("per-type state in xdsproxy: " + json.dumps(status))
-        _say("\nLazy mode's savings, measured with real Envoy: benchmarks/RESULTS.md "
-             "(make bench-lazy).")
+        _say(
+            "\nLazy mode's savings, measured with real Envoy: benchmarks/RESULTS.md "
+            "(make bench-lazy)."
+        )
         return 0 if received == served and rejected == 0 else 1
     finally:
         await asyncio.to_thread(envoy.stop)

@@ -24,5 +24,9 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.store_errors = Counter(
+            "xdsproxy_store_errors", "Store operations that failed", registry=self.registry
+        )
+
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         return self.registry.get_sample_value(name, labels or {}) or 0.0

@@ -52,8 +52,12 @@ class HostPattern:
 
 @dataclass(slots=True)
 class Edge:
+    """Wall-clock first and last seen (persisted), and the monotonic time of the last evidence
+    seen by this process, which is what ageing uses: a wall-clock jump must not age anything."""
+
     first_seen: float
     last_seen: float
+    evidence: float = 0.0
 
 
 @dataclass(slots=True)
@@ -75,15 +79,43 @@ class Scope:
             return "static"
         return None
 
-    def learn(self, service: ServicePort, now: float) -> bool:
+    def learn(self, service: ServicePort, now: float, monotonic: float = 0.0) -> bool:
         """Record use; True when the dependency is new (and the scope widened)."""
         edge = self.learned.get(service)
         if edge is not None:
             edge.last_seen = max(edge.last_seen, now)
+            edge.evidence = max(edge.evidence, monotonic)
             return False
-        self.learned[service] = Edge(now, now)
+        self.learned[service] = Edge(now, now, monotonic)
         self.version += 1
         return True
+
+    def restore(self, edges: dict[ServicePort, Edge]) -> bool:
+        """Take edges from the store (at start, or written by another replica); True when
+        the scope widened."""
+        added = False
+        for service, edge in edges.items():
+            current = self.learned.get(service)
+            if current is None:
+                self.learned[service] = Edge(edge.first_seen, edge.last_seen, edge.evidence)
+                added = True
+            else:
+                current.last_seen = max(current.last_seen, edge.last_seen)
+                current.evidence = max(current.evidence, edge.evidence)
+        if added:
+            self.version += 1
+        return added
+
+    def forget(self, services: list[ServicePort]) -> bool:
+        removed = [s for s in services if self.learned.pop(s, None) is not None]
+        if removed:
+            self.version += 1
+        return bool(removed)
+
+    def expired(self, monotonic: float, ttl: float) -> list[ServicePort]:
+        """Learned dependencies with no evidence of use for longer than `ttl`. Static rules
+        never age."""
+        return sorted(s for s, e in self.learned.items() if monotonic - e.evidence > ttl)
 
     def set_static(self, patterns: tuple[HostPattern, ...]) -> None:
         if patterns != self.static:

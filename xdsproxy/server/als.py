@@ -39,7 +39,8 @@ class AlsService:
         self, _requests: object, context: grpc.aio.ServicerContext
     ) -> bytes:
         ip = peer_ip(context.peer())
-        if not self.runtime.als_peer_allowed(ip):
+        role = self.runtime.als_role(ip)
+        if role is None:
             self.runtime.reject("peer_not_allowed")
             self._warn.warning(
                 "peer", "access log stream from a peer that is not allowed", extra={"peer": ip}
@@ -57,7 +58,10 @@ class AlsService:
                 continue
             for record, started in records(message):
                 try:
-                    self.runtime.observe(record, started)
+                    if role == "egress":
+                        await self.runtime.observe(record, started)
+                    else:
+                        self.runtime.observe_usage(record)
                 except Exception:  # one bad entry must not end the egress's log stream
                     self.runtime.reject("internal_error")
                     log.exception("failed to process an access log entry")

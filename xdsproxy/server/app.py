@@ -16,6 +16,7 @@ from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.server.upstream import Upstream
+from xdsproxy.store.base import open_store
 
 log = logging.getLogger("xdsproxy.serve")
 
@@ -37,6 +38,9 @@ class ServeConfig:
     als_listen: str = "127.0.0.1:15020"
     als_allow: tuple[str, ...] = ()
     rules: Rules | None = None
+    store: str = "memory://"
+    ttl_seconds: float = 0.0
+    flush_seconds: float = 10.0
 
 
 class ProxyServer:
@@ -49,7 +53,13 @@ class ProxyServer:
             if config.egress is None:
                 raise ValueError("lazy mode needs the egress service (--egress FQDN:PORT)")
             self.runtime = LazyRuntime(
-                config.egress, config.egress_settings, config.rules, config.als_allow
+                config.egress,
+                config.egress_settings,
+                config.rules,
+                config.als_allow,
+                store=open_store(config.store),
+                ttl=config.ttl_seconds,
+                flush_interval=config.flush_seconds,
             )
         self.proxy = AdsProxy(upstream, self.runtime, Limits(config.max_pending_bytes))
         if self.runtime is not None:
@@ -60,6 +70,8 @@ class ProxyServer:
         self._als: grpc.aio.Server | None = None
 
     async def start(self) -> int:
+        if self.runtime is not None:
+            await self.runtime.start()  # scopes come back before the first stream is served
         server = grpc.aio.server(
             options=message_options(self.config.max_message_bytes) + server_keepalive()
         )
@@ -102,6 +114,8 @@ class ProxyServer:
             self._als = None
         await self._server.stop(self.config.shutdown_grace_seconds)
         self._server = None
+        if self.runtime is not None:
+            await self.runtime.stop()
 
 
 async def run(config: ServeConfig) -> None:

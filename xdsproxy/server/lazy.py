@@ -3,6 +3,8 @@
 Everything here runs on the event loop thread; the views and scopes it hands out are pure.
 """
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -22,6 +24,8 @@ from xdsproxy.scope.rules import Rules
 from xdsproxy.scope.scope import Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.server.ads import Session
+from xdsproxy.store.base import Edges, Store, StoreError, Touch
+from xdsproxy.store.memory import MemoryStore
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.events import Event
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView
@@ -37,13 +41,18 @@ class LazyRuntime:
         rules: Rules | None = None,
         als_allow: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        store: Store | None = None,
+        ttl: float = 0.0,
+        flush_interval: float = 10.0,
     ) -> None:
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
         self.rules = rules or Rules()
         self.als_allow = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in als_allow)
         self.clock = clock
+        self.monotonic = monotonic
         self.metrics = metrics or Metrics()
         self.scopes: dict[WorkloadKey, Scope] = {}
         self.tables = MeshTables()
@@ -53,6 +62,13 @@ class LazyRuntime:
         # Seconds from the egress seeing the request to the re-push being queued, per learn.
         self.learn_latencies: list[float] = []
         self.deliver: Callable[[Session, list[Event]], None] = lambda session, events: None
+        self.store: Store = store or MemoryStore()
+        self.store_healthy = False  # until start() has loaded the store
+        self.ttl = ttl
+        self.flush_interval = flush_interval
+        self._touches: dict[tuple[WorkloadKey, ServicePort], float] = {}
+        self._unsaved: dict[tuple[WorkloadKey, ServicePort], float] = {}
+        self._maintainer: asyncio.Task[None] | None = None
         self._nodes: dict[int, IstioNode] = {}
         self._by_workload: dict[WorkloadKey, set[Session]] = defaultdict(set)
         self._egress: set[Session] = set()
@@ -136,21 +152,28 @@ class LazyRuntime:
             if WorkloadKey(node.namespace, node.workload) == workload
         )
 
-    def als_peer_allowed(self, ip: str) -> bool:
-        if any(ip in node.instance_ips for node in self._nodes.values() if is_egress(node.labels)):
-            return True
+    def als_role(self, ip: str) -> str | None:
+        """`egress` for a connected egress node or an `--als-allow` network (its entries
+        teach), `sidecar` for a connected sidecar (its sampled entries only refresh last seen),
+        None for anyone else."""
+        nodes = [node for node in self._nodes.values() if ip in node.instance_ips]
+        if any(is_egress(node.labels) for node in nodes):
+            return "egress"
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            return False
-        return any(address in network for network in self.als_allow)
+            return None
+        if any(address in network for network in self.als_allow):
+            return "egress"
+        return "sidecar" if nodes else None
 
     def reject(self, reason: str) -> None:
         self.rejections[reason] += 1
         self.metrics.als_rejections.labels(reason).inc()
 
-    def observe(self, record: AccessRecord, started: float) -> Learned | None:
-        """Attribute one access log entry; widen and re-push the scope when it is new."""
+    async def observe(self, record: AccessRecord, started: float) -> Learned | None:
+        """Attribute one egress access log entry; a new dependency is committed to the store,
+        then the workload's scope widens and is re-pushed to its connected nodes."""
         result = attribute(record, self, self.known_services.__contains__)
         if not isinstance(result, Learned):
             self.reject(result.reason)
@@ -168,8 +191,13 @@ class LazyRuntime:
                 extra={"remote": record.remote_ip},
             )
         scope = self.scope(result.workload)
-        now = self.clock()
-        if scope.learn(result.service, started or now):
+        seen = started or self.clock()
+        if result.service in scope.learned:
+            self._touch(result.workload, result.service, seen)
+            return result
+        await self._commit(result.workload, result.service, seen)
+        if scope.learn(result.service, seen, self.monotonic()):
+            now = self.clock()
             self.learns += 1
             self.metrics.learns.inc()
             if started:
@@ -178,6 +206,126 @@ class LazyRuntime:
             log.info(
                 "learned", extra={"workload": str(result.workload), "service": str(result.service)}
             )
-            for session in list(self._by_workload.get(result.workload, ())):
-                self.deliver(session, session.stream.refresh())
+            self._repush(result.workload)
         return result
+
+    def _repush(self, workload: WorkloadKey) -> None:
+        for session in list(self._by_workload.get(workload, ())):
+            self.deliver(session, session.stream.refresh())
+
+    async def _commit(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+        """Durable before the push that uses it; if the store fails, serve from memory, report
+        not ready, and retry from the maintenance loop."""
+        try:
+            await self.store.add(workload, service, seen)
+        except StoreError as exc:
+            self._store_failed(exc)
+            self._unsaved[(workload, service)] = seen
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.store_healthy = False
+        self.metrics.store_errors.inc()
+        self._warn.warning(
+            "store", "store unavailable; serving from memory", extra={"error": str(exc)}
+        )
+
+    def _touch(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+        edge = self.scope(workload).learned.get(service)
+        if edge is None:
+            return
+        edge.last_seen = max(edge.last_seen, seen)
+        edge.evidence = self.monotonic()
+        self._touches[(workload, service)] = edge.last_seen
+
+    def observe_usage(self, record: AccessRecord) -> None:
+        """A sampled entry from a sidecar's own traffic: evidence that a learned dependency is
+        still used. It refreshes last seen; it never adds a dependency."""
+        parsed = outbound_cluster(record.upstream_cluster)
+        if parsed is None:
+            return
+        for workload in self.workloads_at(record.remote_ip):
+            self._touch(workload, parsed[0], self.clock())
+
+    # -- state -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every scope from the store before the first stream is served."""
+        await self.store.start(self._changed_elsewhere)
+        for workload, edges in (await self.store.load()).items():
+            now = self.monotonic()
+            wall = self.clock()
+            for edge in edges.values():
+                # Age from the stored last-seen, but never by more than the TTL, whatever the
+                # wall clock did while we were down.
+                idle = min(max(0.0, wall - edge.last_seen), self.ttl or 0.0)
+                edge.evidence = now - idle
+            self.scope(workload).restore(edges)
+        self.store_healthy = True
+        self._maintainer = asyncio.create_task(self._maintain())
+
+    async def stop(self) -> None:
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+        with contextlib.suppress(StoreError):
+            await self.flush()
+        await self.store.close()
+
+    def _changed_elsewhere(self, workload: WorkloadKey, edges: Edges) -> None:
+        """Another replica wrote this workload's edges: take them and re-push."""
+        scope = self.scope(workload)
+        now = self.monotonic()
+        for edge in edges.values():
+            edge.evidence = now
+        widened = scope.restore(edges)
+        narrowed = scope.forget([s for s in list(scope.learned) if s not in edges])
+        if widened or narrowed:
+            self._repush(workload)
+
+    async def flush(self) -> None:
+        """Write batched last-seen updates and retry edges the store failed to take."""
+        for (workload, service), seen in list(self._unsaved.items()):
+            await self.store.add(workload, service, seen)
+            del self._unsaved[(workload, service)]
+        if self._touches:
+            batch, self._touches = self._touches, {}
+            try:
+                await self.store.touch(Touch(w, s, t) for (w, s), t in batch.items())
+            except StoreError:
+                for key, seen in batch.items():
+                    self._touches[key] = max(seen, self._touches.get(key, 0.0))
+                raise
+        self.store_healthy = True
+
+    async def age(self) -> None:
+        """Drop learned dependencies unused for longer than the TTL, and re-push."""
+        if not self.ttl:
+            return
+        now = self.monotonic()
+        for workload, scope in list(self.scopes.items()):
+            expired = scope.expired(now, self.ttl)
+            if not expired:
+                continue
+            scope.forget(expired)
+            for service in expired:
+                self._touches.pop((workload, service), None)
+                self._unsaved.pop((workload, service), None)
+            log.info(
+                "aged out",
+                extra={"workload": str(workload), "services": ",".join(map(str, expired))},
+            )
+            try:
+                await self.store.forget(workload, expired)
+            except StoreError as exc:
+                self._store_failed(exc)
+            self._repush(workload)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except StoreError as exc:
+                self._store_failed(exc)
+            await self.age()

@@ -1,0 +1,1 @@
+"""Durable dependency sets: learned edges with first and last seen, per workload."""

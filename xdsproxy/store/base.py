@@ -1,0 +1,69 @@
+"""The store interface and the edge record every backend keeps.
+
+A store holds, per workload, the learned dependencies with first and last seen (seconds since
+the epoch). `add` returns once the edge is durable, so an edge is committed before the push
+that uses it. `touch` takes a batch of last-seen updates (never one write per log entry).
+Backends shared by several replicas call the `on_change` callback for edges another replica
+wrote, so they reach sidecars connected here too.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from xdsproxy.istio.names import ServicePort
+from xdsproxy.scope.scope import Edge, WorkloadKey
+
+Edges = dict[ServicePort, Edge]
+ChangeCallback = Callable[[WorkloadKey, Edges], None]
+
+
+class StoreError(RuntimeError):
+    """The backend could not do what was asked; what was committed before stays committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    workload: WorkloadKey
+    service: ServicePort
+    last_seen: float
+
+
+class Store(Protocol):
+    async def start(self, on_change: ChangeCallback | None = None) -> None: ...
+
+    async def load(self) -> dict[WorkloadKey, Edges]: ...
+
+    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None: ...
+
+    async def touch(self, updates: Iterable[Touch]) -> None: ...
+
+    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """`memory://`, `sqlite:///PATH` or `kubernetes://NAMESPACE`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(
+            f"store URL {url!r} must look like memory://, sqlite:///PATH or kubernetes://NAMESPACE"
+        )
+    if scheme == "memory":
+        from xdsproxy.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(f"store URL {url!r}: sqlite needs an absolute path, sqlite:///PATH")
+        from xdsproxy.store.sqlite import SqliteStore
+
+        return SqliteStore(rest)
+    if scheme == "kubernetes":
+        if not rest:
+            raise ValueError(f"store URL {url!r}: kubernetes needs a namespace")
+        from xdsproxy.store.kubernetes import KubernetesStore
+
+        return KubernetesStore(rest)
+    raise ValueError(f"store URL {url!r}: unknown scheme {scheme!r}")
