@@ -250,7 +250,7 @@ class LazyRuntime:
 
     async def start(self) -> None:
         """Load every scope from the store before the first stream is served."""
-        await self.store.start(self._changed_elsewhere)
+        await self.store.start(self.apply_remote)
         for workload, edges in (await self.store.load()).items():
             now = self.monotonic()
             wall = self.clock()
@@ -272,7 +272,7 @@ class LazyRuntime:
             await self.flush()
         await self.store.close()
 
-    def _changed_elsewhere(self, workload: WorkloadKey, edges: Edges) -> None:
+    def apply_remote(self, workload: WorkloadKey, edges: Edges) -> None:
         """Another replica wrote this workload's edges: take them and re-push."""
         scope = self.scope(workload)
         now = self.monotonic()

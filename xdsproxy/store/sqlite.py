@@ -45,7 +45,7 @@ class SqliteStore:
                 if self._db is None:
                     self._db = await asyncio.to_thread(self._connect)
                 return await asyncio.to_thread(work, self._db, *args)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
     async def start(self, on_change: ChangeCallback | None = None) -> None:
