@@ -92,7 +92,7 @@ async def test_repeated_use_is_batched_not_written_per_entry() -> None:
     for _ in range(50):
         clock.wall += 1
         await rt.observe(_record(), clock.wall)
-        rt.observe_usage(_record())
+        rt.observe_usage(_record(), "10.0.0.1")
     assert store.calls == ["add"]
     await rt.flush()
     assert store.calls == ["add", "touch:1"]
@@ -106,7 +106,7 @@ async def test_unused_dependency_ages_out_and_is_repushed() -> None:
     clock.mono += 60
     await rt.age()
     assert rt.scope(W).covers(A)
-    rt.observe_usage(_record())  # direct use seen by the sidecar's sampled logger
+    rt.observe_usage(_record(), "10.0.0.1")  # direct use seen by the sidecar's sampled logger
     clock.mono += 90
     await rt.age()
     assert rt.scope(W).covers(A)

@@ -8,6 +8,7 @@ from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import request_via_sidecar
 from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
 from xdsproxy.harness.stack import eventually
+from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.routes import LAZY_HEADERS
 
 pytestmark = pytest.mark.envoy
@@ -61,6 +62,17 @@ async def test_first_request_learn_then_direct(delta: bool) -> None:
             mesh.egress.stat("http.xdsproxy_lazy_egress.downstream_rq_total") == egress_before + 1
         )
 
+        # The direct request is evidence of use: the sidecar's sampled logger (100% here,
+        # flushed every second) refreshes A's last seen without adding anything.
+        runtime = mesh.proxy.runtime
+        key = next(k for k in runtime.scopes if k.workload == "app")
+        learned_at = runtime.scope(key).learned[ServicePort(A, port)].last_seen
+        await eventually(
+            lambda: runtime.scope(key).learned[ServicePort(A, port)].last_seen > learned_at,
+            timeout=15,
+        )
+        assert runtime.rejections["peer_not_allowed"] == 0
+
         # A second replica of the same workload holds A from its first push.
         second = await mesh.add_sidecar(sidecar_identity("app-1", "127.0.0.3"), delta)
         assert a_v2 in _clusters(second)
@@ -82,7 +94,6 @@ async def test_first_request_learn_then_direct(delta: bool) -> None:
             return reply.status == 502
 
         await eventually(blocked, timeout=15, interval=0.3)
-        runtime = mesh.proxy.runtime
         assert runtime.learns == 1
         # The app's forged header was overwritten by its own sidecar before the egress saw it.
         assert runtime.rejections["forged_claim"] == 0

@@ -162,3 +162,34 @@ def test_host_patterns() -> None:
     assert HostPattern.parse("reviews.shop.svc.cluster.local:9080").matches(svc)
     assert not HostPattern.parse("reviews.shop.svc.cluster.local:80").matches(svc)
     assert HostPattern.parse("*.shop.svc.cluster.local").matches(svc)
+
+
+def test_usage_logging_adds_a_sampled_logger_to_outbound_http_listeners_only() -> None:
+    from envoy.config.listener.v3.listener_pb2 import Listener
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm,
+    )
+
+    from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings
+
+    view = SidecarView(_scope(()), EGRESS, EgressSettings(als_host="10.0.0.9"), 2.5)
+    assert ALS_CLUSTER in view.select(CDS, SIM_UPSTREAM)[0]
+    names, bodies = view.select(LDS, SIM_UPSTREAM)
+    upstream = dict(zip(*SIM_UPSTREAM[LDS], strict=True))
+    for name, body in zip(names, bodies, strict=True):
+        listener = Listener()
+        Any.FromString(body).Unpack(listener)
+        managers = []
+        for chain in listener.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                    manager = hcm.HttpConnectionManager()
+                    f.typed_config.Unpack(manager)
+                    managers.append(manager)
+        if not managers:
+            assert body is upstream[name], name  # untouched: the very same bytes
+            continue
+        [manager] = managers
+        [log] = manager.access_log
+        assert log.filter.runtime_filter.percent_sampled.numerator == 25_000  # per million
+    assert_consistent(view, SIM_UPSTREAM)

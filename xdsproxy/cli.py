@@ -202,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
         store=args.store,
         ttl_seconds=args.ttl,
         flush_seconds=args.flush_interval,
+        usage_sample_percent=args.usage_sample,
     )
     if args.mode == "lazy":
         try:

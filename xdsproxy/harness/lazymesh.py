@@ -87,7 +87,11 @@ def egress_service(port: int, endpoint_port: int) -> Service:
 
 @asynccontextmanager
 async def lazy_stack(
-    mesh: Mesh, egress_port: int, egress_service_port: int, delta: bool = False
+    mesh: Mesh,
+    egress_port: int,
+    egress_service_port: int,
+    delta: bool = False,
+    usage_sample_percent: float = 0.0,
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
     """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress."""
     async with AsyncExitStack() as stack:
@@ -101,6 +105,8 @@ async def lazy_stack(
                     port=egress_port, bind_address="127.0.0.1", als_host="127.0.0.1", als_port=0
                 ),
                 als_listen="127.0.0.1:0",
+                usage_sample_percent=usage_sample_percent,
+                usage_flush_seconds=1,
             )
         )
         identity = sidecar_identity(
@@ -135,7 +141,7 @@ async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
         egress_port = free_port()
         mesh = build_mesh(port, backends, egress_port)
         sim, proxy, egress = await stack.enter_async_context(
-            lazy_stack(mesh, egress_port, port, delta)
+            lazy_stack(mesh, egress_port, port, delta, usage_sample_percent=100.0)
         )
         yield LazyMesh(sim, proxy, egress, port, backends, stack)
 

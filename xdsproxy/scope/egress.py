@@ -65,7 +65,8 @@ def _is_ip(host: str) -> bool:
 
 
 @lru_cache(maxsize=64)
-def synthesized_clusters(settings: EgressSettings) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+def als_cluster(settings: EgressSettings) -> bytes:
+    """The cluster through which Envoys stream access logs to xdsproxy (HTTP/2)."""
     als = Cluster(
         name=ALS_CLUSTER, type=Cluster.STATIC if _is_ip(settings.als_host) else Cluster.STRICT_DNS
     )
@@ -81,6 +82,11 @@ def synthesized_clusters(settings: EgressSettings) -> tuple[tuple[str, ...], tup
     als.typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ].Pack(options)
+    return pack(als)
+
+
+@lru_cache(maxsize=1)
+def original_dst_cluster() -> bytes:
     original = Cluster(
         name=ORIGINAL_DST_CLUSTER, type=Cluster.ORIGINAL_DST, lb_policy=Cluster.CLUSTER_PROVIDED
     )
@@ -88,10 +94,21 @@ def synthesized_clusters(settings: EgressSettings) -> tuple[tuple[str, ...], tup
     key = original.original_dst_lb_config.metadata_key
     key.key = METADATA_NAMESPACE
     key.path.add().key = ORIGINAL_DST
-    return (ALS_CLUSTER, ORIGINAL_DST_CLUSTER), (
-        pack(als),
-        pack(original),
-    )
+    return pack(original)
+
+
+def grpc_access_log(log_name: str, flush_seconds: int = 0) -> HttpGrpcAccessLogConfig:
+    """An access logger streaming to xdsproxy; `flush_seconds=0` sends every entry at once."""
+    logger = HttpGrpcAccessLogConfig()
+    common = logger.common_config
+    common.log_name = log_name
+    common.grpc_service.envoy_grpc.cluster_name = ALS_CLUSTER
+    common.transport_api_version = ApiVersion.V3
+    if flush_seconds:
+        common.buffer_flush_interval.seconds = flush_seconds
+    else:
+        common.buffer_size_bytes.value = 0
+    return logger
 
 
 @lru_cache(maxsize=64)
@@ -115,13 +132,10 @@ def synthesized_listener(settings: EgressSettings) -> bytes:
         name="envoy.filters.http.header_to_metadata", typed_config=typed(to_metadata)
     )
     manager.http_filters.add(name="envoy.filters.http.router", typed_config=typed(Router()))
-    logger = HttpGrpcAccessLogConfig()
-    common = logger.common_config
-    common.log_name = ALS_LOG_NAME
-    common.grpc_service.envoy_grpc.cluster_name = ALS_CLUSTER
-    common.transport_api_version = ApiVersion.V3
-    common.buffer_size_bytes.value = 0  # flush every entry: a learn waits for nothing
-    manager.access_log.add(name="envoy.access_loggers.http_grpc", typed_config=typed(logger))
+    # Flush every entry: a learn waits for nothing.
+    manager.access_log.add(
+        name="envoy.access_loggers.http_grpc", typed_config=typed(grpc_access_log(ALS_LOG_NAME))
+    )
     listener = Listener(
         name=EGRESS_LISTENER,
         address=Address(
@@ -160,8 +174,10 @@ class EgressView:
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, ((), ()))
         if type_url == typeurls.CLUSTER:
-            names, bodies = synthesized_clusters(self.settings)
-            return current[0] + names, current[1] + bodies
+            return current[0] + (ALS_CLUSTER, ORIGINAL_DST_CLUSTER), current[1] + (
+                als_cluster(self.settings),
+                original_dst_cluster(),
+            )
         if type_url == typeurls.LISTENER:
             return current[0] + (EGRESS_LISTENER,), current[1] + (
                 synthesized_listener(self.settings),

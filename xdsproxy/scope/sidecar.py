@@ -6,15 +6,18 @@ Per type:
   clusters that kept listeners and kept route vhosts reference. TCP services are therefore in
   scope by default: their listeners reference their clusters.
 - EDS: as Envoy asks; it only asks for clusters it holds.
-- LDS: unchanged, so every HTTP port still reaches the catch-all.
+- LDS: unchanged, so every HTTP port still reaches the catch-all (plus, when usage logging is
+  on, a sampled access logger on outbound HTTP listeners: see `usage`).
 - RDS: each table keeps its in-scope vhosts and ends with a catch-all to the egress.
 Unchanged resources keep their exact upstream bytes; only route tables are re-encoded.
 """
 
 from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
 from xdsproxy.scope.scope import Scope
+from xdsproxy.scope.usage import FLUSH_SECONDS, with_usage_logger
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.view import Selection, UpstreamView
 
@@ -25,9 +28,20 @@ class SidecarView:
     transparent = False
     local_types: frozenset[str] = frozenset()
 
-    def __init__(self, scope: Scope, egress_cluster: str) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        egress_cluster: str,
+        usage: EgressSettings | None = None,
+        usage_sample_percent: float = 0.0,
+        usage_flush_seconds: int = FLUSH_SECONDS,
+    ) -> None:
         self.scope = scope
         self.egress_cluster = egress_cluster
+        # Sampled usage logging (see `usage`): on when there is somewhere to log to.
+        self.usage = usage if usage_sample_percent > 0 else None
+        self.usage_sample_percent = usage_sample_percent
+        self.usage_flush_seconds = usage_flush_seconds
 
     def depends_on(self, type_url: str) -> frozenset[str]:
         return _CDS_INPUTS if type_url == typeurls.CLUSTER else frozenset()
@@ -38,6 +52,10 @@ class SidecarView:
             return self._clusters(current, upstream)
         if type_url == typeurls.ROUTE:
             return self._routes(current)
+        if type_url == typeurls.LISTENER and self.usage is not None:
+            names, bodies = current
+            sample, flush = self.usage_sample_percent, self.usage_flush_seconds
+            return names, tuple(with_usage_logger(body, sample, flush) for body in bodies)
         return current
 
     def _routes(self, current: Selection) -> Selection:
@@ -76,6 +94,10 @@ class SidecarView:
             parsed = outbound_cluster(name)
             if parsed is None or name in referenced or covers(parsed[0]):
                 keep.append(index)
+        if self.usage is not None:
+            kept_names = [names[i] for i in keep] + [ALS_CLUSTER]
+            kept_bodies = [bodies[i] for i in keep] + [als_cluster(self.usage)]
+            return tuple(kept_names), tuple(kept_bodies)
         if len(keep) == len(names):
             return current
         return tuple(names[i] for i in keep), tuple(bodies[i] for i in keep)

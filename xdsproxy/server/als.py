@@ -61,7 +61,7 @@ class AlsService:
                     if role == "egress":
                         await self.runtime.observe(record, started)
                     else:
-                        self.runtime.observe_usage(record)
+                        self.runtime.observe_usage(record, ip)
                 except Exception:  # one bad entry must not end the egress's log stream
                     self.runtime.reject("internal_error")
                     log.exception("failed to process an access log entry")

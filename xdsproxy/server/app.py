@@ -41,6 +41,8 @@ class ServeConfig:
     store: str = "memory://"
     ttl_seconds: float = 0.0
     flush_seconds: float = 10.0
+    usage_sample_percent: float = 0.0
+    usage_flush_seconds: int = 30
 
 
 class ProxyServer:
@@ -60,6 +62,8 @@ class ProxyServer:
                 store=open_store(config.store),
                 ttl=config.ttl_seconds,
                 flush_interval=config.flush_seconds,
+                usage_sample_percent=config.usage_sample_percent,
+                usage_flush_seconds=config.usage_flush_seconds,
             )
         self.proxy = AdsProxy(upstream, self.runtime, Limits(config.max_pending_bytes))
         if self.runtime is not None:
@@ -72,6 +76,15 @@ class ProxyServer:
     async def start(self) -> int:
         if self.runtime is not None:
             await self.runtime.start()  # scopes come back before the first stream is served
+            # The ALS endpoint first: the config pushed to Envoys names its port.
+            als = grpc.aio.server(options=message_options(self.config.max_message_bytes))
+            als.add_generic_rpc_handlers((AlsService(self.runtime).handler(),))
+            self.als_port = als.add_insecure_port(self.config.als_listen)
+            if self.runtime.settings.als_port == 0:  # a kernel-chosen port (tests)
+                self.runtime.settings = replace(self.runtime.settings, als_port=self.als_port)
+            await als.start()
+            self._als = als
+            log.info("serving ALS", extra={"listen": self.config.als_listen, "port": self.als_port})
         server = grpc.aio.server(
             options=message_options(self.config.max_message_bytes) + server_keepalive()
         )
@@ -85,15 +98,6 @@ class ProxyServer:
             self.port = server.add_insecure_port(self.config.listen)
         await server.start()
         self._server = server
-        if self.runtime is not None:
-            als = grpc.aio.server(options=message_options(self.config.max_message_bytes))
-            als.add_generic_rpc_handlers((AlsService(self.runtime).handler(),))
-            self.als_port = als.add_insecure_port(self.config.als_listen)
-            if self.runtime.settings.als_port == 0:  # a kernel-chosen port (tests)
-                self.runtime.settings = replace(self.runtime.settings, als_port=self.als_port)
-            await als.start()
-            self._als = als
-            log.info("serving ALS", extra={"listen": self.config.als_listen, "port": self.als_port})
         log.info(
             "serving ADS",
             extra={

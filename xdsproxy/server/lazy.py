@@ -46,6 +46,8 @@ class LazyRuntime:
         store: Store | None = None,
         ttl: float = 0.0,
         flush_interval: float = 10.0,
+        usage_sample_percent: float = 0.0,
+        usage_flush_seconds: int = 30,
     ) -> None:
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
@@ -66,6 +68,8 @@ class LazyRuntime:
         self.store_healthy = False  # until start() has loaded the store
         self.ttl = ttl
         self.flush_interval = flush_interval
+        self.usage_sample_percent = usage_sample_percent
+        self.usage_flush_seconds = usage_flush_seconds
         self._touches: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._unsaved: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._maintainer: asyncio.Task[None] | None = None
@@ -92,7 +96,13 @@ class LazyRuntime:
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)
         key = WorkloadKey(istio.namespace, istio.workload)
-        return SidecarView(self.scope(key, istio.labels), self.egress_cluster)
+        return SidecarView(
+            self.scope(key, istio.labels),
+            self.egress_cluster,
+            self.settings,
+            self.usage_sample_percent,
+            self.usage_flush_seconds,
+        )
 
     def opened(self, session: Session) -> None:
         node = session.stream.node
@@ -237,13 +247,14 @@ class LazyRuntime:
         edge.evidence = self.monotonic()
         self._touches[(workload, service)] = edge.last_seen
 
-    def observe_usage(self, record: AccessRecord) -> None:
-        """A sampled entry from a sidecar's own traffic: evidence that a learned dependency is
-        still used. It refreshes last seen; it never adds a dependency."""
+    def observe_usage(self, record: AccessRecord, peer: str) -> None:
+        """A sampled entry from a sidecar's own traffic, streamed by the sidecar at `peer`:
+        evidence that a learned dependency is still used. It refreshes last seen; it never
+        adds a dependency."""
         parsed = outbound_cluster(record.upstream_cluster)
         if parsed is None:
             return
-        for workload in self.workloads_at(record.remote_ip):
+        for workload in self.workloads_at(peer):
             self._touch(workload, parsed[0], self.clock())
 
     # -- state -----------------------------------------------------------------------------
