@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-forward bench-lazy lint format clean
+.PHONY: install test demo bench-forward bench-lazy bench-usage lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,13 @@ demo: $(STAMP)
 	$(BIN)/xdsproxy demo
 
 bench-forward: $(STAMP)
-	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python -m benchmarks.forward
 
 bench-lazy: $(STAMP)
-	$(BIN)/python benchmarks/lazy.py
+	$(BIN)/python -m benchmarks.lazy
+
+bench-usage: $(STAMP)
+	$(BIN)/python -m benchmarks.usage
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
