@@ -284,14 +284,14 @@ class LazyRuntime:
         await self.store.close()
 
     def apply_remote(self, workload: WorkloadKey, edges: Edges) -> None:
-        """Another replica wrote this workload's edges: take them and re-push."""
+        """A replica (maybe this one) wrote this workload's edges: take what is new and
+        re-push. Remote state only widens a scope and moves last seen forward; each replica
+        ages by itself, so a late event can never pull an edge this replica just learned."""
         scope = self.scope(workload)
-        now = self.monotonic()
+        now, wall = self.monotonic(), self.clock()
         for edge in edges.values():
-            edge.evidence = now
-        widened = scope.restore(edges)
-        narrowed = scope.forget([s for s in list(scope.learned) if s not in edges])
-        if widened or narrowed:
+            edge.evidence = now - min(max(0.0, wall - edge.last_seen), self.ttl or 0.0)
+        if scope.restore(edges):
             self._repush(workload)
 
     async def flush(self) -> None:

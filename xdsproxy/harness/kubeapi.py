@@ -1,0 +1,254 @@
+"""An in-process STAND-IN for the Kubernetes API server, for the LazyScope custom resource only.
+
+No Kubernetes API server can run on these machines, so the Kubernetes store is tested against
+this. It implements what the store uses, as the real API server does it: list with a
+resourceVersion, get, create (409 AlreadyExists), replace of the object and of its status
+subresource with optimistic concurrency (409 Conflict on a stale resourceVersion), and watch
+from a resourceVersion with ADDED/MODIFIED/DELETED events, answering 410 Gone (as an ERROR
+event) once that version has been compacted away. It is not a Kubernetes API server: no
+authentication, no admission, no field selectors, one resource type.
+"""
+
+import copy
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+GROUP, VERSION, PLURAL, KIND = "xdsproxy.io", "v1alpha1", "lazyscopes", "LazyScope"
+_PATH = re.compile(
+    rf"^/apis/{re.escape(GROUP)}/{VERSION}/namespaces/(?P<ns>[^/]+)/{PLURAL}"
+    r"(?:/(?P<name>[^/?]+))?(?P<status>/status)?$"
+)
+
+
+class _State:
+    def __init__(self, history: int) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.version = 1
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.history = history
+        self.changed = threading.Condition()
+        self.conflicts = 0
+        self.watch_generation = 0  # bumping it ends every open watch
+        self.accepting_watches = threading.Event()
+        self.accepting_watches.set()
+
+    def commit(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        with self.changed:
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            self.events.append((self.version, kind, copy.deepcopy(obj)))
+            del self.events[: max(0, len(self.events) - self.history)]
+            self.changed.notify_all()
+            return obj
+
+    def oldest(self) -> int:
+        return self.events[0][0] if self.events else self.version
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "KubeApiStandIn"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("content-length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def _route(self) -> tuple[re.Match[str] | None, dict[str, str]]:
+        path, _, query = self.path.partition("?")
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        return _PATH.match(path), params
+
+    def do_GET(self) -> None:
+        match, params = self._route()
+        state = self.server.state
+        if match is None:
+            return self._send(404, _status(404, "NotFound", self.path))
+        ns, name = match["ns"], match["name"]
+        if name:
+            obj = state.objects.get((ns, name))
+            if obj is None:
+                return self._send(404, _status(404, "NotFound", f"{PLURAL} {name!r} not found"))
+            return self._send(200, obj)
+        if params.get("watch") in ("true", "1"):
+            since = int(params.get("resourceVersion") or state.version)
+            return self._watch(ns, since, float(params.get("timeoutSeconds") or 300))
+        with state.changed:
+            items = [copy.deepcopy(o) for (n, _), o in sorted(state.objects.items()) if n == ns]
+            version = state.version
+        self._send(
+            200,
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": f"{KIND}List",
+                "metadata": {"resourceVersion": str(version)},
+                "items": items,
+            },
+        )
+
+    def _watch(self, ns: str, since: int, timeout: float) -> None:
+        state = self.server.state
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+        def chunk(event: dict[str, Any]) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        state.accepting_watches.wait(30)
+        generation = state.watch_generation
+        try:
+            with state.changed:
+                if since < state.oldest() - 1:
+                    chunk(
+                        {
+                            "type": "ERROR",
+                            "object": _status(
+                                410,
+                                "Expired",
+                                f"too old resource version: {since} ({state.oldest()})",
+                            ),
+                        }
+                    )
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+            deadline = time.monotonic() + timeout
+            while (
+                not self.server.closing
+                and time.monotonic() < deadline
+                and generation == state.watch_generation
+            ):
+                with state.changed:
+                    pending = [e for e in state.events if e[0] > since]
+                    if not pending:
+                        state.changed.wait(0.2)
+                        continue
+                for version, kind, obj in pending:
+                    since = version
+                    if obj["metadata"]["namespace"] == ns:
+                        chunk({"type": kind, "object": obj})
+            self.wfile.write(b"0\r\n\r\n")  # the server ends a watch after timeoutSeconds
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    def do_POST(self) -> None:
+        match, _ = self._route()
+        if match is None or match["name"]:
+            return self._send(405, _status(405, "MethodNotAllowed", self.path))
+        state, obj = self.server.state, self._body()
+        ns, name = match["ns"], obj.get("metadata", {}).get("name", "")
+        with state.changed:
+            if (ns, name) in state.objects:
+                return self._send(409, _status(409, "AlreadyExists", f"{name!r} exists"))
+            obj.pop("status", None)  # the status subresource is ignored on create
+            obj["metadata"].update({"namespace": ns, "uid": f"uid-{name}"})
+            state.objects[(ns, name)] = state.commit("ADDED", obj)
+            self._send(201, obj)
+
+    def do_PUT(self) -> None:
+        match, _ = self._route()
+        if match is None or not match["name"]:
+            return self._send(405, _status(405, "MethodNotAllowed", self.path))
+        state, body = self.server.state, self._body()
+        key = (match["ns"], match["name"])
+        with state.changed:
+            current = state.objects.get(key)
+            if current is None:
+                return self._send(404, _status(404, "NotFound", f"{match['name']!r} not found"))
+            if (
+                body.get("metadata", {}).get("resourceVersion")
+                != current["metadata"]["resourceVersion"]
+            ):
+                state.conflicts += 1
+                return self._send(
+                    409,
+                    _status(
+                        409,
+                        "Conflict",
+                        "the object has been modified; please apply your changes "
+                        "to the latest version and try again",
+                    ),
+                )
+            updated = copy.deepcopy(current)
+            if match["status"]:
+                updated["status"] = body.get("status", {})
+            else:
+                updated["spec"] = body.get("spec", {})
+            state.objects[key] = state.commit("MODIFIED", updated)
+            self._send(200, updated)
+
+    def do_DELETE(self) -> None:
+        match, _ = self._route()
+        state = self.server.state
+        key = (match["ns"], match["name"]) if match and match["name"] else None
+        with state.changed:
+            if key is None or key not in state.objects:
+                return self._send(404, _status(404, "NotFound", self.path))
+            obj = state.objects.pop(key)
+            state.commit("DELETED", obj)
+            self._send(200, obj)
+
+
+class KubeApiStandIn(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, history: int = 1000) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.state = _State(history)
+        self.closing = False
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def compact(self) -> None:
+        """Forget every past event, as etcd compaction does: older watches get 410 Gone."""
+        with self.state.changed:
+            self.state.events.clear()
+
+    def drop_watches(self) -> None:
+        """End every open watch and hold new ones back until `resume_watches`."""
+        self.state.accepting_watches.clear()
+        with self.state.changed:
+            self.state.watch_generation += 1
+
+    def resume_watches(self) -> None:
+        self.state.accepting_watches.set()
+
+    def __enter__(self) -> "KubeApiStandIn":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing = True
+        self.shutdown()
+        self.server_close()

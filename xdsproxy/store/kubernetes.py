@@ -1,0 +1,267 @@
+"""`kubernetes://NAMESPACE`: one `LazyScope` custom resource per workload, shared by replicas.
+
+`spec` holds the workload and its static hosts; `status.learned` the learned hosts with
+`firstSeen` and `lastSeen`. Writes replace the status subresource with the resourceVersion
+read, and retry on 409 Conflict, so concurrent replicas never lose each other's edges. A watch
+from the listed resourceVersion delivers edges other replicas learned; on 410 Gone the store
+lists again and carries on from there. Remote changes only widen scopes and move last seen
+forward: every replica ages by itself, with the evidence all of them write.
+
+The official `kubernetes` client is synchronous; calls run in worker threads.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from xdsproxy.istio.names import ServicePort
+from xdsproxy.scope.scope import Edge, WorkloadKey
+from xdsproxy.store.base import ChangeCallback, Edges, StoreError, Touch
+
+log = logging.getLogger("xdsproxy.store.kubernetes")
+
+GROUP, VERSION, PLURAL, KIND = "xdsproxy.io", "v1alpha1", "lazyscopes", "LazyScope"
+_RETRIES = 20
+
+
+def resource_name(workload: WorkloadKey) -> str:
+    """`ns.workload`: both are DNS labels, so the join is a valid object name."""
+    return f"{workload.namespace}.{workload.workload}"
+
+
+def _time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _seconds(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def edges_of(obj: dict[str, Any]) -> tuple[WorkloadKey, Edges] | None:
+    spec = obj.get("spec") or {}
+    target = spec.get("workload") or {}
+    if not target.get("namespace") or not target.get("name"):
+        return None
+    edges: Edges = {}
+    for entry in (obj.get("status") or {}).get("learned") or []:
+        try:
+            service = ServicePort(str(entry["host"]), int(entry["port"]))
+            edges[service] = Edge(_seconds(entry["firstSeen"]), _seconds(entry["lastSeen"]))
+        except (KeyError, ValueError, TypeError):
+            log.warning(
+                "skipping a malformed learned entry", extra={"object": obj["metadata"]["name"]}
+            )
+    return WorkloadKey(target["namespace"], target["name"]), edges
+
+
+def _status(edges: Edges) -> dict[str, Any]:
+    return {
+        "learned": [
+            {
+                "host": s.host,
+                "port": s.port,
+                "firstSeen": _time(e.first_seen),
+                "lastSeen": _time(e.last_seen),
+            }
+            for s, e in sorted(edges.items())
+        ]
+    }
+
+
+class KubernetesStore:
+    def __init__(
+        self, namespace: str, api_client: client.ApiClient | None = None, watch_timeout: int = 60
+    ) -> None:
+        self.namespace = namespace
+        self.watch_timeout = watch_timeout
+        self._client = api_client
+        self._api: client.CustomObjectsApi | None = None
+        self._on_change: ChangeCallback | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resource_version = ""
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.relists = 0
+
+    def _custom(self) -> client.CustomObjectsApi:
+        if self._api is None:
+            if self._client is None:
+                try:
+                    config.load_incluster_config()
+                except config.ConfigException:
+                    config.load_kube_config()
+                self._client = client.ApiClient()
+            self._api = client.CustomObjectsApi(self._client)
+        return self._api
+
+    async def _call(self, work, *args):
+        try:
+            return await asyncio.to_thread(work, *args)
+        except (ApiException, HTTPError, OSError) as exc:
+            raise StoreError(f"kubernetes://{self.namespace}: {exc}") from exc
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _list(self) -> dict[WorkloadKey, Edges]:
+        listing = self._custom().list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL
+        )
+        self._resource_version = listing["metadata"]["resourceVersion"]
+        out: dict[WorkloadKey, Edges] = {}
+        for obj in listing.get("items", []):
+            parsed = edges_of(obj)
+            if parsed:
+                out[parsed[0]] = parsed[1]
+        return out
+
+    async def start(self, on_change: ChangeCallback | None = None) -> None:
+        self._on_change = on_change
+        self._loop = asyncio.get_running_loop()
+
+    async def load(self) -> dict[WorkloadKey, Edges]:
+        edges = await self._call(self._list)
+        if self._on_change is not None and self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch, daemon=True, name="lazyscope-watch"
+            )
+            self._watcher.start()
+        return edges
+
+    def _emit(self, workload: WorkloadKey, edges: Edges) -> None:
+        if self._on_change is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_change, workload, edges)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self._custom().list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    resource_version=self._resource_version,
+                    timeout_seconds=self.watch_timeout,
+                ):
+                    if self._stop.is_set():
+                        break
+                    obj = event["object"]
+                    self._resource_version = obj["metadata"]["resourceVersion"]
+                    parsed = edges_of(obj)
+                    if parsed and event["type"] in ("ADDED", "MODIFIED"):
+                        self._emit(*parsed)
+            except ApiException as exc:
+                if exc.status == 410:  # compacted: list again and go on from there
+                    self.relists += 1
+                    try:
+                        for workload, edges in self._list().items():
+                            self._emit(workload, edges)
+                    except (ApiException, HTTPError, OSError) as again:
+                        log.warning("re-list failed", extra={"error": str(again)})
+                        self._stop.wait(1.0)
+                else:
+                    log.warning("watch failed", extra={"error": str(exc)})
+                    self._stop.wait(1.0)
+            except (HTTPError, OSError) as exc:
+                log.warning("watch failed", extra={"error": str(exc)})
+                self._stop.wait(1.0)
+            finally:
+                stream.stop()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _update(self, workload: WorkloadKey, change) -> None:
+        """Read, change the learned edges, write back with the resourceVersion read; on 409
+        read again and redo the change."""
+        api, name = self._custom(), resource_name(workload)
+        for attempt in range(_RETRIES):
+            try:
+                obj = api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                body = {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "metadata": {"name": name},
+                    "spec": {
+                        "workload": {"namespace": workload.namespace, "name": workload.workload},
+                        "hosts": [],
+                    },
+                }
+                with contextlib.suppress(ApiException):
+                    api.create_namespaced_custom_object(
+                        GROUP, VERSION, self.namespace, PLURAL, body
+                    )
+                continue
+            parsed = edges_of(obj)
+            edges = parsed[1] if parsed else {}
+            if not change(edges):
+                return
+            obj["status"] = _status(edges)
+            try:
+                api.replace_namespaced_custom_object_status(
+                    GROUP, VERSION, self.namespace, PLURAL, name, obj
+                )
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            # Another replica wrote first: back off with jitter so contenders spread out.
+            time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
+        raise StoreError(f"{name}: still conflicting after {_RETRIES} attempts")
+
+    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+        def change(edges: Edges) -> bool:
+            if service in edges:
+                return False
+            edges[service] = Edge(seen, seen)
+            return True
+
+        await self._call(self._update, workload, change)
+
+    async def touch(self, updates: Iterable[Touch]) -> None:
+        by_workload: dict[WorkloadKey, dict[ServicePort, float]] = {}
+        for update in updates:
+            seen = by_workload.setdefault(update.workload, {})
+            seen[update.service] = max(seen.get(update.service, 0.0), update.last_seen)
+        for workload, seen in by_workload.items():
+
+            def change(edges: Edges, seen: dict[ServicePort, float] = seen) -> bool:
+                changed = False
+                for service, when in seen.items():
+                    edge = edges.get(service)
+                    if edge is None:  # aged out elsewhere while still in use here: put back
+                        edges[service] = Edge(when, when)
+                        changed = True
+                    elif when > edge.last_seen:
+                        edge.last_seen = when
+                        changed = True
+                return changed
+
+            await self._call(self._update, workload, change)
+
+    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None:
+        gone = set(services)
+
+        def change(edges: Edges) -> bool:
+            removed = [s for s in gone if edges.pop(s, None) is not None]
+            return bool(removed)
+
+        await self._call(self._update, workload, change)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.join, self.watch_timeout + 5)
