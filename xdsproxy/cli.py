@@ -79,6 +79,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="drop a learned dependency unused this long (default 168h; 0 never)",
     )
     p.add_argument(
+        "--usage-sample",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="share of a sidecar's direct requests logged to refresh last seen "
+        "(default 1; 0 turns usage logging off)",
+    )
+    p.add_argument(
         "--flush-interval",
         type=_duration,
         default=_duration("10s"),

@@ -1,5 +1,6 @@
 """`xdsproxy serve` as a real child process, for restart and signal tests."""
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,11 @@ from xdsproxy.harness.http import free_port
 class ProxyProcess:
     """A child `xdsproxy serve` on fixed loopback ports, so a restart keeps its address."""
 
-    def __init__(self, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.args = args
+        self.env = env
         self.port = port or free_port()
         self.log = Path(tempfile.mkstemp(prefix="xdsproxy-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
@@ -35,6 +39,7 @@ class ProxyProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env={**os.environ, **(self.env or {})},
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

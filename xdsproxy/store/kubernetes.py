@@ -264,4 +264,5 @@ class KubernetesStore:
     async def close(self) -> None:
         self._stop.set()
         if self._watcher is not None:
-            await asyncio.to_thread(self._watcher.join, self.watch_timeout + 5)
+            # A daemon thread blocked in a watch read ends with the process at the latest.
+            await asyncio.to_thread(self._watcher.join, 1.0)
