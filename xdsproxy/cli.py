@@ -11,8 +11,6 @@ from xdsproxy import logs
 
 log = logging.getLogger("xdsproxy")
 
-LATER = "accepted now; used from a later release on (see docs/cli.md)"
-
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the proxy between sidecars and Istiod")
@@ -63,7 +61,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="networks allowed to stream access logs besides connected egress nodes",
     )
     p.add_argument("--rules", type=Path, metavar="FILE", help="static scope rules (YAML)")
-    p.add_argument("--debug-listen", default="127.0.0.1:15014", metavar="HOST:PORT", help=LATER)
+    p.add_argument(
+        "--debug-listen",
+        default="127.0.0.1:15014",
+        metavar="HOST:PORT",
+        help="health, readiness and metrics (loopback unless set otherwise)",
+    )
     p.add_argument(
         "--store",
         default="sqlite:///var/lib/xdsproxy/edges.db",
@@ -170,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     from xdsproxy.scope.egress import EgressSettings
     from xdsproxy.scope.rules import RulesError, load_rules
     from xdsproxy.server.app import ServeConfig, run
-    from xdsproxy.store.base import open_store
+    from xdsproxy.store.base import StoreError, open_store
 
     egress = vhost_service(args.egress) if args.egress else None
     if args.mode == "lazy" and egress is None:
@@ -211,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
         ttl_seconds=args.ttl,
         flush_seconds=args.flush_interval,
         usage_sample_percent=args.usage_sample,
+        debug_listen=args.debug_listen,
     )
     if args.mode == "lazy":
         try:
@@ -223,6 +227,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --als-allow CIDR and the like
         print(f"xdsproxy: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:  # serving empty scopes would strip every reconnecting sidecar
+        print(f"xdsproxy: cannot load the store: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

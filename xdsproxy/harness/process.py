@@ -20,6 +20,7 @@ class ProxyProcess:
     ) -> None:
         self.args = args
         self.env = env
+        self.debug_port = free_port()
         self.port = port or free_port()
         self.log = Path(tempfile.mkstemp(prefix="xdsproxy-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
@@ -34,6 +35,8 @@ class ProxyProcess:
                     "serve",
                     "--listen",
                     f"127.0.0.1:{self.port}",
+                    "--debug-listen",
+                    f"127.0.0.1:{self.debug_port}",
                     *self.args,
                 ],
                 stdin=subprocess.DEVNULL,

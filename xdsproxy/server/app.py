@@ -1,6 +1,7 @@
 """The `xdsproxy serve` process: the downstream gRPC server around `AdsProxy`."""
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field, replace
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import grpc
 
+from xdsproxy.debug.http import DebugServer, Readiness
+from xdsproxy.debug.metrics import Metrics
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.rules import Rules
@@ -15,7 +18,7 @@ from xdsproxy.server.ads import AdsProxy, Limits
 from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
 from xdsproxy.server.lazy import LazyRuntime
-from xdsproxy.server.upstream import Upstream
+from xdsproxy.server.upstream import Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
 
 log = logging.getLogger("xdsproxy.serve")
@@ -43,6 +46,7 @@ class ServeConfig:
     flush_seconds: float = 10.0
     usage_sample_percent: float = 0.0
     usage_flush_seconds: int = 30
+    debug_listen: str = ""  # off unless set; the CLI defaults to 127.0.0.1:15014
 
 
 class ProxyServer:
@@ -50,6 +54,8 @@ class ProxyServer:
         self.config = config
         root = config.upstream_ca.read_bytes() if config.upstream_ca else None
         upstream = Upstream(config.upstream, root, config.upstream_sni, config.max_message_bytes)
+        self.metrics = Metrics()
+        self.probe = UpstreamProbe(upstream)
         self.runtime: LazyRuntime | None = None
         if config.mode == "lazy":
             if config.egress is None:
@@ -64,6 +70,7 @@ class ProxyServer:
                 flush_interval=config.flush_seconds,
                 usage_sample_percent=config.usage_sample_percent,
                 usage_flush_seconds=config.usage_flush_seconds,
+                metrics=self.metrics,
             )
         self.proxy = AdsProxy(upstream, self.runtime, Limits(config.max_pending_bytes))
         if self.runtime is not None:
@@ -72,8 +79,30 @@ class ProxyServer:
         self.als_port = 0
         self._server: grpc.aio.Server | None = None
         self._als: grpc.aio.Server | None = None
+        self._probing: asyncio.Task[None] | None = None
+        self.debug: DebugServer | None = None
+
+    def _readiness(self) -> Readiness:
+        def store() -> tuple[bool, str]:
+            if self.runtime is None or self.runtime.store_healthy:
+                return True, ""
+            return False, "the store is not loaded or not writable"
+
+        def upstream() -> tuple[bool, str]:
+            return self.probe.reachable, self.probe.last_error
+
+        return Readiness({"store": store, "upstream": upstream})
 
     async def start(self) -> int:
+        self._probing = asyncio.create_task(self.probe.run())
+        if self.config.debug_listen:
+            self.debug = DebugServer(
+                self.config.debug_listen, self.metrics.registry, self._readiness()
+            )
+            await self.debug.start()
+            log.info(
+                "serving debug", extra={"listen": self.config.debug_listen, "port": self.debug.port}
+            )
         if self.runtime is not None:
             await self.runtime.start()  # scopes come back before the first stream is served
             # The ALS endpoint first: the config pushed to Envoys names its port.
@@ -120,6 +149,12 @@ class ProxyServer:
         self._server = None
         if self.runtime is not None:
             await self.runtime.stop()
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+        if self.debug is not None:
+            await self.debug.stop()
 
 
 async def run(config: ServeConfig) -> None:

@@ -5,6 +5,7 @@ sidecar), so Istiod's per-connection limits, load balancing across its replicas 
 30-minute connection recycling keep working. xdsproxy never presents a client certificate.
 """
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -52,3 +53,29 @@ class Upstream:
         channel: grpc.aio.Channel, method: str, metadata: tuple[tuple[str, str], ...]
     ) -> grpc.aio.StreamStreamCall:
         return channel.stream_stream(method_path(method))(metadata=metadata)
+
+
+class UpstreamProbe:
+    """Whether Istiod is reachable, for `/readyz`: a channel of its own, checked periodically."""
+
+    def __init__(self, upstream: Upstream, interval: float = 5.0) -> None:
+        self.upstream = upstream
+        self.interval = interval
+        self.reachable = False
+        self.last_error = "not probed yet"
+
+    async def run(self) -> None:
+        channel = self.upstream.open()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), self.interval)
+                    self.reachable, self.last_error = True, ""
+                except TimeoutError:
+                    self.reachable = False
+                    self.last_error = f"cannot connect to {self.upstream.target}"
+                await asyncio.sleep(self.interval if self.reachable else 0.5)
+                if channel.get_state() != grpc.ChannelConnectivity.READY:
+                    self.reachable = False
+        finally:
+            await channel.close()

@@ -1,0 +1,67 @@
+"""The debug endpoint: health, readiness (store and upstream), metrics, errors as JSON."""
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from xdsproxy.harness.stack import eventually, running_proxy, running_sim
+from xdsproxy.istio.names import ServicePort
+from xdsproxy.store.base import StoreError
+
+
+def _get(port: int, path: str) -> tuple[int, dict | str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            code, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        code, body = error.code, error.read().decode()
+    try:
+        return code, json.loads(body)
+    except json.JSONDecodeError:
+        return code, body
+
+
+async def test_health_readiness_metrics_and_errors(tmp_path) -> None:
+    async with (
+        running_sim() as sim,
+        running_proxy(
+            sim.port,
+            debug_listen="127.0.0.1:0",
+            mode="lazy",
+            store=f"sqlite://{tmp_path}/e.db",
+            egress=ServicePort("lazy-egress.istio-system.svc.cluster.local", 80),
+            als_listen="127.0.0.1:0",
+        ) as proxy,
+    ):
+        port = proxy.debug.port
+        assert await asyncio.to_thread(_get, port, "/healthz") == (200, {"status": "ok"})
+        ready = await eventually(lambda: _get(port, "/readyz")[0] == 200, timeout=10)
+        assert ready
+        code, metrics = await asyncio.to_thread(_get, port, "/metrics")
+        assert code == 200 and "xdsproxy_learns_total" in metrics
+        code, error = await asyncio.to_thread(_get, port, "/nope")
+        assert code == 404 and "error" in error
+        await sim.stop()
+        code, report = await eventually(
+            lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=15
+        )
+        assert report["checks"]["upstream"] != "ok" and report["checks"]["store"] == "ok"
+
+
+async def test_a_store_that_cannot_be_opened_stops_start_up(tmp_path) -> None:
+    """Serving with empty scopes would strip every reconnecting sidecar: refuse instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    async with running_sim() as sim:
+        with pytest.raises(StoreError, match=r"edges\.db"):
+            async with running_proxy(
+                sim.port,
+                mode="lazy",
+                store=f"sqlite://{blocker}/edges.db",
+                egress=ServicePort("lazy-egress.istio-system.svc.cluster.local", 80),
+                als_listen="127.0.0.1:0",
+            ):
+                pass
