@@ -19,7 +19,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     tls.add_argument("--upstream-plaintext", action="store_true", help="dial Istiod without TLS")
     tls.add_argument("--upstream-ca", type=Path, metavar="FILE", help="root CA to verify Istiod")
     p.add_argument("--upstream-sni", default="", metavar="NAME", help="TLS name to verify")
-    p.add_argument("--listen", default="0.0.0.0:15010", metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:15010",
+        metavar="HOST:PORT",
+        help="where sidecars connect; TLS when --cert/--key are given without --listen-tls",
+    )
+    p.add_argument(
+        "--listen-tls",
+        default="",
+        metavar="HOST:PORT",
+        help="a second listener, with TLS (--cert/--key), beside a plaintext --listen",
+    )
     p.add_argument("--cert", type=Path, metavar="FILE", help="serving certificate (with --key)")
     p.add_argument("--key", type=Path, metavar="FILE")
     p.add_argument("--mode", choices=("lazy", "passthrough"), default="passthrough")
@@ -40,6 +51,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="0.0.0.0",
         metavar="ADDRESS",
         help="address the egress listener binds",
+    )
+    p.add_argument(
+        "--egress-plaintext",
+        action="store_true",
+        help="no Istio mTLS on the egress listener (only where no Istio agent serves SDS)",
     )
     p.add_argument(
         "--als-listen",
@@ -191,6 +207,9 @@ def _serve(args: argparse.Namespace) -> int:
     if bool(args.cert) != bool(args.key):
         print("xdsproxy: --cert and --key go together", file=sys.stderr)
         return 2
+    if args.listen_tls and not args.cert:
+        print("xdsproxy: --listen-tls needs --cert and --key", file=sys.stderr)
+        return 2
     for path in (args.cert, args.key, args.upstream_ca):
         if path is not None and not path.is_file():
             print(f"xdsproxy: {path}: no such file", file=sys.stderr)
@@ -198,6 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         upstream=args.upstream,
         listen=args.listen,
+        listen_tls=args.listen_tls,
         upstream_ca=args.upstream_ca,
         upstream_sni=args.upstream_sni,
         cert=args.cert,
@@ -206,7 +226,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_bytes=args.max_pending_bytes,
         mode=args.mode,
         egress=egress,
-        egress_settings=EgressSettings(args.egress_port, args.egress_bind, als_host, int(als_port)),
+        egress_settings=EgressSettings(
+            args.egress_port, args.egress_bind, als_host, int(als_port), not args.egress_plaintext
+        ),
         als_listen=args.als_listen,
         als_allow=tuple(args.als_allow),
         rules=rules,

@@ -102,7 +102,11 @@ async def lazy_stack(
                 mode="lazy",
                 egress=ServicePort(EGRESS_HOST, egress_service_port),
                 egress_settings=EgressSettings(
-                    port=egress_port, bind_address="127.0.0.1", als_host="127.0.0.1", als_port=0
+                    port=egress_port,
+                    bind_address="127.0.0.1",
+                    als_host="127.0.0.1",
+                    als_port=0,
+                    mtls=False,  # no Istio agent (SDS) on loopback
                 ),
                 als_listen="127.0.0.1:0",
                 usage_sample_percent=usage_sample_percent,

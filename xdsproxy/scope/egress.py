@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.config.core.v3.config_source_pb2 import ApiVersion, ConfigSource
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
@@ -28,6 +28,8 @@ from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from envoy.extensions.transport_sockets.tls.v3.common_pb2 import TlsParameters
+from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 
 from xdsproxy.istio.envoyconfig import ads, pack, typed
@@ -58,6 +60,10 @@ class EgressSettings:
     bind_address: str = "0.0.0.0"
     als_host: str = "xdsproxy.istio-system.svc"
     als_port: int = 15020
+    # Terminate Istio mTLS on the lazy listener with the egress's own workload certificate
+    # (SDS from its pilot-agent), requiring a mesh client certificate: only mesh sidecars can
+    # use the header-driven passthrough, and attribution can use the caller's identity.
+    mtls: bool = True
 
 
 def _is_ip(host: str) -> bool:
@@ -142,10 +148,41 @@ def synthesized_listener(settings: EgressSettings) -> bytes:
             socket_address=SocketAddress(address=settings.bind_address, port_value=settings.port)
         ),
     )
-    listener.filter_chains.add().filters.add(
+    chain = listener.filter_chains.add()
+    chain.filters.add(
         name="envoy.filters.network.http_connection_manager", typed_config=typed(manager)
     )
+    if settings.mtls:
+        chain.transport_socket.name = "envoy.transport_sockets.tls"
+        chain.transport_socket.typed_config.CopyFrom(typed(istio_mtls()))
     return pack(listener)
+
+
+def _istio_sds() -> ConfigSource:
+    """Istio's agent serves the workload certificate (`default`) and root (`ROOTCA`) over SDS
+    on the `sds-grpc` cluster of every proxy's bootstrap."""
+    source = ConfigSource(resource_api_version=ApiVersion.V3)
+    api = source.api_config_source
+    api.api_type = api.GRPC
+    api.transport_api_version = ApiVersion.V3
+    api.set_node_on_first_message_only = True
+    api.grpc_services.add().envoy_grpc.cluster_name = "sds-grpc"
+    return source
+
+
+def istio_mtls() -> DownstreamTlsContext:
+    context = DownstreamTlsContext()
+    context.require_client_certificate.value = True
+    common = context.common_tls_context
+    common.tls_params.tls_minimum_protocol_version = TlsParameters.TLSv1_2
+    common.alpn_protocols.extend(["h2", "http/1.1"])
+    certificate = common.tls_certificate_sds_secret_configs.add(name="default")
+    certificate.sds_config.CopyFrom(_istio_sds())
+    validation = common.combined_validation_context
+    validation.default_validation_context.SetInParent()
+    validation.validation_context_sds_secret_config.name = "ROOTCA"
+    validation.validation_context_sds_secret_config.sds_config.CopyFrom(_istio_sds())
+    return context
 
 
 @lru_cache(maxsize=16384)

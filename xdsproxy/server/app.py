@@ -28,6 +28,7 @@ log = logging.getLogger("xdsproxy.serve")
 class ServeConfig:
     upstream: str
     listen: str = "127.0.0.1:15010"
+    listen_tls: str = ""  # a second, TLS listener (with cert and key), e.g. 0.0.0.0:15012
     upstream_ca: Path | None = None
     upstream_sni: str = ""
     cert: Path | None = None
@@ -76,6 +77,7 @@ class ProxyServer:
         if self.runtime is not None:
             self.runtime.deliver = self.proxy.deliver
         self.port = 0
+        self.tls_port = 0
         self.als_port = 0
         self._server: grpc.aio.Server | None = None
         self._als: grpc.aio.Server | None = None
@@ -118,13 +120,18 @@ class ProxyServer:
             options=message_options(self.config.max_message_bytes) + server_keepalive()
         )
         server.add_generic_rpc_handlers((ads_handler(self.proxy.sotw, self.proxy.delta),))
+        credentials = None
         if self.config.cert and self.config.key:
             credentials = grpc.ssl_server_credentials(
                 [(self.config.key.read_bytes(), self.config.cert.read_bytes())]
             )
+        if credentials is not None and not self.config.listen_tls:
             self.port = server.add_secure_port(self.config.listen, credentials)
         else:
             self.port = server.add_insecure_port(self.config.listen)
+        if self.config.listen_tls:
+            assert credentials is not None, "--listen-tls needs --cert and --key"
+            self.tls_port = server.add_secure_port(self.config.listen_tls, credentials)
         await server.start()
         self._server = server
         log.info(

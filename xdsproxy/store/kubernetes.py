@@ -66,6 +66,7 @@ def edges_of(obj: dict[str, Any]) -> tuple[WorkloadKey, Edges] | None:
 
 def _status(edges: Edges) -> dict[str, Any]:
     return {
+        "learnedCount": len(edges),
         "learned": [
             {
                 "host": s.host,
@@ -74,7 +75,7 @@ def _status(edges: Edges) -> dict[str, Any]:
                 "lastSeen": _time(e.last_seen),
             }
             for s, e in sorted(edges.items())
-        ]
+        ],
     }
 
 

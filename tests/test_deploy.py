@@ -1,0 +1,117 @@
+"""Every manifest in deploy/ validated offline: built-in kinds against the Kubernetes schemas
+(kubernetes-validate, strict), custom resources against the CRD's own schema, and the
+kustomization's resource list against the files."""
+
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S_VERSION = "1.31.0"
+CRD = DEPLOY / "base" / "crd-lazyscope.yaml"
+NOT_KUBERNETES = {"kustomization.yaml", "rules.yaml"}
+
+
+def _documents() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        if path.name in NOT_KUBERNETES or "patches" in path.parts:
+            continue
+        for index, document in enumerate(yaml.safe_load_all(path.read_text())):
+            if document:
+                found.append((f"{path.relative_to(DEPLOY)}#{index}", document))
+    return found
+
+
+DOCUMENTS = _documents()
+BUILT_IN = [
+    (name, doc) for name, doc in DOCUMENTS if not doc["apiVersion"].startswith("xdsproxy.io")
+]
+CUSTOM = [(name, doc) for name, doc in DOCUMENTS if doc["apiVersion"].startswith("xdsproxy.io")]
+
+
+def test_there_is_something_to_validate() -> None:
+    kinds = {doc["kind"] for _, doc in DOCUMENTS}
+    assert {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "Role",
+        "ClusterRole",
+        "CustomResourceDefinition",
+        "LazyScope",
+    } <= kinds
+
+
+@pytest.mark.parametrize(("name", "document"), BUILT_IN, ids=[n for n, _ in BUILT_IN])
+def test_built_in_kinds_match_the_kubernetes_schema(name: str, document: dict) -> None:
+    kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(("name", "document"), CUSTOM, ids=[n for n, _ in CUSTOM])
+def test_custom_resources_match_the_crd_schema(name: str, document: dict) -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    [version] = [
+        v for v in crd["spec"]["versions"] if v["name"] == document["apiVersion"].split("/")[1]
+    ]
+    assert document["kind"] == crd["spec"]["names"]["kind"]
+    jsonschema.validate(
+        document, version["schema"]["openAPIV3Schema"], format_checker=jsonschema.FormatChecker()
+    )
+
+
+def test_crd_schema_rejects_a_bad_lazyscope() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    bad = {"spec": {"workload": {"namespace": "a"}}, "status": {"learned": [{"host": "x"}]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_store_writes_what_the_crd_accepts() -> None:
+    from xdsproxy.istio.names import ServicePort
+    from xdsproxy.scope.scope import Edge
+    from xdsproxy.store.kubernetes import _status
+
+    crd = yaml.safe_load(CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    obj = {
+        "spec": {"workload": {"namespace": "ns", "name": "w"}, "hosts": []},
+        "status": _status({ServicePort("a.ns.svc.cluster.local", 80): Edge(1.0, 2.0)}),
+    }
+    jsonschema.validate(obj, schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_kustomization_lists_existing_files() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / "base" / resource).is_file(), resource
+
+
+def test_deployment_is_wired_as_documented() -> None:
+    deployment = next(d for n, d in DOCUMENTS if n.startswith("base/deployment.yaml"))
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert "podAntiAffinity" in spec["template"]["spec"]["affinity"]
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert {15010, 15012, 15020, 15014} <= ports
+    from xdsproxy.cli import main
+
+    # Every flag the Deployment passes is one the CLI knows (parsing stops at --help).
+    with pytest.raises(SystemExit) as parsed:
+        main([*container["args"], "--help"])
+    assert parsed.value.code == 0
+
+
+def test_workload_patch_points_discovery_at_xdsproxy() -> None:
+    import json
+
+    patch = yaml.safe_load((DEPLOY / "examples" / "patches" / "discovery-address.yaml").read_text())
+    annotation = patch["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"]
+    assert json.loads(annotation) == {"discoveryAddress": "xdsproxy.istio-system.svc:15012"}
