@@ -127,3 +127,50 @@ async def test_gone_watch_lists_again(api) -> None:
     assert reader.relists >= 1
     assert any(set(services) <= s for s in seen)
     await reader.close()
+
+
+def _put_spec(api: KubeApiStandIn, name: str, hosts: list[str]) -> None:
+    base = f"{api.url}/apis/xdsproxy.io/v1alpha1/namespaces/{NS}/lazyscopes"
+    current = api.state.objects.get((NS, name))
+    body = {
+        "apiVersion": "xdsproxy.io/v1alpha1",
+        "kind": "LazyScope",
+        "metadata": {
+            "name": name,
+            **({"resourceVersion": current["metadata"]["resourceVersion"]} if current else {}),
+        },
+        "spec": {"workload": {"namespace": "ns-0", "name": "app"}, "hosts": hosts},
+    }
+    url, method = (f"{base}/{name}", "PUT") if current else (base, "POST")
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), method=method, headers={"content-type": "application/json"}
+    )
+    urllib.request.urlopen(request).read()
+
+
+async def test_operator_written_static_hosts_apply_and_follow_edits(api) -> None:
+    from xdsproxy.scope.egress import EgressSettings
+    from xdsproxy.server.lazy import LazyRuntime
+
+    _put_spec(api, "ns-0.app", ["ns-1/*", "not a pattern/"])
+    runtime = LazyRuntime(
+        ServicePort("e.istio-system.svc.cluster.local", 80), EgressSettings(), store=_store(api)
+    )
+    pushes: list = []
+    runtime.deliver = lambda session, events: pushes.append(session)
+    await runtime.start()
+    try:
+        for _ in range(40):
+            if runtime.scope(W).covers(A):
+                break
+            await asyncio.sleep(0.05)
+        assert runtime.scope(W).origin(A) == "static"
+        _put_spec(api, "ns-0.app", ["ns-2/*"])
+        for _ in range(40):
+            if not runtime.scope(W).covers(A):
+                break
+            await asyncio.sleep(0.05)
+        assert not runtime.scope(W).covers(A)
+        assert runtime.scope(W).covers(ServicePort("x.ns-2.svc.cluster.local", 80))
+    finally:
+        await runtime.stop()

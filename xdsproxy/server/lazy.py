@@ -21,7 +21,7 @@ from xdsproxy.logs import RateLimitedLog
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.rules import Rules
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.server.ads import Session
 from xdsproxy.store.base import Edges, Store, StoreError, Touch
@@ -70,6 +70,8 @@ class LazyRuntime:
         self.flush_interval = flush_interval
         self.usage_sample_percent = usage_sample_percent
         self.usage_flush_seconds = usage_flush_seconds
+        self._labels: dict[WorkloadKey, dict[str, str]] = {}
+        self._stored_static: dict[WorkloadKey, tuple[HostPattern, ...]] = {}
         self._touches: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._unsaved: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._maintainer: asyncio.Task[None] | None = None
@@ -85,8 +87,33 @@ class LazyRuntime:
         if scope is None:
             scope = self.scopes[key] = Scope(key)
         if labels is not None:
-            scope.set_static(self.rules.patterns_for(key.namespace, labels))
+            self._labels[key] = labels
+            self._set_static(scope)
         return scope
+
+    def _set_static(self, scope: Scope) -> None:
+        """Static hosts: the rules file (by namespace and labels) plus the store's spec."""
+        from_rules = self.rules.patterns_for(scope.key.namespace, self._labels.get(scope.key, {}))
+        scope.set_static(tuple(dict.fromkeys(from_rules + self._stored_static.get(scope.key, ()))))
+
+    def apply_static(self, workload: WorkloadKey, hosts: tuple[str, ...]) -> None:
+        """Static hosts from the store (a LazyScope's spec.hosts); bad entries are skipped."""
+        patterns = []
+        for host in hosts:
+            try:
+                patterns.append(HostPattern.parse(host))
+            except ValueError as exc:
+                self._warn.warning(
+                    "static",
+                    "skipping a bad static host",
+                    extra={"workload": str(workload), "error": str(exc)},
+                )
+        self._stored_static[workload] = tuple(patterns)
+        scope = self.scope(workload)
+        before = scope.version
+        self._set_static(scope)
+        if scope.version != before:
+            self._repush(workload)
 
     def view_for(self, node: Node) -> ResourceView:
         try:
@@ -261,7 +288,7 @@ class LazyRuntime:
 
     async def start(self) -> None:
         """Load every scope from the store before the first stream is served."""
-        await self.store.start(self.apply_remote)
+        await self.store.start(self.apply_remote, self.apply_static)
         for workload, edges in (await self.store.load()).items():
             now = self.monotonic()
             wall = self.clock()

@@ -16,6 +16,8 @@ from xdsproxy.scope.scope import Edge, WorkloadKey
 
 Edges = dict[ServicePort, Edge]
 ChangeCallback = Callable[[WorkloadKey, Edges], None]
+# A workload's static hosts kept in the store (the LazyScope spec), as written by operators.
+StaticCallback = Callable[[WorkloadKey, tuple[str, ...]], None]
 
 
 class StoreError(RuntimeError):
@@ -30,7 +32,9 @@ class Touch:
 
 
 class Store(Protocol):
-    async def start(self, on_change: ChangeCallback | None = None) -> None: ...
+    async def start(
+        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+    ) -> None: ...
 
     async def load(self) -> dict[WorkloadKey, Edges]: ...
 

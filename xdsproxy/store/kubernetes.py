@@ -26,7 +26,7 @@ from urllib3.exceptions import HTTPError
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, StoreError, Touch
+from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, StoreError, Touch
 
 log = logging.getLogger("xdsproxy.store.kubernetes")
 
@@ -88,6 +88,7 @@ class KubernetesStore:
         self._client = api_client
         self._api: client.CustomObjectsApi | None = None
         self._on_change: ChangeCallback | None = None
+        self._on_static: StaticCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resource_version = ""
         self._stop = threading.Event()
@@ -120,13 +121,17 @@ class KubernetesStore:
         self._resource_version = listing["metadata"]["resourceVersion"]
         out: dict[WorkloadKey, Edges] = {}
         for obj in listing.get("items", []):
+            self._emit_static(obj)
             parsed = edges_of(obj)
             if parsed:
                 out[parsed[0]] = parsed[1]
         return out
 
-    async def start(self, on_change: ChangeCallback | None = None) -> None:
+    async def start(
+        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+    ) -> None:
         self._on_change = on_change
+        self._on_static = on_static
         self._loop = asyncio.get_running_loop()
 
     async def load(self) -> dict[WorkloadKey, Edges]:
@@ -141,6 +146,15 @@ class KubernetesStore:
     def _emit(self, workload: WorkloadKey, edges: Edges) -> None:
         if self._on_change is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_change, workload, edges)
+
+    def _emit_static(self, obj: dict[str, Any]) -> None:
+        spec = obj.get("spec") or {}
+        target = spec.get("workload") or {}
+        if self._on_static is None or self._loop is None or not target.get("name"):
+            return
+        hosts = tuple(str(h) for h in spec.get("hosts") or [])
+        workload = WorkloadKey(str(target.get("namespace", "")), str(target["name"]))
+        self._loop.call_soon_threadsafe(self._on_static, workload, hosts)
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -161,6 +175,7 @@ class KubernetesStore:
                     self._resource_version = obj["metadata"]["resourceVersion"]
                     parsed = edges_of(obj)
                     if parsed and event["type"] in ("ADDED", "MODIFIED"):
+                        self._emit_static(obj)
                         self._emit(*parsed)
             except ApiException as exc:
                 if exc.status == 410:  # compacted: list again and go on from there

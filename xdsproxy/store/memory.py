@@ -4,14 +4,16 @@ from collections.abc import Iterable
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, Touch
+from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, Touch
 
 
 class MemoryStore:
     def __init__(self) -> None:
         self._edges: dict[WorkloadKey, Edges] = {}
 
-    async def start(self, on_change: ChangeCallback | None = None) -> None:
+    async def start(
+        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+    ) -> None:
         pass
 
     async def load(self) -> dict[WorkloadKey, Edges]:

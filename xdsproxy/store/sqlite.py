@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, StoreError, Touch
+from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, StoreError, Touch
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS edges (
@@ -48,7 +48,9 @@ class SqliteStore:
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
-    async def start(self, on_change: ChangeCallback | None = None) -> None:
+    async def start(
+        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+    ) -> None:
         await self._run(lambda db: None)
 
     async def load(self) -> dict[WorkloadKey, Edges]:
