@@ -6,9 +6,7 @@ original type URL around an opaque payload, which is exactly what such resources
 the wire to xdsproxy.
 """
 
-import importlib
 import json
-import pkgutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +17,7 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
 from xdsproxy.wire import typeurls
+from xdsproxy.wire.registry import load_envoy_types
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "istio-config-dumps"
 _MARK = "__xdsproxy_original_type__"
@@ -27,18 +26,6 @@ _STRUCT = "type.googleapis.com/google.protobuf.Struct"
 
 def dump_files() -> list[Path]:
     return sorted(FIXTURES.glob("*.json"))
-
-
-@cache
-def _load_envoy_types() -> None:
-    import envoy
-    import udpa
-    import xds
-
-    for package in (envoy, xds, udpa):
-        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if module.name.endswith("_pb2"):
-                importlib.import_module(module.name)
 
 
 def _known(type_url: str) -> bool:
@@ -113,7 +100,7 @@ class Dump:
 @cache
 def load_dump(path: Path) -> Dump:
     """Every dynamic resource in a config dump, as Istiod would have sent it."""
-    _load_envoy_types()
+    load_envoy_types()
     dump = json.loads(path.read_text())
     out: dict[str, list[tuple[str, bytes]]] = {}
     unknown: set[str] = set()

@@ -7,8 +7,11 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from xdsproxy.debug.model import DebugModel, NotFound
 
 log = logging.getLogger("xdsproxy.debug")
 
@@ -40,15 +43,30 @@ class Readiness:
 
 
 class DebugServer:
-    def __init__(self, listen: str, registry: CollectorRegistry, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        model: DebugModel | None = None,
+    ) -> None:
         self.listen = listen
         self.registry = registry
         self.readiness = readiness
+        self.model = model
         self.routes: dict[str, Handler] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
         }
+        if model is not None:
+            self.routes.update(
+                {
+                    "/debug/nodes": self._nodes,
+                    "/debug/workloads": self._workloads,
+                    "/debug/config_dump": self._config_dump,
+                }
+            )
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
 
@@ -73,12 +91,43 @@ class DebugServer:
     async def _metrics(self, _query: dict[str, str]) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
+    async def _nodes(self, query: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        node = query.get("id")
+        if node is None:
+            return json_body(200, self.model.nodes())
+        try:
+            return json_body(200, self.model.node(node))
+        except NotFound as exc:
+            return json_body(404, {"error": str(exc)})
+
+    async def _workloads(self, _query: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        return json_body(200, self.model.workloads())
+
+    async def _config_dump(self, query: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        if "node" not in query:
+            return json_body(400, {"error": "the node query parameter is required"})
+        try:
+            dump = await asyncio.to_thread(
+                self.model.config_dump, query["node"], query.get("view", "pushed")
+            )
+        except NotFound as exc:
+            return json_body(404, {"error": str(exc)})
+        except ValueError as exc:
+            return json_body(400, {"error": str(exc)})
+        return json_body(200, dump)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             path, _, query_text = target.partition("?")
-            query = dict(p.split("=", 1) for p in query_text.split("&") if "=" in p)
+            pairs = (p.split("=", 1) for p in query_text.split("&") if "=" in p)
+            query = {key: unquote(value) for key, value in pairs}
+            if path.startswith("/debug/nodes/") and self.model is not None:
+                path, query["id"] = "/debug/nodes", unquote(path.removeprefix("/debug/nodes/"))
             handler = self.routes.get(path)
             if method != "GET":
                 code, kind, body = json_body(405, {"error": "only GET is served"})

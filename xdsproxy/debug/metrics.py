@@ -1,11 +1,44 @@
 """Prometheus metrics, in a registry of their own so several proxies can share a process."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.streams = Gauge(
+            "xdsproxy_streams", "Open downstream ADS streams", ["protocol"], registry=self.registry
+        )
+        self.streams_opened = Counter(
+            "xdsproxy_streams_opened",
+            "Downstream ADS streams accepted",
+            ["protocol"],
+            registry=self.registry,
+        )
+        self.pushes = Counter(
+            "xdsproxy_pushes",
+            "Responses sent to Envoy, by type and origin (relayed from Istiod or local)",
+            ["type", "origin"],
+            registry=self.registry,
+        )
+        self.upstream_bytes = Counter(
+            "xdsproxy_upstream_bytes",
+            "Response bytes received from Istiod",
+            ["type"],
+            registry=self.registry,
+        )
+        self.downstream_bytes = Counter(
+            "xdsproxy_downstream_bytes",
+            "Response bytes sent to Envoy",
+            ["type"],
+            registry=self.registry,
+        )
+        self.nacks = Counter(
+            "xdsproxy_nacks",
+            "Responses Envoy rejected, by type and origin",
+            ["type", "origin"],
+            registry=self.registry,
+        )
         self.als_rejections = Counter(
             "xdsproxy_als_rejections",
             "Access log streams or entries that taught nothing, by reason",

@@ -16,6 +16,7 @@ from typing import Protocol
 import grpc
 from envoy.config.core.v3.base_pb2 import Node
 
+from xdsproxy.debug.metrics import Metrics
 from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
 from xdsproxy.server.upstream import Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
@@ -111,9 +112,11 @@ class AdsProxy:
         upstream: Upstream,
         runtime: Runtime | None = None,
         limits: Limits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.upstream = upstream
         self.runtime = runtime or Passthrough()
+        self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -126,6 +129,9 @@ class AdsProxy:
             self._enqueue(session, event)
 
     def _enqueue(self, session: Session, event: SendDownstream) -> None:
+        kind = short_name(event.type_url)
+        self.metrics.pushes.labels(kind, "relayed" if event.relayed else "local").inc()
+        self.metrics.downstream_bytes.labels(kind).inc(len(event.payload))
         session.pending_bytes += len(event.payload)
         if session.pending_bytes > self.limits.max_pending_bytes:
             session.end(
@@ -165,6 +171,8 @@ class AdsProxy:
         stream.view = self.runtime.view_for(stream.node)
         self.sessions[session.id] = session
         self.runtime.opened(session)
+        self.metrics.streams_opened.labels(protocol).inc()
+        self.metrics.streams.labels(protocol).inc()
         log.info(
             "stream opened",
             extra={"node": session.node_id, "protocol": protocol, "peer": session.peer},
@@ -193,6 +201,7 @@ class AdsProxy:
         finally:
             self.sessions.pop(session.id, None)
             self.runtime.closed(session)
+            self.metrics.streams.labels(protocol).dec()
             for task in tasks:
                 task.cancel()
             call.cancel()
@@ -236,7 +245,9 @@ class AdsProxy:
                 events = session.stream.receive_upstream(data)
                 await self._apply(session, events, call)
                 if events and isinstance(events[-1], SendDownstream):
-                    self.runtime.upstream_applied(session, events[-1].type_url)
+                    type_url = events[-1].type_url
+                    self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
+                    self.runtime.upstream_applied(session, type_url)
             code = await call.code()
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
         except UpstreamProtocolError as exc:
@@ -255,7 +266,11 @@ class AdsProxy:
             elif isinstance(event, SendUpstream):
                 await call.write(event.payload)
             elif isinstance(event, Nacked):
-                log.warning(
+                origin = "relayed" if event.relayed else "local"
+                self.metrics.nacks.labels(short_name(event.type_url), origin).inc()
+                # Envoy rejecting config xdsproxy built itself is xdsproxy's own bug.
+                log.log(
+                    logging.WARNING if event.relayed else logging.ERROR,
                     "envoy rejected a response",
                     extra={
                         "node": session.node_id,

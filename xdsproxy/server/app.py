@@ -11,6 +11,7 @@ import grpc
 
 from xdsproxy.debug.http import DebugServer, Readiness
 from xdsproxy.debug.metrics import Metrics
+from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.rules import Rules
@@ -73,7 +74,9 @@ class ProxyServer:
                 usage_flush_seconds=config.usage_flush_seconds,
                 metrics=self.metrics,
             )
-        self.proxy = AdsProxy(upstream, self.runtime, Limits(config.max_pending_bytes))
+        self.proxy = AdsProxy(
+            upstream, self.runtime, Limits(config.max_pending_bytes), self.metrics
+        )
         if self.runtime is not None:
             self.runtime.deliver = self.proxy.deliver
         self.port = 0
@@ -99,7 +102,10 @@ class ProxyServer:
         self._probing = asyncio.create_task(self.probe.run())
         if self.config.debug_listen:
             self.debug = DebugServer(
-                self.config.debug_listen, self.metrics.registry, self._readiness()
+                self.config.debug_listen,
+                self.metrics.registry,
+                self._readiness(),
+                DebugModel(self.proxy, self.runtime),
             )
             await self.debug.start()
             log.info(

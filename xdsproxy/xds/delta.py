@@ -69,6 +69,15 @@ class DeltaStream:
     def pushed_names(self, type_url: str) -> tuple[str, ...]:
         return tuple(sorted(self.held(type_url)))
 
+    def pushed(self, type_url: str) -> Selection:
+        """What Envoy holds for the type, as sent on this stream (names it held from before a
+        reconnect and was not sent again are left out)."""
+        state = self._types.get(type_url)
+        if state is None:
+            return (), ()
+        held = sorted((n, a) for n, a in state.held.items() if a is not None)
+        return tuple(n for n, _ in held), tuple(a for _, a in held)
+
     def subscription(self, type_url: str) -> tuple[bool, frozenset[str]]:
         state = self._types.get(type_url)
         return (state.wildcard, frozenset(state.subscribed)) if state else (False, frozenset())

@@ -54,8 +54,12 @@ class SotwStream:
         return {type_url: state.status for type_url, state in self._types.items()}
 
     def pushed_names(self, type_url: str) -> tuple[str, ...]:
+        return self.pushed(type_url)[0]
+
+    def pushed(self, type_url: str) -> Selection:
+        """What Envoy was last sent for the type: names and serialized `Any`s."""
         state = self._types.get(type_url)
-        return state.pushed[0] if state and state.pushed else ()
+        return state.pushed if state and state.pushed else ((), ())
 
     def upstream(self, type_url: str) -> Selection:
         return self._upstream.get(type_url, ((), ()))
