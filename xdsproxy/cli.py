@@ -1,4 +1,4 @@
-"""Command line: `xdsproxy serve`, `xdsproxy sim`, `xdsproxy demo`."""
+"""Command line: `xdsproxy serve`, `status`, `sim` and `demo`."""
 
 import argparse
 import asyncio
@@ -157,6 +157,18 @@ def _sim_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="what every sidecar gets, from the debug endpoint")
+    p.add_argument("node", nargs="?", help="one node id, for its detail")
+    p.add_argument(
+        "--debug",
+        default="127.0.0.1:15014",
+        metavar="ADDR",
+        help="the debug endpoint of a running xdsproxy",
+    )
+    p.add_argument("--json", action="store_true", help="the raw JSON")
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="simulator, xdsproxy and a real Envoy, end to end")
     p.add_argument("--services", type=int, default=200)
@@ -173,12 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _sim_parser(sub)
     _demo_parser(sub)
+    _status_parser(sub)
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     if args.command == "serve":
         return _serve(args)
     if args.command == "sim":
         return _sim(args)
+    if args.command == "status":
+        from xdsproxy.debug.status import StatusError, status
+
+        try:
+            print(status(args.debug, args.node, args.json))
+        except StatusError as exc:
+            print(f"xdsproxy: {exc}", file=sys.stderr)
+            return 1
+        return 0
     from xdsproxy.demo import run_demo
 
     return run_demo(services=args.services, delta=args.delta)

@@ -33,6 +33,8 @@ class SidecarIdentity:
     ip: str = "127.0.0.1"
     labels: dict[str, str] = field(default_factory=dict)
     proxy_config: dict[str, Any] = field(default_factory=dict)
+    # gRPC metadata on the ADS stream, as pilot-agent sends it (authorization, clusterid).
+    grpc_metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
@@ -70,7 +72,10 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
                             "retry_policy": {
                                 "retry_back_off": {"base_interval": "0.2s", "max_interval": "1s"}
                             },
-                        }
+                        },
+                        "initial_metadata": [
+                            {"key": k, "value": v} for k, v in identity.grpc_metadata.items()
+                        ],
                     }
                 ],
             },

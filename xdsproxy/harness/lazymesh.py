@@ -111,6 +111,7 @@ async def lazy_stack(
                 als_listen="127.0.0.1:0",
                 usage_sample_percent=usage_sample_percent,
                 usage_flush_seconds=1,
+                debug_listen="127.0.0.1:0",
             )
         )
         identity = sidecar_identity(
