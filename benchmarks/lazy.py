@@ -25,8 +25,21 @@ from pathlib import Path
 
 from xdsproxy.harness.envoy import Envoy
 from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
-from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, lazy_stack, sidecar_identity
-from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
+from xdsproxy.harness.lazymesh import (
+    EGRESS_HOST,
+    egress_service,
+    lazy_stack,
+    pick_services,
+    sidecar_identity,
+)
+from xdsproxy.harness.stack import (
+    eventually,
+    running_envoy,
+    running_proxy,
+    running_sim,
+    session_of,
+    settled,
+)
 from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.scope import WorkloadKey
@@ -43,42 +56,9 @@ TYPES = {
 EGRESS_PORT = 80
 
 
-def dependencies(mesh: Mesh, k: int) -> list[ServicePort]:
-    """k HTTP services spread over the mesh's namespaces."""
-    candidates = [
-        s
-        for s in mesh.services.values()
-        if s.kind == "eds" and s.ports[0].protocol == "HTTP" and s.namespace != "istio-system"
-    ]
-    step = max(1, len(candidates) // k)
-    return [ServicePort(s.fqdn, s.ports[0].number) for s in candidates[::step][:k]]
-
-
-async def _settled(envoy: Envoy, proxy, timeout: float = 180.0) -> None:
-    """Wait until Envoy holds every cluster xdsproxy pushed, none warming, routes loaded."""
-
-    def ready() -> bool:
-        session = next(iter(proxy.proxy.sessions.values()), None)
-        if session is None:
-            return False
-        status = session.stream.status()
-        if typeurls.ROUTE not in status or not status[typeurls.ROUTE].pushed_nonce:
-            return False
-        expected = status[typeurls.CLUSTER].pushed_resources + 1  # + the static xds cluster
-        return (
-            envoy.stat("cluster_manager.active_clusters") == expected
-            and envoy.stat("cluster_manager.warming_clusters") == 0
-            and envoy.stat("listener_manager.total_listeners_warming") == 0
-            and status[typeurls.ROUTE].acked_nonce == status[typeurls.ROUTE].pushed_nonce
-        )
-
-    await eventually(ready, timeout=timeout, interval=0.5)
-    await asyncio.sleep(2.0)
-
-
-async def _measure(envoy: Envoy, proxy) -> dict:
-    await _settled(envoy, proxy)
-    session = next(iter(proxy.proxy.sessions.values()))
+async def _measure(envoy: Envoy, proxy, pod: str = "app-0") -> dict:
+    await settled(envoy, proxy, pod)
+    session = session_of(proxy, pod)
     status = session.stream.status()
     row = {
         f"{label}_bytes": status[t].pushed_bytes if t in status else 0 for label, t in TYPES.items()
@@ -92,7 +72,7 @@ async def _measure(envoy: Envoy, proxy) -> dict:
 async def config_point(n: int, k: int, tcp_every: int) -> dict:
     mesh = generate(n, tcp_every=tcp_every)
     mesh.add(egress_service(EGRESS_PORT, 15081))
-    deps = dependencies(mesh, k)
+    deps = pick_services(mesh, k)
     identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app")
     out: dict = {"services": n, "k": k, "tcp_every": tcp_every}
     async with running_sim(mesh) as sim, running_proxy(sim.port) as proxy:
@@ -145,9 +125,9 @@ async def learn_latency(n: int, learns: int) -> dict:
         _, proxy, _ = await stack.enter_async_context(lazy_stack(mesh, egress_port, EGRESS_PORT))
         identity = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app")
         sidecar = await stack.enter_async_context(running_envoy(proxy.port, identity=identity))
-        await _settled(sidecar, _OnlySession(proxy, "app-0"))
+        await settled(sidecar, proxy, "app-0")
         listen = identity.proxy_config["proxyListenPort"]
-        targets = dependencies(mesh, learns)
+        targets = pick_services(mesh, learns)
         samples = []
         for target in targets:
             service = mesh.services[target.host]
@@ -174,16 +154,6 @@ async def learn_latency(n: int, learns: int) -> dict:
         **_percentiles("end_to_end_ms", samples),
         **_percentiles("xdsproxy_ms", inner),
     }
-
-
-class _OnlySession:
-    """`_settled` for one named node among several streams."""
-
-    def __init__(self, proxy, pod: str) -> None:
-        self.proxy = type("P", (), {})()
-        self.proxy.sessions = {
-            k: v for k, v in proxy.proxy.sessions.items() if f"~{pod}." in v.node_id
-        }
 
 
 def _percentiles(label: str, values: list[float]) -> dict:

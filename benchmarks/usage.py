@@ -17,8 +17,8 @@ from pathlib import Path
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
-from benchmarks.lazy import EGRESS_PORT, RESULTS, _measure, _update_section, dependencies
-from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, sidecar_identity
+from benchmarks.lazy import EGRESS_PORT, RESULTS, _measure, _update_section
+from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, pick_services, sidecar_identity
 from xdsproxy.harness.stack import running_envoy, running_proxy, running_sim
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.records import records
@@ -32,7 +32,7 @@ from xdsproxy.xds.sotw import SotwStream
 async def envoy_memory(sample: float) -> dict:
     mesh = generate(1000, tcp_every=0)
     mesh.add(egress_service(EGRESS_PORT, 15081))
-    deps = dependencies(mesh, 10)
+    deps = pick_services(mesh, 10)
     identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app")
     async with (
         running_sim(mesh) as sim,

@@ -170,9 +170,12 @@ def _status_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="simulator, xdsproxy and a real Envoy, end to end")
-    p.add_argument("--services", type=int, default=200)
-    p.add_argument("--delta", action="store_true", help="use Delta xDS instead of SotW")
+    p = sub.add_parser("demo", help="what lazy loading saves, end to end with real Envoys")
+    p.add_argument("--services", type=int, default=2000, help="mesh size (default 2000)")
+    p.add_argument("--calls", type=int, default=5, help="services the workload calls")
+    p.add_argument(
+        "--output", type=Path, default=Path("demo-output"), help="where the PNG plot goes"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from xdsproxy.demo import run_demo
 
-    return run_demo(services=args.services, delta=args.delta)
+    return run_demo(services=args.services, calls=args.calls, output=args.output)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,100 +1,254 @@
-"""`xdsproxy demo`: the simulated Istiod, xdsproxy and a real Envoy, end to end, on loopback.
+"""`xdsproxy demo`: what lazy loading saves, end to end on loopback, with real Envoys.
 
-It shows the passthrough: what Envoy received through xdsproxy, next to what the simulator
-served, and proof that the two agree. The lazy-mode demo is a later milestone.
+It starts the simulated Istiod (a stand-in for Istiod) with a mesh of `services` services,
+xdsproxy in lazy mode, the lazy egress Envoy, a backend, and two sidecar Envoys of the same
+kind: one connected straight to the simulator (full push, today's Istio) and one through
+xdsproxy (lazy). It sends the lazy sidecar's first requests to a few services (through the
+egress; xdsproxy learns them), then compares the two sidecars and writes a PNG plot.
 """
 
 import asyncio
-import json
+import statistics
 import sys
 import time
-from typing import Any
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
 from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.json_format import ParseDict
 
-from xdsproxy.harness.envoy import Envoy, SidecarIdentity
+from xdsproxy.harness.envoy import Envoy
+from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.lazymesh import egress_service, lazy_stack, pick_services, sidecar_identity
+from xdsproxy.harness.stack import eventually, running_envoy, session_of, settled
+from xdsproxy.istio.names import cluster_name
 from xdsproxy.istio.node import parse_node
-from xdsproxy.server.app import ProxyServer, ServeConfig
-from xdsproxy.sim.mesh import generate
-from xdsproxy.sim.server import SimServer
+from xdsproxy.sim.mesh import Endpoint, generate
 from xdsproxy.wire import typeurls
 
-_KINDS = {
-    "ClustersConfigDump": ("clusters", "dynamic_active_clusters"),
-    "ListenersConfigDump": ("listeners", "dynamic_listeners"),
-    "RoutesConfigDump": ("route tables", "dynamic_route_configs"),
+EGRESS_SERVICE_PORT = 80
+TYPES = {
+    "CDS": typeurls.CLUSTER,
+    "EDS": typeurls.ENDPOINT,
+    "LDS": typeurls.LISTENER,
+    "RDS": typeurls.ROUTE,
 }
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
+@dataclass
+class Side:
+    clusters: int
+    bytes_by_type: dict[str, int]
+    allocated_mb: float
+    rss_mb: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_type.values())
 
 
-def _received(dump: dict[str, Any]) -> dict[str, int]:
-    out = {}
-    for section in dump["configs"]:
-        kind = _KINDS.get(section["@type"].rsplit(".", 1)[-1])
-        if kind:
-            out[kind[0]] = len(section.get(kind[1], []))
-    return out
+def _say(step: int, total: int, message: str) -> None:
+    print(f"[{step}/{total}] {message}", flush=True)
 
 
-async def _demo(services: int, delta: bool) -> int:
-    identity = SidecarIdentity(pod="productpage-0", namespace="ns-0", workload="productpage")
-    node = parse_node(ParseDict(identity.node(), Node()))
-    sim = SimServer(generate(services))
-    await sim.start("127.0.0.1:0")
-    _say(f"[1/4] simulated Istiod: {services} services on 127.0.0.1:{sim.port}")
-    proxy = ProxyServer(ServeConfig(upstream=f"127.0.0.1:{sim.port}", listen="127.0.0.1:0"))
-    await proxy.start()
-    _say(f"[2/4] xdsproxy (passthrough) on 127.0.0.1:{proxy.port}")
-    envoy = Envoy(proxy.port, identity, delta=delta)
-    try:
-        await asyncio.to_thread(envoy.start)
-        protocol = "Delta" if delta else "SotW"
-        _say(f"[3/4] Envoy 1.40 ({protocol} ADS) connected through xdsproxy, admin {envoy.admin}")
-        served = {
-            "clusters": len(sim.snapshot.resources(typeurls.CLUSTER, node)),
-            "listeners": len(sim.snapshot.resources(typeurls.LISTENER, node)),
-            "route tables": len(sim.snapshot.resources(typeurls.ROUTE, node)),
-        }
-        start = time.monotonic()
-        received: dict[str, int] = {}
-        while time.monotonic() - start < 60:
-            received = _received(await asyncio.to_thread(envoy.config_dump, False))
-            if received == served:
-                break
-            await asyncio.sleep(0.2)
-        elapsed = time.monotonic() - start
-        rejected = await asyncio.to_thread(envoy.stat, "cluster_manager.cds.update_rejected")
-        memory = await asyncio.to_thread(envoy.allocated_bytes)
-        _say(f"[4/4] Envoy applied the config in {elapsed:.1f}s\n")
-        _say(f"{'':14}{'served by Istiod':>18}{'held by Envoy':>16}")
-        for kind, count in served.items():
-            _say(f"{kind:14}{count:>18}{received.get(kind, 0):>16}")
-        _say(f"\nEnvoy allocated memory: {memory / 1e6:.1f} MB; CDS updates rejected: {rejected}")
-        session = next(iter(proxy.proxy.sessions.values()), None)
-        if session is not None:
-            status = {
-                typeurls.short_name(t): {"bytes": s.upstream_bytes, "state": s.state}
-                for t, s in session.stream.status().items()
-            }
-            _say("per-type state in xdsproxy: " + json.dumps(status))
+async def _memory(envoy: Envoy) -> tuple[float, float]:
+    return (await asyncio.to_thread(envoy.allocated_bytes)) / 1e6, envoy.rss_bytes() / 1e6
+
+
+async def _demo(services: int, calls: int, output: Path) -> int:
+    steps = 7
+    async with AsyncExitStack() as stack:
+        backend = stack.enter_context(Backend("backend"))
+        mesh = generate(services, tcp_every=0)
+        targets = pick_services(mesh, calls)
+        for target in targets:
+            service = mesh.services[target.host]
+            subsets = [name for name, _ in service.subsets] or [""]
+            mesh.set_endpoints(
+                target.host, [Endpoint("127.0.0.1", backend.port, s) for s in subsets]
+            )
+        egress_port = free_port()
+        mesh.add(egress_service(EGRESS_SERVICE_PORT, egress_port))
         _say(
-            "\nLazy mode's savings, measured with real Envoy: benchmarks/RESULTS.md "
-            "(make bench-lazy)."
+            1,
+            steps,
+            f"simulated Istiod: {services} services in {len(mesh.namespaces())} namespaces",
         )
-        return 0 if received == served and rejected == 0 else 1
-    finally:
-        await asyncio.to_thread(envoy.stop)
-        await proxy.stop()
-        await sim.stop()
+        sim, proxy, egress = await stack.enter_async_context(
+            lazy_stack(mesh, egress_port, EGRESS_SERVICE_PORT)
+        )
+        _say(
+            2,
+            steps,
+            f"xdsproxy (lazy) on 127.0.0.1:{proxy.port}; lazy egress Envoy ready "
+            f"with {egress.stat('cluster_manager.active_clusters')} clusters",
+        )
+
+        full_id = sidecar_identity("full-0", "127.0.0.3", "ns-0", "full")
+        full = await stack.enter_async_context(running_envoy(sim.port, identity=full_id))
+        await eventually(
+            lambda: (
+                full.stat("cluster_manager.warming_clusters") == 0
+                and full.stat("cluster_manager.active_clusters") > services
+            ),
+            timeout=300,
+            interval=0.5,
+        )
+        _say(
+            3,
+            steps,
+            f"full sidecar (straight to Istiod): "
+            f"{full.stat('cluster_manager.active_clusters') - 1} clusters",
+        )
+
+        lazy_id = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app")
+        lazy = await stack.enter_async_context(running_envoy(proxy.port, identity=lazy_id))
+        await settled(lazy, proxy, "app-0")
+        _say(
+            4,
+            steps,
+            f"lazy sidecar (through xdsproxy): "
+            f"{lazy.stat('cluster_manager.active_clusters') - 1} clusters",
+        )
+
+        latencies = []
+        listen = lazy_id.proxy_config["proxyListenPort"]
+        for target in targets:
+            service = mesh.services[target.host]
+            start = time.perf_counter()
+            reply = await asyncio.to_thread(
+                request_via_sidecar,
+                listen,
+                (service.cluster_ip, target.port),
+                target.host,
+                "127.0.0.2",
+            )
+            if reply.status != 200:
+                print(
+                    f"request to {target} failed: {reply.status} {reply.body[:200]!r}",
+                    file=sys.stderr,
+                )
+                return 1
+            name = cluster_name(target)
+            await eventually(
+                lambda n=name: lazy.stat(f"cluster.{n}.membership_total") > 0,
+                timeout=10,
+                interval=0.002,
+            )
+            latencies.append((time.perf_counter() - start) * 1000)
+        _say(
+            5,
+            steps,
+            f"{calls} first requests went through the egress; xdsproxy learned each "
+            f"(median {statistics.median(latencies):.0f} ms from request to cluster on the "
+            "sidecar)",
+        )
+
+        await settled(lazy, proxy, "app-0")
+        status = session_of(proxy, "app-0").stream.status()
+        # What Istiod serves the full sidecar: every resource of each type for its node.
+        node = parse_node(ParseDict(full_id.node(), Node()))
+        full_bytes = {
+            k: sum(map(len, sim.snapshot.resources(t, node).values())) for k, t in TYPES.items()
+        }
+        lazy_bytes = {k: status[t].pushed_bytes for k, t in TYPES.items() if t in status}
+        before = Side(
+            full.stat("cluster_manager.active_clusters") - 1, full_bytes, *(await _memory(full))
+        )
+        after = Side(
+            lazy.stat("cluster_manager.active_clusters") - 1, lazy_bytes, *(await _memory(lazy))
+        )
+        _say(6, steps, "measured both sidecars")
+        _print_table(before, after, latencies)
+        path = _plot(before, after, services, output)
+        _say(7, steps, f"plot written to {path}")
+    return 0
 
 
-def run_demo(services: int = 200, delta: bool = False) -> int:
+def _print_table(before: Side, after: Side, latencies: list[float]) -> None:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.0f}x less" if b else "-"
+
+    rows = [
+        (
+            "clusters",
+            f"{before.clusters}",
+            f"{after.clusters}",
+            ratio(before.clusters, after.clusters),
+        ),
+        (
+            "config bytes (CDS+EDS+LDS+RDS)",
+            f"{before.total_bytes:,}",
+            f"{after.total_bytes:,}",
+            ratio(before.total_bytes, after.total_bytes),
+        ),
+        (
+            "Envoy allocated memory (MB)",
+            f"{before.allocated_mb:.1f}",
+            f"{after.allocated_mb:.1f}",
+            ratio(before.allocated_mb, after.allocated_mb),
+        ),
+        (
+            "Envoy RSS (MB)",
+            f"{before.rss_mb:.1f}",
+            f"{after.rss_mb:.1f}",
+            ratio(before.rss_mb, after.rss_mb),
+        ),
+    ]
+    print()
+    print(f"{'':34}{'full push':>14}{'lazy':>14}{'':>14}")
+    for label, full, lazy, change in rows:
+        print(f"{label:34}{full:>14}{lazy:>14}{change:>14}")
+    print(f"{'learn latency, median (ms)':34}{'':>14}{statistics.median(latencies):>14.0f}")
+    print(f"{'learn latency, max (ms)':34}{'':>14}{max(latencies):>14.0f}")
+    print()
+
+
+def _plot(before: Side, after: Side, services: int, output: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output.mkdir(parents=True, exist_ok=True)
+    figure, (config, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    kinds = list(TYPES)
+    positions = range(len(kinds))
+    config.bar(
+        [p - 0.2 for p in positions],
+        [before.bytes_by_type.get(k, 0) / 1e3 for k in kinds],
+        0.4,
+        label="full push",
+    )
+    config.bar(
+        [p + 0.2 for p in positions],
+        [after.bytes_by_type.get(k, 0) / 1e3 for k in kinds],
+        0.4,
+        label="lazy",
+    )
+    config.set_xticks(list(positions), kinds)
+    config.set_ylabel("kB pushed to the sidecar")
+    config.set_title("Config per xDS type")
+    config.legend()
+    memory.bar(
+        ["full push", "lazy"],
+        [before.allocated_mb, after.allocated_mb],
+        color=["tab:blue", "tab:orange"],
+    )
+    memory.set_ylabel("Envoy allocated memory (MB)")
+    memory.set_title("Real Envoy 1.40 memory")
+    figure.suptitle(f"xdsproxy: one sidecar in a {services}-service mesh")
+    figure.tight_layout()
+    path = output / "xdsproxy-demo.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.resolve()
+
+
+def run_demo(services: int = 2000, calls: int = 5, output: Path = Path("demo-output")) -> int:
     try:
-        return asyncio.run(_demo(services, delta))
+        return asyncio.run(_demo(services, calls, output))
     except KeyboardInterrupt:
         return 130
     except (OSError, RuntimeError, TimeoutError) as exc:

@@ -159,3 +159,14 @@ async def running_sim_with(mesh: Mesh) -> AsyncIterator[SimServer]:
         yield sim
     finally:
         await sim.stop()
+
+
+def pick_services(mesh: Mesh, k: int) -> list[ServicePort]:
+    """k HTTP services spread over the mesh's namespaces (the egress's own excluded)."""
+    candidates = [
+        s
+        for s in mesh.services.values()
+        if s.kind == "eds" and s.ports[0].protocol == "HTTP" and s.namespace != "istio-system"
+    ]
+    step = max(1, len(candidates) // k)
+    return [ServicePort(s.fqdn, s.ports[0].number) for s in candidates[::step][:k]]

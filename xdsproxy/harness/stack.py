@@ -15,6 +15,7 @@ from xdsproxy.harness.envoy import Envoy, SidecarIdentity
 from xdsproxy.server.app import ProxyServer, ServeConfig
 from xdsproxy.sim.mesh import Mesh, generate
 from xdsproxy.sim.server import SimServer
+from xdsproxy.wire import typeurls
 
 
 @asynccontextmanager
@@ -71,3 +72,34 @@ async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: 
             return last
         await asyncio.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout}s; last: {last!r}")
+
+
+def session_of(proxy: ProxyServer, pod: str):
+    """The stream of the node whose pod is `pod`, if connected."""
+    for session in proxy.proxy.sessions.values():
+        if f"~{pod}." in session.node_id:
+            return session
+    return None
+
+
+async def settled(envoy: Envoy, proxy: ProxyServer, pod: str, timeout: float = 180.0) -> None:
+    """Wait until the Envoy of `pod` holds every cluster xdsproxy pushed it, none warming,
+    and has acknowledged its route tables; then a moment for memory to settle."""
+
+    def ready() -> bool:
+        session = session_of(proxy, pod)
+        if session is None:
+            return False
+        status = session.stream.status()
+        routes = status.get(typeurls.ROUTE)
+        if routes is None or not routes.pushed_nonce or routes.acked_nonce != routes.pushed_nonce:
+            return False
+        expected = status[typeurls.CLUSTER].pushed_resources + 1  # + the static xds cluster
+        return (
+            envoy.stat("cluster_manager.active_clusters") == expected
+            and envoy.stat("cluster_manager.warming_clusters") == 0
+            and envoy.stat("listener_manager.total_listeners_warming") == 0
+        )
+
+    await eventually(ready, timeout=timeout, interval=0.5)
+    await asyncio.sleep(2.0)
