@@ -24,23 +24,23 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from xdsproxy.harness.envoy import Envoy
-from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.http import Backend, free_port
 from xdsproxy.harness.lazymesh import (
     EGRESS_HOST,
     egress_service,
     lazy_stack,
+    learn_through_egress,
     pick_services,
     sidecar_identity,
 )
 from xdsproxy.harness.stack import (
-    eventually,
     running_envoy,
     running_proxy,
     running_sim,
     session_of,
     settled,
 )
-from xdsproxy.istio.names import ServicePort, cluster_name
+from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.sim.mesh import Endpoint, Mesh, generate
@@ -128,25 +128,10 @@ async def learn_latency(n: int, learns: int) -> dict:
         await settled(sidecar, proxy, "app-0")
         listen = identity.proxy_config["proxyListenPort"]
         targets = pick_services(mesh, learns)
-        samples = []
-        for target in targets:
-            service = mesh.services[target.host]
-            name = cluster_name(target)
-            start = time.perf_counter()
-            reply = await asyncio.to_thread(
-                request_via_sidecar,
-                listen,
-                (service.cluster_ip, target.port),
-                target.host,
-                "127.0.0.2",
-            )
-            assert reply.status == 200, (target, reply)
-            await eventually(
-                lambda n=name: sidecar.stat(f"cluster.{n}.membership_total") > 0,
-                timeout=10,
-                interval=0.002,
-            )
-            samples.append((time.perf_counter() - start) * 1000)
+        samples = [
+            await learn_through_egress(sidecar, listen, mesh, target, "127.0.0.2")
+            for target in targets
+        ]
         inner = [s * 1000 for s in proxy.runtime.learn_latencies]
     return {
         "services": n,

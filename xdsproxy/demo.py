@@ -10,7 +10,6 @@ egress; xdsproxy learns them), then compares the two sidecars and writes a PNG p
 import asyncio
 import statistics
 import sys
-import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,15 @@ from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.json_format import ParseDict
 
 from xdsproxy.harness.envoy import Envoy
-from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
-from xdsproxy.harness.lazymesh import egress_service, lazy_stack, pick_services, sidecar_identity
+from xdsproxy.harness.http import Backend, free_port
+from xdsproxy.harness.lazymesh import (
+    egress_service,
+    lazy_stack,
+    learn_through_egress,
+    pick_services,
+    sidecar_identity,
+)
 from xdsproxy.harness.stack import eventually, running_envoy, session_of, settled
-from xdsproxy.istio.names import cluster_name
 from xdsproxy.istio.node import parse_node
 from xdsproxy.sim.mesh import Endpoint, generate
 from xdsproxy.wire import typeurls
@@ -112,31 +116,11 @@ async def _demo(services: int, calls: int, output: Path) -> int:
             f"{lazy.stat('cluster_manager.active_clusters') - 1} clusters",
         )
 
-        latencies = []
         listen = lazy_id.proxy_config["proxyListenPort"]
-        for target in targets:
-            service = mesh.services[target.host]
-            start = time.perf_counter()
-            reply = await asyncio.to_thread(
-                request_via_sidecar,
-                listen,
-                (service.cluster_ip, target.port),
-                target.host,
-                "127.0.0.2",
-            )
-            if reply.status != 200:
-                print(
-                    f"request to {target} failed: {reply.status} {reply.body[:200]!r}",
-                    file=sys.stderr,
-                )
-                return 1
-            name = cluster_name(target)
-            await eventually(
-                lambda n=name: lazy.stat(f"cluster.{n}.membership_total") > 0,
-                timeout=10,
-                interval=0.002,
-            )
-            latencies.append((time.perf_counter() - start) * 1000)
+        latencies = [
+            await learn_through_egress(lazy, listen, mesh, target, "127.0.0.2")
+            for target in targets
+        ]
         _say(
             5,
             steps,

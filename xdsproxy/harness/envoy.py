@@ -127,6 +127,18 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
     }
 
 
+def terminate(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within `grace` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 class Envoy:
     """One Envoy process. Use as a context manager so it is always stopped."""
 
@@ -176,13 +188,7 @@ class Envoy:
         raise TimeoutError("envoy did not report its admin address")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Envoy":

@@ -1,14 +1,16 @@
 """A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.envoy import Envoy, SidecarIdentity
-from xdsproxy.harness.http import Backend, free_port
+from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
-from xdsproxy.istio.names import ServicePort
+from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
 from xdsproxy.server.app import ProxyServer
 from xdsproxy.sim.mesh import Endpoint, Mesh, Port, Service, generate
@@ -170,3 +172,22 @@ def pick_services(mesh: Mesh, k: int) -> list[ServicePort]:
     ]
     step = max(1, len(candidates) // k)
     return [ServicePort(s.fqdn, s.ports[0].number) for s in candidates[::step][:k]]
+
+
+async def learn_through_egress(
+    sidecar: Envoy, listen: int, mesh: Mesh, target: ServicePort, source: str
+) -> float:
+    """Send a first request to `target` through the sidecar (it goes via the egress) and wait
+    until the sidecar holds the target's cluster with endpoints. Milliseconds taken."""
+    service = mesh.services[target.host]
+    start = time.perf_counter()
+    reply = await asyncio.to_thread(
+        request_via_sidecar, listen, (service.cluster_ip, target.port), target.host, source
+    )
+    if reply.status != 200:
+        raise RuntimeError(f"request to {target} failed: {reply.status} {reply.body[:200]!r}")
+    name = cluster_name(target)
+    await eventually(
+        lambda: sidecar.stat(f"cluster.{name}.membership_total") > 0, timeout=10, interval=0.002
+    )
+    return (time.perf_counter() - start) * 1000

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
 
@@ -65,10 +66,4 @@ class ProxyProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
