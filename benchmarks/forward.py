@@ -20,6 +20,7 @@ from pathlib import Path
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
+from benchmarks.report import update_section
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
 from xdsproxy.server.app import ProxyServer, ServeConfig
 from xdsproxy.sim import envoyconfig
@@ -52,7 +53,16 @@ def median_ms(fn, repeat: int) -> float:
 
 
 class KeepOnePercent:
-    def select(self, type_url, names, bodies):
+    """A view that keeps every hundredth resource, so the envelope is re-spliced."""
+
+    transparent = False
+    local_types: frozenset[str] = frozenset()
+
+    def depends_on(self, type_url):
+        return frozenset()
+
+    def select(self, type_url, upstream):
+        names, bodies = upstream[type_url]
         return names[::100], bodies[::100]
 
 
@@ -122,10 +132,6 @@ def main() -> None:
 
 def write_results_md(rows: list[dict]) -> None:
     lines = [
-        "# Benchmark results",
-        "",
-        "Figures are medians on this project's 2-core CI-class machine; rerun to reproduce.",
-        "",
         "## Forwarding a CDS response (`make bench-forward`)",
         "",
         "| clusters | bytes | upb floor ms | relay ms | relay / floor | relay MB/s | "
@@ -146,7 +152,7 @@ def write_results_md(rows: list[dict]) -> None:
         "response over loopback, straight from the upstream and through a real xdsproxy.",
         "",
     ]
-    (Path(__file__).resolve().parent / "RESULTS.md").write_text("\n".join(lines))
+    update_section(lines)
 
 
 if __name__ == "__main__":

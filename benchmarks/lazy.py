@@ -23,6 +23,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from benchmarks.report import update_section
 from xdsproxy.harness.envoy import Envoy
 from xdsproxy.harness.http import Backend, free_port
 from xdsproxy.harness.lazymesh import (
@@ -217,18 +218,7 @@ def write_results(points: list[dict], latency: dict | None) -> None:
                 f"| {label} | {latency[label + '_p50']:.1f} | {latency[label + '_p90']:.1f} "
                 f"| {latency[label + '_p99']:.1f} | {latency[label + '_max']:.1f} |"
             )
-    _update_section(Path(__file__).resolve().parent / "RESULTS.md", lines)
-
-
-def _update_section(path: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = lines[0]
-    if head in text:
-        start = text.index(head)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + text[end + 1 :] if end != -1 else text[:start]
-    path.write_text(text.rstrip() + "\n\n" + "\n".join(lines) + "\n")
+    update_section(lines)
 
 
 def main() -> None:

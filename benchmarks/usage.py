@@ -12,12 +12,12 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
-from benchmarks.lazy import EGRESS_PORT, RESULTS, _measure, _update_section
+from benchmarks.lazy import EGRESS_PORT, RESULTS, _measure
+from benchmarks.report import update_section
 from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, pick_services, sidecar_identity
 from xdsproxy.harness.stack import running_envoy, running_proxy, running_sim
 from xdsproxy.istio.names import ServicePort
@@ -104,7 +104,7 @@ def main() -> None:
         f"{cost * 10_000 / 1e6:.2f} CPU-seconds per second; Envoy batches entries and flushes "
         "every 30 s, over one gRPC stream per sidecar.",
     ]
-    _update_section(Path(__file__).resolve().parent / "RESULTS.md", lines)
+    update_section(lines)
 
 
 if __name__ == "__main__":

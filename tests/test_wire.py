@@ -143,3 +143,24 @@ def test_decoders_never_raise_anything_but_wire_error(data: bytes) -> None:
     for decode in (decode_sotw_response, decode_delta_response):
         with contextlib.suppress(WireError):
             decode(data)
+
+
+def test_equal_bodies_from_different_responses_share_one_object() -> None:
+
+    bodies = [
+        Any(type_url=typeurls.CLUSTER, value=bytes([i]) * 50).SerializeToString() for i in range(3)
+    ]
+    first = decode_sotw_response(encode_sotw_response("v1", typeurls.CLUSTER, "a", bodies))
+    second = decode_sotw_response(encode_sotw_response("v2", typeurls.CLUSTER, "b", bodies))
+    assert all(x is y for x, y in zip(first.bodies, second.bodies, strict=True))
+
+
+def test_pool_sweeps_what_nobody_holds() -> None:
+    from xdsproxy.wire.pool import BodyPool
+
+    pool = BodyPool()
+    kept = pool.intern([b"kept-" + bytes(10)])
+    pool.intern([b"dropped-" + bytes(10)])
+    assert len(pool) == 2
+    assert pool.sweep() == 1 and len(pool) == 1
+    assert pool.intern([b"kept-" + bytes(10)])[0] is kept[0]

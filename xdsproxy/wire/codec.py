@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean
+from xdsproxy.wire.pool import POOL, intern_names
 from xdsproxy.wire.typeurls import NAMED_TYPES
 
 
@@ -58,7 +59,7 @@ def _sotw_names(data: bytes, type_url: str, count: int) -> tuple[str, ...]:
         # A resource whose body is not a valid message of its declared type still passes
         # through unchanged; it just has no name xdsproxy can act on.
         return ("",) * count
-    return tuple([entry.value.name for entry in named])
+    return intern_names([entry.value.name for entry in named])
 
 
 def decode_sotw_response(data: bytes) -> SotwResponse:
@@ -66,7 +67,7 @@ def decode_sotw_response(data: bytes) -> SotwResponse:
         envelope = lean.SotwResponse.FromString(data)
     except DecodeError as exc:
         raise WireError(f"malformed DiscoveryResponse: {exc}") from None
-    bodies = tuple(envelope.resources)
+    bodies = POOL.intern(envelope.resources)
     return SotwResponse(
         version=envelope.version_info,
         type_url=envelope.type_url,
@@ -106,10 +107,10 @@ def decode_delta_response(data: bytes) -> DeltaResponse:
         system_version=envelope.system_version_info,
         type_url=envelope.type_url,
         nonce=envelope.nonce,
-        names=tuple([head.name for head in heads]),
+        names=intern_names([head.name for head in heads]),
         versions=tuple([head.version for head in heads]),
-        bodies=tuple(envelope.resources),
-        anys=tuple([head.resource for head in heads]),
+        bodies=POOL.intern(envelope.resources),
+        anys=POOL.intern([head.resource for head in heads]),
         removed=tuple(envelope.removed_resources),
         control_plane=envelope.control_plane,
         removed_resource_names=tuple(envelope.removed_resource_names),

@@ -1,0 +1,155 @@
+"""Lightweight xDS clients that ACK the way Envoy does, for load benchmarks.
+
+Each client opens an ADS stream (SotW or Delta), subscribes to CDS and LDS as wildcards, then
+to EDS for every EDS cluster and RDS for every route table it is sent, and ACKs each response
+with its nonce and version. It keeps only names, so thousands fit in one process.
+
+Run as a process: `python -m xdsproxy.harness.loadgen --target HOST:PORT --clients M
+[--delta]`; it prints `ready N` once every client holds CDS, EDS, LDS and RDS, then
+`pushes N` lines as pushes arrive, and runs until killed.
+"""
+
+import argparse
+import asyncio
+import sys
+import time
+
+import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+
+from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD, message_options, method_path
+from xdsproxy.wire import lean, typeurls
+from xdsproxy.wire.codec import decode_delta_response
+
+CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE
+
+
+def _node_id(index: int) -> str:
+    ip = f"10.{index // 65536}.{index // 256 % 256}.{index % 256}"
+    return f"sidecar~{ip}~load-{index}.ns-0~ns-0.svc.cluster.local"
+
+
+def _first(request: DiscoveryRequest | DeltaDiscoveryRequest, index: int) -> None:
+    request.node.id = _node_id(index)
+    request.node.metadata.update({"NAMESPACE": "ns-0", "WORKLOAD_NAME": f"load-{index}"})
+
+
+class Client:
+    def __init__(self, target: str, index: int, delta: bool, stats: "Stats") -> None:
+        options = [*message_options(), ("grpc.use_local_subchannel_pool", 1)]
+        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.call = self.channel.stream_stream(
+            method_path(DELTA_METHOD if delta else SOTW_METHOD)
+        )()
+        self.index, self.delta, self.stats = index, delta, stats
+        self.seen: set[str] = set()
+
+    async def run(self) -> None:
+        send = self._delta_request if self.delta else self._sotw_request
+        await self.call.write(send(CDS, first=True))
+        await self.call.write(send(LDS))
+        while (data := await self.call.read()) is not grpc.aio.EOF:
+            for request in (self._on_delta if self.delta else self._on_sotw)(data):
+                await self.call.write(request)
+
+    def _sotw_request(self, type_url: str, names=(), version="", nonce="", first=False) -> bytes:
+        request = DiscoveryRequest(
+            type_url=type_url, resource_names=names, version_info=version, response_nonce=nonce
+        )
+        if first:
+            _first(request, self.index)
+        return request.SerializeToString()
+
+    def _delta_request(self, type_url: str, subscribe=(), nonce="", first=False) -> bytes:
+        request = DeltaDiscoveryRequest(
+            type_url=type_url, resource_names_subscribe=subscribe, response_nonce=nonce
+        )
+        if first:
+            _first(request, self.index)
+        return request.SerializeToString()
+
+    def _note(self, type_url: str) -> None:
+        self.stats.pushes += 1
+        if type_url not in self.seen:
+            self.seen.add(type_url)
+            if self.seen >= {CDS, EDS, LDS, RDS}:
+                self.stats.ready += 1
+
+    def _on_sotw(self, data: bytes) -> list[bytes]:
+        envelope = lean.SotwResponse.FromString(data)
+        type_url = envelope.type_url
+        self._note(type_url)
+        out = [
+            self._sotw_request(
+                type_url, self._names(type_url), envelope.version_info, envelope.nonce
+            )
+        ]
+        if type_url in (CDS, LDS):
+            names = self._wanted(type_url, data)
+            follow = EDS if type_url == CDS else RDS
+            out.append(self._sotw_request(follow, names))
+            setattr(self, f"_{follow.rsplit('.', 1)[-1]}", names)
+        return out
+
+    def _names(self, type_url: str) -> tuple[str, ...]:
+        return getattr(self, f"_{type_url.rsplit('.', 1)[-1]}", ())
+
+    @staticmethod
+    def _wanted(type_url: str, data: bytes) -> tuple[str, ...]:
+        names = [entry.value.name for entry in lean.SotwNames.FromString(data).resources]
+        if type_url == CDS:
+            return tuple(n for n in names if n.startswith("outbound|"))
+        ports = [n.rsplit("_", 1)[-1] for n in names if n.startswith("0.0.0.0_")]
+        return tuple(p for p in ports if p.isdigit())
+
+    def _on_delta(self, data: bytes) -> list[bytes]:
+        response = decode_delta_response(data)
+        self._note(response.type_url)
+        out = [self._delta_request(response.type_url, nonce=response.nonce)]
+        if response.type_url == CDS:
+            new = tuple(n for n in response.names if n.startswith("outbound|"))
+            if new:
+                out.append(self._delta_request(EDS, subscribe=new))
+        elif response.type_url == LDS:
+            ports = tuple(n.rsplit("_", 1)[-1] for n in response.names if n.startswith("0.0.0.0_"))
+            if ports:
+                out.append(self._delta_request(RDS, subscribe=ports))
+        return out
+
+
+class Stats:
+    ready = 0
+    pushes = 0
+
+
+async def main(target: str, clients: int, delta: bool, ramp: float) -> None:
+    stats = Stats()
+    tasks = []
+    for index in range(clients):
+        client = Client(target, index, delta, stats)
+        tasks.append(asyncio.create_task(client.run()))
+        if ramp:
+            await asyncio.sleep(ramp)
+    announced = 0
+    last_pushes = -1
+    while True:
+        await asyncio.sleep(0.2)
+        if stats.ready == clients and not announced:
+            print(f"ready {clients} {time.time():.3f}", flush=True)
+            announced = 1
+        if announced and stats.pushes != last_pushes:
+            print(f"pushes {stats.pushes} {time.time():.3f}", flush=True)
+            last_pushes = stats.pushes
+        if all(t.done() for t in tasks):
+            print("all streams ended", file=sys.stderr, flush=True)
+            return
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--delta", action="store_true")
+    parser.add_argument("--ramp", type=float, default=0.005, help="seconds between clients")
+    args = parser.parse_args()
+    asyncio.run(main(args.target, args.clients, args.delta, args.ramp))
