@@ -217,6 +217,7 @@ class AdsProxy:
                 item = await session.outbox.get()
                 await context.write(item)
                 session.pending_bytes -= len(item)
+                del item  # not held while waiting: see _pump_upstream
         except (asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
             session.end(grpc.StatusCode.CANCELLED, "downstream went away")
 
@@ -242,12 +243,10 @@ class AdsProxy:
     async def _pump_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
         try:
             while (data := await call.read()) is not grpc.aio.EOF:
-                events = session.stream.receive_upstream(data)
-                await self._apply(session, events, call)
-                if events and isinstance(events[-1], SendDownstream):
-                    type_url = events[-1].type_url
-                    self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
-                    self.runtime.upstream_applied(session, type_url)
+                await self._on_upstream(session, call, data)
+                # Drop the response before waiting for the next: a full push is megabytes,
+                # and holding the last one per stream would cost that much per sidecar.
+                del data
             code = await call.code()
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
         except UpstreamProtocolError as exc:
@@ -256,6 +255,16 @@ class AdsProxy:
             code = exc.code()
             relayed = code if code in _RELAYED_CODES else grpc.StatusCode.UNAVAILABLE
             session.end(relayed, f"upstream: {exc.details() or code.name}")
+
+    async def _on_upstream(
+        self, session: Session, call: grpc.aio.StreamStreamCall, data: bytes
+    ) -> None:
+        events = session.stream.receive_upstream(data)
+        await self._apply(session, events, call)
+        if events and isinstance(events[-1], SendDownstream):
+            type_url = events[-1].type_url
+            self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
+            self.runtime.upstream_applied(session, type_url)
 
     async def _apply(
         self, session: Session, events: list[Event], call: grpc.aio.StreamStreamCall

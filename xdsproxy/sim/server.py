@@ -94,6 +94,7 @@ class SimServer:
                     await context.abort(status_code(item.code), str(item))
                 assert isinstance(item, bytes)
                 await context.write(item)
+                del item  # a push is megabytes; do not hold the last one per connection
         except asyncio.CancelledError:
             pass  # the client went away
         finally:
@@ -108,6 +109,7 @@ class SimServer:
             while (data := await context.read()) is not grpc.aio.EOF:
                 for response in live.connection.receive(data):
                     live.outbox.put_nowait(response)
+                    del response
         except IstiodError as exc:
             live.outbox.put_nowait(exc)
             return
