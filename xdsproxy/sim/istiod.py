@@ -21,8 +21,6 @@ from xdsproxy.sim.mesh import Mesh
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, encode_sotw_response
 
-ORDER = {type_url: rank for rank, type_url in enumerate(typeurls.PUSH_ORDER)}
-
 
 class IstiodError(Exception):
     """Ends the stream with a gRPC status, as Istiod does for a bad node or request."""
@@ -118,7 +116,7 @@ class _Connection:
         return self.node
 
     def _ordered(self) -> list[str]:
-        return sorted(self.watches, key=lambda t: ORDER.get(t, len(ORDER)))
+        return typeurls.push_order(list(self.watches))
 
     @staticmethod
     def _nonce() -> str:

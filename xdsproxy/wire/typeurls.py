@@ -24,6 +24,13 @@ WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
 
 # Istiod's push order, which keeps Envoy from warming against missing dependencies.
 PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+_RANK: Final = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}
+
+
+def push_order(type_urls: "set[str] | frozenset[str] | list[str]") -> list[str]:
+    """Type URLs in Istiod's push order; other types after, in a stable order."""
+    return sorted(type_urls, key=lambda t: (_RANK.get(t, len(_RANK)), t))
+
 
 SHORT_NAMES: Final = {
     CLUSTER: "CDS",

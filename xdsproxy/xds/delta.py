@@ -19,7 +19,7 @@ from xdsproxy.wire.codec import (
     encode_delta_resource,
     encode_delta_response,
 )
-from xdsproxy.wire.typeurls import WILDCARD_TYPES
+from xdsproxy.wire.typeurls import WILDCARD_TYPES, push_order
 from xdsproxy.xds.events import (
     Event,
     SendDownstream,
@@ -27,7 +27,6 @@ from xdsproxy.xds.events import (
     UpstreamProtocolError,
 )
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
-from xdsproxy.xds.sotw import push_order
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 

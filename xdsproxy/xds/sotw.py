@@ -15,7 +15,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
-from xdsproxy.wire.typeurls import PUSH_ORDER
+from xdsproxy.wire.typeurls import push_order
 from xdsproxy.xds.events import (
     Event,
     SendDownstream,
@@ -25,12 +25,6 @@ from xdsproxy.xds.events import (
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
-
-_RANK = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}
-
-
-def push_order(type_urls: "set[str] | frozenset[str]") -> list[str]:
-    return sorted(type_urls, key=lambda t: (_RANK.get(t, len(_RANK)), t))
 
 
 @dataclass(slots=True)
