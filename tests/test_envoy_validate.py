@@ -10,7 +10,7 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.json_format import MessageToDict
 
 from tests.test_scope_sidecar import SIM_UPSTREAM, _scope
-from xdsproxy.harness.envoy import envoy_binary
+from xdsproxy.harness.envoy import envoy_binary, grpc_cluster
 from xdsproxy.scope.egress import (
     EgressSettings,
     als_cluster,
@@ -29,37 +29,6 @@ def _dict(any_bytes: bytes, message_type) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _static(name: str) -> dict:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/"
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": 1}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-
-
 def validate(tmp_path, listeners: list[dict], clusters: list[dict]) -> subprocess.CompletedProcess:
     bootstrap = {
         "node": {
@@ -75,7 +44,7 @@ def validate(tmp_path, listeners: list[dict], clusters: list[dict]) -> subproces
         },
         "static_resources": {
             "listeners": listeners,
-            "clusters": [_static("xds-grpc"), _static("sds-grpc"), *clusters],
+            "clusters": [grpc_cluster("xds-grpc", 1), grpc_cluster("sds-grpc", 1), *clusters],
         },
     }
     path = tmp_path / "bootstrap.json"

@@ -56,6 +56,29 @@ class SidecarIdentity:
         }
 
 
+def grpc_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A static HTTP/2 cluster, as bootstrap JSON, for a gRPC server on loopback."""
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {"max_concurrent_streams": 1073741824}
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+        },
+    }
+
+
 def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str, Any]:
     ads = {"ads": {}, "resource_api_version": "V3"}
     return {
@@ -82,43 +105,7 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
             "cds_config": ads,
             "lds_config": ads,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {"max_concurrent_streams": 1073741824}
-                            },
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "xds-grpc",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": ads_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [grpc_cluster("xds-grpc", ads_port)]},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         # Connections leave from the node's own IP (127.0.0.x on loopback), as from a pod.
         "cluster_manager": {
