@@ -11,6 +11,8 @@ Run as a process: `python -m xdsproxy.harness.loadgen --target HOST:PORT --clien
 
 import argparse
 import asyncio
+import contextlib
+import random
 import sys
 import time
 
@@ -36,15 +38,26 @@ def _first(request: DiscoveryRequest | DeltaDiscoveryRequest, index: int) -> Non
 
 class Client:
     def __init__(self, target: str, index: int, delta: bool, stats: "Stats") -> None:
-        options = [*message_options(), ("grpc.use_local_subchannel_pool", 1)]
-        self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.call = self.channel.stream_stream(
-            method_path(DELTA_METHOD if delta else SOTW_METHOD)
-        )()
-        self.index, self.delta, self.stats = index, delta, stats
+        self.target, self.index, self.delta, self.stats = target, index, delta, stats
         self.seen: set[str] = set()
 
-    async def run(self) -> None:
+    async def run(self, reconnect: bool) -> None:
+        """One stream; with `reconnect`, a new one after each end, with Envoy-like jittered
+        backoff, starting from scratch as a restarted Envoy's agent would."""
+        while True:
+            options = [*message_options(), ("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+                method = method_path(DELTA_METHOD if self.delta else SOTW_METHOD)
+                self.call = channel.stream_stream(method)()
+                self.seen = set()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self._stream()
+            if not reconnect:
+                return
+            self.stats.reconnects += 1
+            await asyncio.sleep(random.uniform(0.1, 1.0))
+
+    async def _stream(self) -> None:
         send = self._delta_request if self.delta else self._sotw_request
         await self.call.write(send(CDS, first=True))
         await self.call.write(send(LDS))
@@ -118,25 +131,27 @@ class Client:
 
 
 class Stats:
-    ready = 0
+    ready = 0  # clients in sync, counted again after each reconnect
     pushes = 0
+    reconnects = 0
 
 
-async def main(target: str, clients: int, delta: bool, ramp: float) -> None:
+async def main(target: str, clients: int, delta: bool, ramp: float, reconnect: bool) -> None:
     stats = Stats()
     tasks = []
     for index in range(clients):
         client = Client(target, index, delta, stats)
-        tasks.append(asyncio.create_task(client.run()))
+        tasks.append(asyncio.create_task(client.run(reconnect)))
         if ramp:
             await asyncio.sleep(ramp)
     announced = 0
     last_pushes = -1
     while True:
-        await asyncio.sleep(0.2)
-        if stats.ready == clients and not announced:
+        await asyncio.sleep(0.1)
+        if stats.ready >= clients * (announced + 1):
+            # Every client synced once more: first start, then after each reconnect storm.
             print(f"ready {clients} {time.time():.3f}", flush=True)
-            announced = 1
+            announced += 1
         if announced and stats.pushes != last_pushes:
             print(f"pushes {stats.pushes} {time.time():.3f}", flush=True)
             last_pushes = stats.pushes
@@ -151,5 +166,6 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--delta", action="store_true")
     parser.add_argument("--ramp", type=float, default=0.005, help="seconds between clients")
+    parser.add_argument("--reconnect", action="store_true", help="reconnect when a stream ends")
     args = parser.parse_args()
-    asyncio.run(main(args.target, args.clients, args.delta, args.ramp))
+    asyncio.run(main(args.target, args.clients, args.delta, args.ramp, args.reconnect))

@@ -32,14 +32,8 @@ async def running_sim(
 
 @asynccontextmanager
 async def running_proxy(upstream_port: int, **config: Any) -> AsyncIterator[ProxyServer]:
-    proxy = ProxyServer(
-        ServeConfig(
-            upstream=f"127.0.0.1:{upstream_port}",
-            listen="127.0.0.1:0",
-            shutdown_grace_seconds=1.0,
-            **config,
-        )
-    )
+    config = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 1.0, **config}
+    proxy = ProxyServer(ServeConfig(upstream=f"127.0.0.1:{upstream_port}", **config))
     await proxy.start()
     try:
         yield proxy
