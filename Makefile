@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-forward bench-lazy bench-usage lint format clean
+.PHONY: install test demo bench-forward bench-lazy bench-usage soak lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench-lazy: $(STAMP)
 
 bench-usage: $(STAMP)
 	$(BIN)/python -m benchmarks.usage
+
+# Ten minutes under endpoint churn; not part of `make test`.
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
