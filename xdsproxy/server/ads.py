@@ -160,7 +160,10 @@ class AdsProxy:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "xdsproxy is shutting down")
         protocol = "SotW" if method == SOTW_METHOD else "Delta"
         session = Session(next(self._ids), protocol, context.peer(), stream)
-        first = await context.read()
+        try:
+            first = await context.read()
+        except asyncio.CancelledError:
+            return  # Envoy went away before saying anything
         if first is grpc.aio.EOF:
             return
         try:
@@ -178,15 +181,17 @@ class AdsProxy:
             extra={"node": session.node_id, "protocol": protocol, "peer": session.peer},
         )
         channel = self.upstream.open()
-        call = self.upstream.call(
-            channel, method, forwardable_metadata(context.invocation_metadata() or ())
-        )
-        tasks = [
-            asyncio.create_task(self._pump_downstream(session, context, call, first_events)),
-            asyncio.create_task(self._pump_upstream(session, call)),
-            asyncio.create_task(self._drain(session, context)),
-        ]
+        call: grpc.aio.StreamStreamCall | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
+            call = self.upstream.call(
+                channel, method, forwardable_metadata(context.invocation_metadata() or ())
+            )
+            tasks = [
+                asyncio.create_task(self._pump_downstream(session, context, call, first_events)),
+                asyncio.create_task(self._pump_upstream(session, call)),
+                asyncio.create_task(self._drain(session, context)),
+            ]
             end = await session.ended
             for task in tasks:
                 task.cancel()
@@ -204,7 +209,8 @@ class AdsProxy:
             self.metrics.streams.labels(protocol).dec()
             for task in tasks:
                 task.cancel()
-            call.cancel()
+            if call is not None:
+                call.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
