@@ -68,9 +68,18 @@ class Scope:
     learned: dict[ServicePort, Edge] = field(default_factory=dict)
     static: tuple[HostPattern, ...] = ()
     version: int = 0
+    _static_matches: dict[ServicePort, bool] = field(default_factory=dict, repr=False)
 
     def covers(self, service: ServicePort) -> bool:
-        return service in self.learned or any(p.matches(service) for p in self.static)
+        """Asked of every cluster on every push: learned set first, static matches memoized."""
+        if service in self.learned:
+            return True
+        if not self.static:
+            return False
+        matched = self._static_matches.get(service)
+        if matched is None:
+            matched = self._static_matches[service] = any(p.matches(service) for p in self.static)
+        return matched
 
     def origin(self, service: ServicePort) -> str | None:
         if service in self.learned:
@@ -120,4 +129,5 @@ class Scope:
     def set_static(self, patterns: tuple[HostPattern, ...]) -> None:
         if patterns != self.static:
             self.static = patterns
+            self._static_matches.clear()
             self.version += 1
