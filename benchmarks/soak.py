@@ -34,10 +34,20 @@ def _slope(samples: list[tuple[float, float]]) -> float:
     return num / den
 
 
-async def soak(services: int, clients: int, rate: float, minutes: float) -> dict:
+def _metric(port: int, name: str) -> float:
+    """Sum of a metric's samples on the proxy's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def soak(
+    services: int, clients: int, rate: float, minutes: float, verbose: bool = False
+) -> dict:
     mesh = generate(services)
     eds = [s.fqdn for s in mesh.services.values() if s.kind == "eds"]
-    port = free_port()
+    port, debug = free_port(), free_port()
     async with running_sim(mesh) as sim:
         proxy = _spawn(
             "xdsproxy.cli",
@@ -50,7 +60,7 @@ async def soak(services: int, clients: int, rate: float, minutes: float) -> dict
             "--listen",
             f"127.0.0.1:{port}",
             "--debug-listen",
-            "127.0.0.1:0",
+            f"127.0.0.1:{debug}",
         )
         loadgen = None
         try:
@@ -75,8 +85,15 @@ async def soak(services: int, clients: int, rate: float, minutes: float) -> dict
                 if now >= next_sample:
                     samples.append((now - start, _rss_mb(proxy.pid)))
                     next_sample += 5
+                    if verbose:
+                        print(
+                            f"{now - start:.0f}s rss={samples[-1][1]:.0f}MB "
+                            f"streams_opened={_metric(debug, 'xdsproxy_streams_opened_total')}",
+                            flush=True,
+                        )
                 await asyncio.sleep(1 / rate)
         finally:
+            opened = _metric(debug, "xdsproxy_streams_opened_total")
             terminate(loadgen)
             terminate(proxy)
     half = [s for s in samples if s[0] >= samples[-1][0] / 2]
@@ -90,6 +107,7 @@ async def soak(services: int, clients: int, rate: float, minutes: float) -> dict
         "rss_end_mb": samples[-1][1],
         "rss_peak_mb": max(m for _, m in samples),
         "slope_mb_per_min_second_half": _slope(half),
+        "streams_opened": opened,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -101,8 +119,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rate", type=float, default=2.0, help="endpoint changes per second")
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--verbose", action="store_true", help="print every sample")
     args = parser.parse_args()
-    row = asyncio.run(soak(args.services, args.clients, args.rate, args.minutes))
+    row = asyncio.run(soak(args.services, args.clients, args.rate, args.minutes, args.verbose))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(row, indent=2) + "\n")
     update_section(
