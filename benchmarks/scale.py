@@ -68,7 +68,7 @@ def _sync(target: int, clients: int, delta: bool) -> float:
         "0",
     ]
     start = time.monotonic()
-    loadgen = _spawn(*args, *(["--delta"] if delta else []))
+    loadgen = _spawn(*args, *(["--delta"] if delta else []), read=True)
     try:
         assert loadgen.stdout is not None
         for line in loadgen.stdout:

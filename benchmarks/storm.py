@@ -62,6 +62,7 @@ def storm(services: int, clients: int, delta: bool) -> dict:
             "0.001",
             "--reconnect",
             *(["--delta"] if delta else []),
+            read=True,  # a thread below reads every line
         )
         assert loadgen.stdout is not None
         readies: list[float] = []
