@@ -12,48 +12,15 @@ its section of RESULTS.md).
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from benchmarks.processes import cpu_seconds, rss_mb, spawn, wait_port
 from benchmarks.report import update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _wait_port(port: int, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def _sync(target: int, clients: int, delta: bool) -> float:
@@ -68,7 +35,7 @@ def _sync(target: int, clients: int, delta: bool) -> float:
         "0",
     ]
     start = time.monotonic()
-    loadgen = _spawn(*args, *(["--delta"] if delta else []), read=True)
+    loadgen = spawn(*args, *(["--delta"] if delta else []), read=True)
     try:
         assert loadgen.stdout is not None
         for line in loadgen.stdout:
@@ -81,7 +48,7 @@ def _sync(target: int, clients: int, delta: bool) -> float:
 
 def measure(services: int, clients: int, delta: bool) -> dict:
     sim_port, proxy_port = free_port(), free_port()
-    sim = _spawn(
+    sim = spawn(
         "xdsproxy.cli",
         "--log-level",
         "warning",
@@ -93,9 +60,9 @@ def measure(services: int, clients: int, delta: bool) -> dict:
     )
     proxy = None
     try:
-        _wait_port(sim_port)
+        wait_port(sim_port)
         direct = _sync(sim_port, clients, delta)
-        proxy = _spawn(
+        proxy = spawn(
             "xdsproxy.cli",
             "--log-level",
             "warning",
@@ -108,8 +75,8 @@ def measure(services: int, clients: int, delta: bool) -> dict:
             "--debug-listen",
             "127.0.0.1:0",
         )
-        _wait_port(proxy_port)
-        idle_rss, cpu_before = _rss_mb(proxy.pid), _cpu_seconds(proxy.pid)
+        wait_port(proxy_port)
+        idle_rss, cpu_before = rss_mb(proxy.pid), cpu_seconds(proxy.pid)
         via = _sync(proxy_port, clients, delta)
         row = {
             "services": services,
@@ -117,8 +84,8 @@ def measure(services: int, clients: int, delta: bool) -> dict:
             "protocol": "Delta" if delta else "SotW",
             "direct_sync_s": direct,
             "proxy_sync_s": via,
-            "proxy_cpu_s": _cpu_seconds(proxy.pid) - cpu_before,
-            "proxy_rss_mb": _rss_mb(proxy.pid),
+            "proxy_cpu_s": cpu_seconds(proxy.pid) - cpu_before,
+            "proxy_rss_mb": rss_mb(proxy.pid),
             "proxy_idle_rss_mb": idle_rss,
         }
     finally:

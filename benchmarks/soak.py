@@ -16,8 +16,9 @@ import random
 import statistics
 import time
 
+from benchmarks.processes import rss_mb, spawn, wait_port
 from benchmarks.report import update_section
-from benchmarks.scale import RESULTS, _rss_mb, _spawn, _wait_port
+from benchmarks.scale import RESULTS
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 from xdsproxy.harness.stack import running_sim
@@ -49,7 +50,7 @@ async def soak(
     eds = [s.fqdn for s in mesh.services.values() if s.kind == "eds"]
     port, debug = free_port(), free_port()
     async with running_sim(mesh) as sim:
-        proxy = _spawn(
+        proxy = spawn(
             "xdsproxy.cli",
             "--log-level",
             "warning",
@@ -64,8 +65,8 @@ async def soak(
         )
         loadgen = None
         try:
-            await asyncio.to_thread(_wait_port, port)
-            loadgen = _spawn(
+            await asyncio.to_thread(wait_port, port)
+            loadgen = spawn(
                 "xdsproxy.harness.loadgen",
                 "--target",
                 f"127.0.0.1:{port}",
@@ -83,7 +84,7 @@ async def soak(
                 sim.mutate(lambda m, f=fqdn, a=ip: m.set_endpoints(f, [Endpoint(a, 8080)]))
                 changes += 1
                 if now >= next_sample:
-                    samples.append((now - start, _rss_mb(proxy.pid)))
+                    samples.append((now - start, rss_mb(proxy.pid)))
                     next_sample += 5
                     if verbose:
                         print(

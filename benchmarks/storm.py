@@ -13,14 +13,15 @@ import signal
 import threading
 import time
 
+from benchmarks.processes import rss_mb, spawn, wait_port
 from benchmarks.report import update_section
-from benchmarks.scale import RESULTS, _rss_mb, _spawn, _wait_port
+from benchmarks.scale import RESULTS
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
 
 def _proxy(sim_port: int, port: int):
-    return _spawn(
+    return spawn(
         "xdsproxy.cli",
         "--log-level",
         "warning",
@@ -37,7 +38,7 @@ def _proxy(sim_port: int, port: int):
 
 def storm(services: int, clients: int, delta: bool) -> dict:
     sim_port, port = free_port(), free_port()
-    sim = _spawn(
+    sim = spawn(
         "xdsproxy.cli",
         "--log-level",
         "warning",
@@ -49,10 +50,10 @@ def storm(services: int, clients: int, delta: bool) -> dict:
     )
     proxy = loadgen = None
     try:
-        _wait_port(sim_port)
+        wait_port(sim_port)
         proxy = _proxy(sim_port, port)
-        _wait_port(port)
-        loadgen = _spawn(
+        wait_port(port)
+        loadgen = spawn(
             "xdsproxy.harness.loadgen",
             "--target",
             f"127.0.0.1:{port}",
@@ -77,14 +78,14 @@ def storm(services: int, clients: int, delta: bool) -> dict:
         while not readies and time.monotonic() < deadline:
             time.sleep(0.1)
         assert readies, "the clients never synced"
-        before_rss = _rss_mb(proxy.pid)
+        before_rss = rss_mb(proxy.pid)
         os.kill(proxy.pid, signal.SIGKILL)
         proxy.wait(10)
         restarted = time.monotonic()
         proxy = _proxy(sim_port, port)
         peak = 0.0
         while len(readies) < 2 and time.monotonic() < deadline:
-            peak = max(peak, _rss_mb(proxy.pid))
+            peak = max(peak, rss_mb(proxy.pid))
             time.sleep(0.2)
         assert len(readies) >= 2, "the clients did not all resync"
         row = {

@@ -28,8 +28,18 @@ def _documents() -> list[tuple[str, dict]]:
 
 DOCUMENTS = _documents()
 BUILT_IN = [
-    (name, doc) for name, doc in DOCUMENTS if not doc["apiVersion"].startswith("xdsproxy.io")
+    (name, doc)
+    for name, doc in DOCUMENTS
+    if not doc["apiVersion"].startswith(("xdsproxy.io", "security.istio.io"))
 ]
+ISTIO = [
+    (name, doc) for name, doc in DOCUMENTS if doc["apiVersion"].startswith("security.istio.io")
+]
+# Spec fields of Istio's security API (istio.io/latest/docs/reference/config/security).
+ISTIO_SPEC_FIELDS = {
+    "PeerAuthentication": {"selector", "mtls", "portLevelMtls"},
+    "AuthorizationPolicy": {"selector", "targetRef", "targetRefs", "rules", "action", "provider"},
+}
 CUSTOM = [(name, doc) for name, doc in DOCUMENTS if doc["apiVersion"].startswith("xdsproxy.io")]
 
 
@@ -43,6 +53,8 @@ def test_there_is_something_to_validate() -> None:
         "ClusterRole",
         "CustomResourceDefinition",
         "LazyScope",
+        "PeerAuthentication",
+        "AuthorizationPolicy",
     } <= kinds
 
 
@@ -115,3 +127,18 @@ def test_workload_patch_points_discovery_at_xdsproxy() -> None:
     patch = yaml.safe_load((DEPLOY / "examples" / "patches" / "discovery-address.yaml").read_text())
     annotation = patch["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"]
     assert json.loads(annotation) == {"discoveryAddress": "xdsproxy.istio-system.svc:15012"}
+
+
+def test_egress_policies_select_the_egress_pods_strict_and_allow_nothing() -> None:
+    egress = next(
+        d for n, d in DOCUMENTS if n.startswith("base/egress.yaml") and d["kind"] == "Deployment"
+    )
+    pod_labels = egress["spec"]["template"]["metadata"]["labels"]
+    policies = {doc["kind"]: doc for _, doc in ISTIO}
+    for kind, doc in policies.items():
+        assert doc["apiVersion"] == "security.istio.io/v1"
+        assert set(doc["spec"]) <= ISTIO_SPEC_FIELDS[kind], kind
+        assert doc["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), kind
+    assert policies["PeerAuthentication"]["spec"]["mtls"] == {"mode": "STRICT"}
+    allow_nothing = policies["AuthorizationPolicy"]["spec"]
+    assert allow_nothing["action"] == "ALLOW" and "rules" not in allow_nothing

@@ -12,67 +12,20 @@ import pytest
 
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
+from xdsproxy.harness.pki import Authority
 from xdsproxy.harness.stack import running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire.codec import decode_sotw_response
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
     """A mesh root and a serving certificate for Istiod's name and 127.0.0.1."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/O=cluster.local/CN=root",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
+    authority = Authority(tmp_path_factory.mktemp("pki"))
+    serving = authority.issue(
+        "istiod", ["DNS:istiod.istio-system.svc", "DNS:xdsproxy.istio-system.svc", "IP:127.0.0.1"]
     )
-    _openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=istiod",
-        "-keyout",
-        str(d / "tls.key"),
-        "-out",
-        str(d / "tls.csr"),
-    )
-    (d / "ext").write_text(
-        "subjectAltName=DNS:istiod.istio-system.svc,DNS:xdsproxy.istio-system.svc,IP:127.0.0.1\n"
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(d / "tls.csr"),
-        "-CA",
-        str(d / "ca.pem"),
-        "-CAkey",
-        str(d / "ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        str(d / "ext"),
-        "-out",
-        str(d / "tls.pem"),
-    )
-    return {"ca": d / "ca.pem", "cert": d / "tls.pem", "key": d / "tls.key"}
+    return {"ca": authority.cert, "cert": serving.cert, "key": serving.key}
 
 
 def _server_credentials(pki: dict[str, Path]) -> grpc.ServerCredentials:

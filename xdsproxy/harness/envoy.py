@@ -79,8 +79,14 @@ def grpc_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any
     }
 
 
-def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str, Any]:
+def bootstrap(
+    ads_port: int, identity: SidecarIdentity, delta: bool, sds_port: int | None = None
+) -> dict[str, Any]:
+    """`sds_port`: where the stand-in for pilot-agent's SDS listens (Istio's `sds-grpc`)."""
     ads = {"ads": {}, "resource_api_version": "V3"}
+    clusters = [grpc_cluster("xds-grpc", ads_port)]
+    if sds_port is not None:
+        clusters.append(grpc_cluster("sds-grpc", sds_port))
     return {
         "node": identity.node(),
         "dynamic_resources": {
@@ -105,7 +111,7 @@ def bootstrap(ads_port: int, identity: SidecarIdentity, delta: bool) -> dict[str
             "cds_config": ads,
             "lds_config": ads,
         },
-        "static_resources": {"clusters": [grpc_cluster("xds-grpc", ads_port)]},
+        "static_resources": {"clusters": clusters},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         # Connections leave from the node's own IP (127.0.0.x on loopback), as from a pod.
         "cluster_manager": {
@@ -130,10 +136,15 @@ class Envoy:
     """One Envoy process. Use as a context manager so it is always stopped."""
 
     def __init__(
-        self, ads_port: int, identity: SidecarIdentity | None = None, delta: bool = False
+        self,
+        ads_port: int,
+        identity: SidecarIdentity | None = None,
+        delta: bool = False,
+        sds_port: int | None = None,
     ) -> None:
         self.identity = identity or SidecarIdentity()
         self.delta = delta
+        self.sds_port = sds_port
         self.ads_port = ads_port
         self.workdir = Path(tempfile.mkdtemp(prefix="xdsproxy-envoy-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -141,7 +152,9 @@ class Envoy:
 
     def start(self, timeout: float = 30.0) -> "Envoy":
         config = self.workdir / "bootstrap.json"
-        config.write_text(json.dumps(bootstrap(self.ads_port, self.identity, self.delta)))
+        config.write_text(
+            json.dumps(bootstrap(self.ads_port, self.identity, self.delta, self.sds_port))
+        )
         address_file = self.workdir / "admin-address"
         self.log_path = self.workdir / "envoy.log"
         self.process = subprocess.Popen(

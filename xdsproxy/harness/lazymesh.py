@@ -1,14 +1,18 @@
 """A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
 
 import asyncio
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.envoy import Envoy, SidecarIdentity
 from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.pki import Authority
+from xdsproxy.harness.sds import SdsServer
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
 from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
@@ -44,19 +48,41 @@ class LazyMesh:
     port: int  # the mesh's HTTP port
     backends: dict[str, Backend]
     stack: AsyncExitStack
+    mesh_ca: "MeshCa | None" = None
     sidecars: list[Envoy] = field(default_factory=list)
 
     async def add_sidecar(self, identity: SidecarIdentity, delta: bool) -> Envoy:
+        sds_port = None
+        if self.mesh_ca is not None:
+            sds_port = await asyncio.to_thread(self.mesh_ca.enrol, identity)
         envoy = await self.stack.enter_async_context(
-            running_envoy(self.proxy.port, delta, identity)
+            running_envoy(self.proxy.port, delta, identity, sds_port)
         )
         self.sidecars.append(envoy)
         await eventually(lambda: str(self.port) in dynamic_config(envoy.config_dump())["routes"])
         return envoy
 
 
-def build_mesh(port: int, backends: dict[str, Backend], egress_port: int) -> Mesh:
+class MeshCa:
+    """Istio's CA and each proxy's agent, as stand-ins: a root, and an SDS server that hands
+    every enrolled Envoy its own SPIFFE certificate."""
+
+    def __init__(self) -> None:
+        self.authority = Authority(Path(tempfile.mkdtemp(prefix="xdsproxy-pki-")))
+        self.sds = SdsServer(self.authority.cert.read_bytes(), {})
+
+    def enrol(self, identity: SidecarIdentity) -> int:
+        account = str(identity.node()["metadata"]["SERVICE_ACCOUNT"])
+        issued = self.authority.workload(identity.namespace, account)
+        self.sds.workloads[identity.node_id] = issued
+        return self.sds.port
+
+
+def build_mesh(
+    port: int, backends: dict[str, Backend], egress_port: int, mtls: bool = False
+) -> Mesh:
     mesh = generate(12, namespaces=2, http_ports=(port,))
+    mesh.auto_mtls = mtls
     a, b = "svc-3.ns-1.svc.cluster.local", "svc-4.ns-0.svc.cluster.local"
     # svc-3 has subsets v1/v2; all traffic to v2, so only the weighted route can reach backend b.
     service_a = mesh.services[a]
@@ -72,18 +98,18 @@ def build_mesh(port: int, backends: dict[str, Backend], egress_port: int) -> Mes
         ),
     )
     mesh.set_endpoints(b, [Endpoint("127.0.0.1", backends["c"].port)])
-    mesh.add(egress_service(port, egress_port))
+    mesh.add(egress_service(port, egress_port, mtls))
     return mesh
 
 
-def egress_service(port: int, endpoint_port: int) -> Service:
+def egress_service(port: int, endpoint_port: int, mtls: bool = False) -> Service:
     """The egress as Istiod knows it: a mesh service whose endpoint is the egress listener."""
     return Service(
         "lazy-egress",
         "istio-system",
         (Port(port, "HTTP"),),
         "10.96.250.1",
-        endpoints=(Endpoint("127.0.0.1", endpoint_port),),
+        endpoints=(Endpoint("127.0.0.1", endpoint_port, istio_mtls=mtls),),
     )
 
 
@@ -94,8 +120,11 @@ async def lazy_stack(
     egress_service_port: int,
     delta: bool = False,
     usage_sample_percent: float = 0.0,
+    mesh_ca: MeshCa | None = None,
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
-    """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress."""
+    """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress.
+
+    With `mesh_ca`, the egress's lazy listener requires Istio mTLS, as in a cluster."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(running_sim_with(mesh))
         proxy = await stack.enter_async_context(
@@ -108,7 +137,7 @@ async def lazy_stack(
                     bind_address="127.0.0.1",
                     als_host="127.0.0.1",
                     als_port=0,
-                    mtls=False,  # no Istio agent (SDS) on loopback
+                    mtls=mesh_ca is not None,
                 ),
                 als_listen="127.0.0.1:0",
                 usage_sample_percent=usage_sample_percent,
@@ -123,7 +152,12 @@ async def lazy_stack(
             "lazy-egress",
             {EGRESS_ROLE_LABEL: EGRESS_ROLE},
         )
-        egress = await stack.enter_async_context(running_envoy(proxy.port, delta, identity))
+        sds_port = None
+        if mesh_ca is not None:
+            sds_port = await asyncio.to_thread(mesh_ca.enrol, identity)
+        egress = await stack.enter_async_context(
+            running_envoy(proxy.port, delta, identity, sds_port)
+        )
 
         def ready() -> bool:
             listeners = dynamic_config(egress.config_dump(include_eds=False))["listeners"]
@@ -138,19 +172,25 @@ async def lazy_stack(
 
 
 @asynccontextmanager
-async def lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+async def lazy_mesh(delta: bool, mtls: bool = False) -> AsyncIterator[LazyMesh]:
+    """With `mtls`, Istio's auto mTLS on loopback: sidecars reach the egress with their SPIFFE
+    certificates from an SDS stand-in, and the egress's lazy listener requires one."""
     async with AsyncExitStack() as stack:
+        mesh_ca = None
+        if mtls:
+            mesh_ca = await asyncio.to_thread(MeshCa)
+            await stack.enter_async_context(mesh_ca.sds)
         backends = {name: stack.enter_context(Backend(name)) for name in ("a", "b", "c")}
         # A host outside the mesh; its port becomes the mesh's HTTP port so that traffic to it
         # goes through an HTTP listener and the catch-all, as it would in Istio.
         backends["outside"] = stack.enter_context(Backend("outside", host="127.0.0.50"))
         port = backends["outside"].port
         egress_port = free_port()
-        mesh = build_mesh(port, backends, egress_port)
+        mesh = build_mesh(port, backends, egress_port, mtls)
         sim, proxy, egress = await stack.enter_async_context(
-            lazy_stack(mesh, egress_port, port, delta, usage_sample_percent=100.0)
+            lazy_stack(mesh, egress_port, port, delta, 100.0, mesh_ca)
         )
-        yield LazyMesh(sim, proxy, egress, port, backends, stack)
+        yield LazyMesh(sim, proxy, egress, port, backends, stack, mesh_ca)
 
 
 @asynccontextmanager

@@ -43,9 +43,12 @@ async def running_proxy(upstream_port: int, **config: Any) -> AsyncIterator[Prox
 
 @asynccontextmanager
 async def running_envoy(
-    ads_port: int, delta: bool = False, identity: SidecarIdentity | None = None
+    ads_port: int,
+    delta: bool = False,
+    identity: SidecarIdentity | None = None,
+    sds_port: int | None = None,
 ) -> AsyncIterator[Envoy]:
-    envoy = Envoy(ads_port, identity, delta)
+    envoy = Envoy(ads_port, identity, delta, sds_port)
     await asyncio.to_thread(envoy.start)
     try:
         yield envoy

@@ -25,3 +25,15 @@ def ads() -> ConfigSource:
     source = ConfigSource(resource_api_version=ApiVersion.V3)
     source.ads.SetInParent()
     return source
+
+
+def istio_sds() -> ConfigSource:
+    """Istio's agent serves the workload certificate (`default`) and root (`ROOTCA`) over SDS
+    on the `sds-grpc` cluster of every proxy's bootstrap."""
+    source = ConfigSource(resource_api_version=ApiVersion.V3)
+    api = source.api_config_source
+    api.api_type = api.GRPC
+    api.transport_api_version = ApiVersion.V3
+    api.set_node_on_first_message_only = True
+    api.grpc_services.add().envoy_grpc.cluster_name = "sds-grpc"
+    return source

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
-from envoy.config.core.v3.config_source_pb2 import ApiVersion, ConfigSource
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.extensions.access_loggers.grpc.v3.als_pb2 import HttpGrpcAccessLogConfig
@@ -32,7 +32,7 @@ from envoy.extensions.transport_sockets.tls.v3.common_pb2 import TlsParameters
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 
-from xdsproxy.istio.envoyconfig import ads, pack, typed
+from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import outbound_cluster, service_namespace
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
@@ -158,18 +158,6 @@ def synthesized_listener(settings: EgressSettings) -> bytes:
     return pack(listener)
 
 
-def _istio_sds() -> ConfigSource:
-    """Istio's agent serves the workload certificate (`default`) and root (`ROOTCA`) over SDS
-    on the `sds-grpc` cluster of every proxy's bootstrap."""
-    source = ConfigSource(resource_api_version=ApiVersion.V3)
-    api = source.api_config_source
-    api.api_type = api.GRPC
-    api.transport_api_version = ApiVersion.V3
-    api.set_node_on_first_message_only = True
-    api.grpc_services.add().envoy_grpc.cluster_name = "sds-grpc"
-    return source
-
-
 def istio_mtls() -> DownstreamTlsContext:
     context = DownstreamTlsContext()
     context.require_client_certificate.value = True
@@ -177,11 +165,11 @@ def istio_mtls() -> DownstreamTlsContext:
     common.tls_params.tls_minimum_protocol_version = TlsParameters.TLSv1_2
     common.alpn_protocols.extend(["h2", "http/1.1"])
     certificate = common.tls_certificate_sds_secret_configs.add(name="default")
-    certificate.sds_config.CopyFrom(_istio_sds())
+    certificate.sds_config.CopyFrom(istio_sds())
     validation = common.combined_validation_context
     validation.default_validation_context.SetInParent()
     validation.validation_context_sds_secret_config.name = "ROOTCA"
-    validation.validation_context_sds_secret_config.sds_config.CopyFrom(_istio_sds())
+    validation.validation_context_sds_secret_config.sds_config.CopyFrom(istio_sds())
     return context
 
 

@@ -22,8 +22,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
+from envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2 import RawBuffer
+from envoy.extensions.transport_sockets.tls.v3.common_pb2 import TlsParameters
+from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import UpstreamTlsContext
 
-from xdsproxy.istio.envoyconfig import ads, typed
+from xdsproxy.istio.envoyconfig import ads, istio_sds, typed
 from xdsproxy.sim.mesh import Mesh, Service, cluster_name
 
 PASSTHROUGH = "PassthroughCluster"
@@ -58,7 +61,28 @@ def _istio_metadata(cluster: Cluster, service: Service, port: int, subset: str) 
     )
 
 
-def _outbound_cluster(service: Service, port: int, subset: str) -> Cluster:
+def _istio_mtls_matches(cluster: Cluster, service: Service, port: int) -> None:
+    """Istio's auto mTLS: TLS with the workload certificate to endpoints labelled
+    `tlsMode: istio`, plaintext to the rest."""
+    context = UpstreamTlsContext(sni=f"outbound_.{port}_._.{service.fqdn}")
+    common = context.common_tls_context
+    common.tls_params.tls_minimum_protocol_version = TlsParameters.TLSv1_2
+    common.alpn_protocols.extend(["istio-peer-exchange", "istio"])
+    common.tls_certificate_sds_secret_configs.add(name="default").sds_config.CopyFrom(istio_sds())
+    validation = common.combined_validation_context
+    validation.default_validation_context.SetInParent()
+    validation.validation_context_sds_secret_config.name = "ROOTCA"
+    validation.validation_context_sds_secret_config.sds_config.CopyFrom(istio_sds())
+    tls = cluster.transport_socket_matches.add(name="tlsMode-istio")
+    tls.match.update({"tlsMode": "istio"})
+    tls.transport_socket.name = "envoy.transport_sockets.tls"
+    tls.transport_socket.typed_config.CopyFrom(typed(context))
+    plain = cluster.transport_socket_matches.add(name="tlsMode-disabled")
+    plain.transport_socket.name = "envoy.transport_sockets.raw_buffer"
+    plain.transport_socket.typed_config.CopyFrom(typed(RawBuffer()))
+
+
+def _outbound_cluster(service: Service, port: int, subset: str, mtls: bool) -> Cluster:
     name = cluster_name(port, service.fqdn, subset)
     cluster = Cluster(name=name, lb_policy=Cluster.LEAST_REQUEST)
     cluster.connect_timeout.seconds = 10
@@ -82,6 +106,8 @@ def _outbound_cluster(service: Service, port: int, subset: str) -> Cluster:
         cluster.eds_cluster_config.eds_config.CopyFrom(ads())
         cluster.eds_cluster_config.eds_config.initial_fetch_timeout.SetInParent()
         cluster.common_lb_config.locality_weighted_lb_config.SetInParent()
+    if mtls:
+        _istio_mtls_matches(cluster, service, port)
     return cluster
 
 
@@ -95,9 +121,9 @@ def build_clusters(mesh: Mesh, inbound_ports: tuple[int, ...] = (8080,)) -> list
     clusters: list[Cluster] = []
     for service in mesh.services.values():
         for port in service.ports:
-            clusters.append(_outbound_cluster(service, port.number, ""))
+            clusters.append(_outbound_cluster(service, port.number, "", mesh.auto_mtls))
             for subset, _ in service.subsets:
-                clusters.append(_outbound_cluster(service, port.number, subset))
+                clusters.append(_outbound_cluster(service, port.number, subset, mesh.auto_mtls))
     for port in inbound_ports:
         inbound = _named_cluster(f"inbound|{port}||", Cluster.STATIC)
         inbound.load_assignment.cluster_name = inbound.name
@@ -135,6 +161,10 @@ def build_endpoints(mesh: Mesh) -> list[ClusterLoadAssignment]:
                     lb_endpoint.metadata.filter_metadata["istio"].update(
                         {"workload": f"{service.name};{service.namespace};{service.name};;"}
                     )
+                    if endpoint.istio_mtls:
+                        lb_endpoint.metadata.filter_metadata["envoy.transport_socket_match"].update(
+                            {"tlsMode": "istio"}
+                        )
                 group.load_balancing_weight.value = max(1, len(group.lb_endpoints))
                 assignments.append(cla)
     return assignments

@@ -23,6 +23,7 @@ class Endpoint:
     address: str
     port: int
     subset: str = ""
+    istio_mtls: bool = False  # the endpoint runs an Istio proxy, so callers use Istio mTLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class Mesh:
     services: dict[str, Service] = field(default_factory=dict)
     registry_only: bool = False
     generation: int = 1
+    # Istio's auto mTLS: outbound clusters carry its transport socket matches (they need an
+    # `sds-grpc` cluster in every Envoy's bootstrap, as Istio's has).
+    auto_mtls: bool = False
 
     def add(self, service: Service) -> None:
         self.services[service.fqdn] = service
