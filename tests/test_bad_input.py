@@ -1,9 +1,11 @@
 """Bad input on the downstream side never kills xdsproxy nor touches other streams."""
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
+import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
@@ -155,11 +157,15 @@ async def test_metadata_is_forwarded_and_token_never_logged(caplog) -> None:
     assert "secret-token-value" not in caplog.text
 
 
-async def test_client_that_never_reads_is_cut_off_others_unaffected() -> None:
+@pytest.mark.parametrize("resumes", [True, False], ids=["resumes-reading", "never-reads"])
+async def test_slow_reader_is_cut_off_with_resource_exhausted_others_unaffected(
+    resumes: bool, caplog
+) -> None:
     async with (
         running_sim(generate(1000)) as sim,
         running_proxy(sim.port, max_pending_bytes=2 * 1024 * 1024) as proxy,
     ):
+        proxy.proxy.limits.final_write_seconds = 30.0 if resumes else 1.0
         good = await _healthy_client(proxy.port)
         # A small receive window so that unread responses back up inside xdsproxy.
         stuck = AdsClient(
@@ -174,8 +180,20 @@ async def test_client_that_never_reads_is_cut_off_others_unaffected() -> None:
             await good.send(sotw_request(version=response.version, nonce=response.nonce))
         await eventually(lambda: len(proxy.proxy.sessions) == 1, timeout=20)
         await _still_served(sim, good)
-        # The status itself cannot reach a peer that reads nothing: gRPC queues it behind
-        # the unread data. What matters here is that xdsproxy let go of the stream.
+        if resumes:
+            # The status waits behind the message gRPC is sending: a reader that resumes gets
+            # that, then RESOURCE_EXHAUSTED with the reason.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while await asyncio.wait_for(stuck.call.read(), 20) is not grpc.aio.EOF:
+                    pass
+            code, details = await stuck.status()
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "slow reader" in details
+        else:
+            # One that never reads cannot get a status; after the bound the stream is let go
+            # quietly, with no error from gRPC's core in the log.
+            await asyncio.sleep(proxy.proxy.limits.final_write_seconds + 1)
+            await _still_served(sim, good)
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         await stuck.close()
         await good.close()
 

@@ -63,6 +63,7 @@ class Session:
     outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
+    writing: bool = False  # a message is handed to gRPC and not yet sent
 
     @property
     def node_id(self) -> str:
@@ -77,6 +78,9 @@ class Session:
 @dataclass
 class Limits:
     max_pending_bytes: int = 128 * 1024 * 1024
+    # gRPC accepts a stream's status only after the message it is sending has gone out: how
+    # long an ended stream waits for a slow reader to take it, so the status can follow.
+    final_write_seconds: float = 10.0
 
 
 class Runtime(Protocol):
@@ -183,6 +187,7 @@ class AdsProxy:
         channel = self.upstream.open()
         call: grpc.aio.StreamStreamCall | None = None
         tasks: list[asyncio.Task[None]] = []
+        abandoned = False
         try:
             call = self.upstream.call(
                 channel, method, forwardable_metadata(context.invocation_metadata() or ())
@@ -193,13 +198,14 @@ class AdsProxy:
                 asyncio.create_task(self._drain(session, context)),
             ]
             end = await session.ended
-            for task in tasks:
-                task.cancel()
+            self.sessions.pop(session.id, None)
             log.info(
                 "stream ended",
                 extra={"node": session.node_id, "code": end.code.name, "reason": end.message},
             )
-            if end.code != grpc.StatusCode.OK:
+            if not await self._finish_write(session, tasks):
+                abandoned = True  # the peer never took its last message: no status can follow
+            elif end.code != grpc.StatusCode.OK:
                 await context.abort(end.code, end.message)
         except asyncio.CancelledError:
             pass  # Envoy went away
@@ -215,13 +221,31 @@ class AdsProxy:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await channel.close()
+        if abandoned:
+            # Cancelled is the one ending gRPC takes while a message is still in flight.
+            raise asyncio.CancelledError
+
+    async def _finish_write(self, session: Session, tasks: list[asyncio.Task[None]]) -> bool:
+        """Stop the pumps and the writer, letting a write in flight complete (bounded). False
+        if it did not."""
+        *pumps, drain = tasks
+        for task in pumps:
+            task.cancel()
+        while not session.outbox.empty():
+            session.outbox.get_nowait()  # what was never sent is let go at once
+        if session.writing:
+            await asyncio.wait({drain}, timeout=self.limits.final_write_seconds)
+        drain.cancel()
+        return not session.writing
 
     @staticmethod
     async def _drain(session: Session, context: grpc.aio.ServicerContext) -> None:
         try:
-            while True:
+            while not session.ended.done():
                 item = await session.outbox.get()
+                session.writing = True
                 await context.write(item)
+                session.writing = False
                 session.pending_bytes -= len(item)
                 del item  # not held while waiting: see _pump_upstream
         except (asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
