@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-forward bench-lazy bench-usage soak lint format clean
+.PHONY: install test demo bench bench-quick bench-forward bench-lazy bench-usage soak lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,27 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/xdsproxy demo
+
+# Every benchmark at full size; figures in benchmarks/results/*.json and benchmarks/RESULTS.md.
+# About an hour on two cores.
+bench: bench-forward bench-lazy bench-usage
+	$(BIN)/python -m benchmarks.scale
+	$(BIN)/python -m benchmarks.storm
+	$(BIN)/python -m benchmarks.plots
+
+# Every benchmark at small sizes, into build/bench-quick (the committed figures stay): run in
+# CI so that no benchmark rots unnoticed. A few minutes.
+QUICK := XDSPROXY_BENCH_DIR=build/bench-quick
+bench-quick: $(STAMP)
+	rm -rf build/bench-quick
+	$(QUICK) $(BIN)/python -m benchmarks.forward --sizes 1000
+	$(QUICK) $(BIN)/python -m benchmarks.lazy --sizes 100 500 --k 5 20 --tcp-every 10 --learns 5 --learn-services 100
+	$(QUICK) $(BIN)/python -m benchmarks.usage
+	$(QUICK) $(BIN)/python -m benchmarks.scale --services 200 --clients 10 20
+	$(QUICK) $(BIN)/python -m benchmarks.storm --services 100 --clients 20
+	$(QUICK) $(BIN)/python -m benchmarks.soak --services 50 --clients 5 --minutes 0.25
+	$(QUICK) $(BIN)/python -m benchmarks.plots
+	@echo "bench-quick: figures in build/bench-quick"
 
 bench-forward: $(STAMP)
 	$(BIN)/python -m benchmarks.forward

@@ -11,16 +11,16 @@ Measured per response, median of repeated runs, on one core:
 Run: `make bench-forward` (writes benchmarks/results/forward.json and benchmarks/RESULTS.md).
 """
 
+import argparse
 import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
-from benchmarks.report import update_section
+from benchmarks.report import save_json, update_section
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
 from xdsproxy.scope.scope import Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
@@ -31,7 +31,6 @@ from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import encode_sotw_response
 from xdsproxy.xds.sotw import SotwStream
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (1000, 5000, 10000)
 
 
@@ -120,8 +119,10 @@ async def grpc_hop(data: bytes, repeat: int) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     rows = []
-    for size in SIZES:
+    for size in parser.parse_args().sizes:
         data = cds_response(size)
         repeat = 40 if size <= 5000 else 20
         row = {"clusters": size, "bytes": len(data), **hot_path(data, repeat)}
@@ -132,8 +133,7 @@ def main() -> None:
         row["added_hop_ms"] = row["via_proxy_ms"] - row["direct_ms"]
         rows.append(row)
         print(json.dumps(row))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "forward.json").write_text(json.dumps(rows, indent=2) + "\n")
+    save_json("forward", rows)
     write_results_md(rows)
 
 

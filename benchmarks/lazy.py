@@ -1,6 +1,7 @@
 """Lazy against full push against the ideal scope, with real Envoy 1.40; and learn latency.
 
-Config size and memory (`--sizes`, default 1000 5000 10000; k = 10 dependencies):
+Config size and memory (`--sizes`, default 100 1000 5000 10000; `--k`, default 5 20 100
+dependencies):
 - full: an Envoy fed the whole simulated mesh (through a passthrough xdsproxy, for byte counts);
 - lazy: an Envoy of a workload whose scope holds k learned services (lazy xdsproxy);
 - ideal: an Envoy fed a mesh of exactly those k services (what a hand-written Sidecar gives).
@@ -21,9 +22,8 @@ import json
 import statistics
 import time
 from contextlib import AsyncExitStack
-from pathlib import Path
 
-from benchmarks.report import update_section
+from benchmarks.report import load_json, save_json, update_section
 from xdsproxy.harness.envoy import Envoy
 from xdsproxy.harness.http import Backend, free_port
 from xdsproxy.harness.lazymesh import (
@@ -47,7 +47,6 @@ from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.sim.mesh import Endpoint, Mesh, generate
 from xdsproxy.wire import typeurls
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = {
     "CDS": typeurls.CLUSTER,
     "EDS": typeurls.ENDPOINT,
@@ -70,15 +69,38 @@ async def _measure(envoy: Envoy, proxy, pod: str = "app-0") -> dict:
     return row
 
 
-async def config_point(n: int, k: int, tcp_every: int) -> dict:
+async def config_points(n: int, ks: list[int], tcp_every: int) -> list[dict]:
+    """One point per k; the full push does not depend on k, so it is measured once."""
     mesh = generate(n, tcp_every=tcp_every)
     mesh.add(egress_service(EGRESS_PORT, 15081))
-    deps = pick_services(mesh, k)
     identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app")
-    out: dict = {"services": n, "k": k, "tcp_every": tcp_every}
     async with running_sim(mesh) as sim, running_proxy(sim.port) as proxy:
         async with running_envoy(proxy.port, identity=identity) as envoy:
-            out["full"] = await _measure(envoy, proxy)
+            full = await _measure(envoy, proxy)
+    points = []
+    for k in ks:
+        deps = pick_services(mesh, k)  # fewer than k if the mesh has fewer HTTP services
+        out: dict = {"services": n, "k": len(deps), "tcp_every": tcp_every, "full": full}
+        out["lazy"] = await _lazy(mesh, deps, identity)
+        ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps})
+        ideal.add(egress_service(EGRESS_PORT, 15081))
+        async with running_sim(ideal) as sim, running_proxy(sim.port) as proxy:
+            async with running_envoy(proxy.port, identity=identity) as envoy:
+                out["ideal"] = await _measure(envoy, proxy)
+        for case in ("full", "lazy", "ideal"):
+            row = out[case]
+            row["cds_eds_rds_bytes"] = row["CDS_bytes"] + row["EDS_bytes"] + row["RDS_bytes"]
+        lazy, full_row, ideal_row = out["lazy"], out["full"], out["ideal"]
+        out["lazy_vs_full_bytes"] = lazy["cds_eds_rds_bytes"] / full_row["cds_eds_rds_bytes"]
+        out["full_vs_lazy_allocated"] = full_row["allocated_mb"] / lazy["allocated_mb"]
+        out["lazy_vs_ideal_allocated"] = lazy["allocated_mb"] / ideal_row["allocated_mb"]
+        print(json.dumps(out), flush=True)
+        points.append(out)
+    return points
+
+
+async def _lazy(mesh: Mesh, deps: list[ServicePort], identity) -> dict:
+    """A lazy sidecar whose workload has learned exactly `deps`."""
     egress = ServicePort(EGRESS_HOST, EGRESS_PORT)
     async with (
         running_sim(mesh) as sim,
@@ -94,20 +116,7 @@ async def config_point(n: int, k: int, tcp_every: int) -> dict:
         for dep in deps:
             scope.learn(dep, time.time())
         async with running_envoy(proxy.port, identity=identity) as envoy:
-            out["lazy"] = await _measure(envoy, proxy)
-    ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps})
-    ideal.add(egress_service(EGRESS_PORT, 15081))
-    async with running_sim(ideal) as sim, running_proxy(sim.port) as proxy:
-        async with running_envoy(proxy.port, identity=identity) as envoy:
-            out["ideal"] = await _measure(envoy, proxy)
-    for case in ("full", "lazy", "ideal"):
-        row = out[case]
-        row["cds_eds_rds_bytes"] = row["CDS_bytes"] + row["EDS_bytes"] + row["RDS_bytes"]
-    out["lazy_vs_full_bytes"] = out["lazy"]["cds_eds_rds_bytes"] / out["full"]["cds_eds_rds_bytes"]
-    out["full_vs_lazy_allocated"] = out["full"]["allocated_mb"] / out["lazy"]["allocated_mb"]
-    out["lazy_vs_ideal_allocated"] = out["lazy"]["allocated_mb"] / out["ideal"]["allocated_mb"]
-    print(json.dumps(out), flush=True)
-    return out
+            return await _measure(envoy, proxy)
 
 
 async def learn_latency(n: int, learns: int) -> dict:
@@ -161,40 +170,40 @@ def _percentiles(label: str, values: list[float]) -> dict:
 def write_results(points: list[dict], latency: dict | None) -> None:
     """Write what ran; a part not run this time (no --sizes, or --learns 0) keeps its last
     figures from results/lazy.json."""
-    RESULTS.mkdir(exist_ok=True)
-    saved = RESULTS / "lazy.json"
-    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    previous = load_json("lazy") or {}
     points = points or previous.get("config", [])
     latency = latency or previous.get("learn_latency")
-    saved.write_text(json.dumps({"config": points, "learn_latency": latency}, indent=2) + "\n")
+    save_json("lazy", {"config": points, "learn_latency": latency})
     lines = [
         "## Lazy against full against ideal (`make bench-lazy`)",
         "",
-        "k = 10 dependencies; SotW; bytes are each type's full state as last pushed.",
+        "k dependencies; SotW; bytes are each type's full state as last pushed. The full "
+        "push does not depend on k: one Envoy per mesh size and TCP share.",
         "",
-        "| services | TCP share | case | clusters | CDS | EDS | LDS | RDS | "
+        "| services | TCP share | k | case | clusters | CDS | EDS | LDS | RDS | "
         "allocated MB | RSS MB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         share = f"1/{p['tcp_every']}" if p["tcp_every"] else "0"
         for case in ("full", "lazy", "ideal"):
             r = p[case]
             lines.append(
-                f"| {p['services']} | {share} | {case} | {r['clusters']} | {r['CDS_bytes']:,} | "
+                f"| {p['services']} | {share} | {p['k']} | {case} | {r['clusters']} | "
+                f"{r['CDS_bytes']:,} | "
                 f"{r['EDS_bytes']:,} | {r['LDS_bytes']:,} | {r['RDS_bytes']:,} | "
                 f"{r['allocated_mb']:.1f} | {r['rss_mb']:.1f} |"
             )
     lines += [
         "",
-        "| services | TCP share | lazy/full CDS+EDS+RDS bytes | full/lazy allocated | "
+        "| services | TCP share | k | lazy/full CDS+EDS+RDS bytes | full/lazy allocated | "
         "lazy/ideal allocated |",
-        "|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         share = f"1/{p['tcp_every']}" if p["tcp_every"] else "0"
         lines.append(
-            f"| {p['services']} | {share} | {p['lazy_vs_full_bytes']:.2%} | "
+            f"| {p['services']} | {share} | {p['k']} | {p['lazy_vs_full_bytes']:.2%} | "
             f"{p['full_vs_lazy_allocated']:.1f}x | {p['lazy_vs_ideal_allocated']:.2f}x |"
         )
     lines += [
@@ -223,13 +232,18 @@ def write_results(points: list[dict], latency: dict | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000, 10000])
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 5000, 10000])
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 20, 100])
     parser.add_argument("--tcp-every", type=int, nargs="*", default=[10, 0])
     parser.add_argument("--learns", type=int, default=50)
     parser.add_argument("--learn-services", type=int, default=1000)
     args = parser.parse_args()
-    points = [asyncio.run(config_point(n, args.k, t)) for n in args.sizes for t in args.tcp_every]
+    points = [
+        point
+        for n in args.sizes
+        for t in args.tcp_every
+        for point in asyncio.run(config_points(n, args.k, t))
+    ]
     latency = asyncio.run(learn_latency(args.learn_services, args.learns)) if args.learns else None
     if latency:
         print(json.dumps(latency), flush=True)

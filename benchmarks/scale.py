@@ -1,127 +1,193 @@
-"""One xdsproxy holding M simulated sidecars of an N-service mesh (issue 6, first part).
+"""One xdsproxy holding M simulated sidecars of an N-service mesh.
 
 Three processes: the simulated Istiod (`xdsproxy sim`), `xdsproxy serve` (passthrough), and
-the load generator (`xdsproxy.harness.loadgen`: lightweight clients that ACK like Envoy).
-Measured: the time until all M clients hold CDS, EDS, LDS and RDS, xdsproxy's RSS then, and
-xdsproxy's CPU seconds for that initial sync; the same clients straight to the simulator give
-the direct time.
+the load generator (`xdsproxy.harness.loadgen`: lightweight clients that ACK like Envoy, SotW
+or Delta). For each protocol and M, the same clients first straight to the simulator, then
+through xdsproxy:
+- initial sync: time until all M hold CDS, EDS, LDS and RDS; xdsproxy's CPU for it;
+- a full push (SotW; the simulator pushes every type again on SIGHUP, as Istiod on a full
+  push): time until all M have every response (fan-out), and xdsproxy's CPU for it;
+- xdsproxy's RSS after the sync and its peak, sampled every 0.2 s.
 
-Run: `python -m benchmarks.scale --services 5000 --clients 100` (writes results/scale.json and
-its section of RESULTS.md).
+Run: `python -m benchmarks.scale --services 5000 --clients 100 500 1000` (writes
+results/scale.json and its section of RESULTS.md).
 """
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import threading
 import time
-from pathlib import Path
 
 from benchmarks.processes import cpu_seconds, rss_mb, spawn, wait_port
-from benchmarks.report import update_section
+from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
-RESULTS = Path(__file__).resolve().parent / "results"
+TYPES_PER_PUSH = 4  # CDS, EDS, LDS, RDS
 
 
-def _sync(target: int, clients: int, delta: bool) -> float:
-    """Seconds until the load generator reports every client in sync."""
-    args = [
-        "xdsproxy.harness.loadgen",
-        "--target",
-        f"127.0.0.1:{target}",
-        "--clients",
-        str(clients),
-        "--ramp",
-        "0",
-    ]
+class Clients:
+    """The load generator, with a thread that reads every line it prints."""
+
+    def __init__(self, target: int, clients: int, delta: bool) -> None:
+        self.clients = clients
+        self.ready_at: list[float] = []
+        self.pushes = 0
+        self.pushes_at = 0.0
+        self.started = time.monotonic()
+        self.process = spawn(
+            "xdsproxy.harness.loadgen",
+            "--target", f"127.0.0.1:{target}", "--clients", str(clients), "--ramp", "0",
+            *(["--delta"] if delta else []),
+            read=True,
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            word, *rest = line.split()
+            if word == "ready":
+                self.ready_at.append(time.monotonic())
+            elif word == "pushes":
+                self.pushes, self.pushes_at = int(rest[0]), time.monotonic()
+
+    def wait(self, check, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the load generator did not get there")
+            time.sleep(0.05)
+
+    def sync_seconds(self) -> float:
+        self.wait(lambda: self.ready_at)
+        return self.ready_at[0] - self.started
+
+    def quiet(self, seconds: float = 1.0) -> int:
+        """Push count once nothing has arrived for `seconds`."""
+        self.wait(lambda: self.pushes and time.monotonic() - self.pushes_at > seconds)
+        return self.pushes
+
+    def stop(self) -> None:
+        terminate(self.process)
+
+
+def _full_push(sim: subprocess.Popen, clients: Clients) -> float:
+    """Seconds from the simulator's full push until every client has every type again."""
+    base = clients.quiet()
     start = time.monotonic()
-    loadgen = spawn(*args, *(["--delta"] if delta else []), read=True)
-    try:
-        assert loadgen.stdout is not None
-        for line in loadgen.stdout:
-            if line.startswith("ready"):
-                return time.monotonic() - start
-        raise RuntimeError("the load generator ended before every client was in sync")
-    finally:
-        terminate(loadgen)
+    os.kill(sim.pid, signal.SIGHUP)
+    clients.wait(lambda: clients.pushes >= base + TYPES_PER_PUSH * clients.clients)
+    return clients.pushes_at - start
 
 
-def measure(services: int, clients: int, delta: bool) -> dict:
+class PeakRss(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0.0, True
+        self.start()
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except FileNotFoundError:
+                return
+            time.sleep(0.2)
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    return spawn("xdsproxy.cli", "--log-level", "warning", *args)
+
+
+def measure(services: int, m: int, delta: bool) -> dict:
     sim_port, proxy_port = free_port(), free_port()
-    sim = spawn(
-        "xdsproxy.cli",
-        "--log-level",
-        "warning",
-        "sim",
-        "--services",
-        str(services),
-        "--listen",
-        f"127.0.0.1:{sim_port}",
-    )
-    proxy = None
+    sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
+    proxy = clients = None
+    row: dict = {"services": services, "clients": m, "protocol": "Delta" if delta else "SotW"}
     try:
         wait_port(sim_port)
-        direct = _sync(sim_port, clients, delta)
-        proxy = spawn(
-            "xdsproxy.cli",
-            "--log-level",
-            "warning",
-            "serve",
-            "--upstream",
-            f"127.0.0.1:{sim_port}",
-            "--upstream-plaintext",
-            "--listen",
-            f"127.0.0.1:{proxy_port}",
-            "--debug-listen",
-            "127.0.0.1:0",
-        )
+        clients = Clients(sim_port, m, delta)
+        row["direct_sync_s"] = clients.sync_seconds()
+        if not delta:
+            row["direct_push_s"] = _full_push(sim, clients)
+        clients.stop()
+        proxy = _serve(
+            "serve", "--upstream", f"127.0.0.1:{sim_port}", "--upstream-plaintext",
+            "--listen", f"127.0.0.1:{proxy_port}", "--debug-listen", "127.0.0.1:0",
+        )  # fmt: skip
         wait_port(proxy_port)
-        idle_rss, cpu_before = rss_mb(proxy.pid), cpu_seconds(proxy.pid)
-        via = _sync(proxy_port, clients, delta)
-        row = {
-            "services": services,
-            "clients": clients,
-            "protocol": "Delta" if delta else "SotW",
-            "direct_sync_s": direct,
-            "proxy_sync_s": via,
-            "proxy_cpu_s": cpu_seconds(proxy.pid) - cpu_before,
-            "proxy_rss_mb": rss_mb(proxy.pid),
-            "proxy_idle_rss_mb": idle_rss,
-        }
+        peak = PeakRss(proxy.pid)
+        row["proxy_idle_rss_mb"] = rss_mb(proxy.pid)
+        cpu = cpu_seconds(proxy.pid)
+        clients = Clients(proxy_port, m, delta)
+        row["proxy_sync_s"] = clients.sync_seconds()
+        clients.quiet()
+        row["proxy_sync_cpu_s"] = cpu_seconds(proxy.pid) - cpu
+        row["proxy_rss_mb"] = rss_mb(proxy.pid)
+        if not delta:
+            cpu = cpu_seconds(proxy.pid)
+            row["proxy_push_s"] = _full_push(sim, clients)
+            clients.quiet()
+            row["proxy_push_cpu_s"] = cpu_seconds(proxy.pid) - cpu
+            row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
+            row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
+        row["proxy_rss_after_mb"] = rss_mb(proxy.pid)
+        peak.running = False
+        row["proxy_peak_rss_mb"] = peak.peak
     finally:
+        if clients is not None:
+            clients.stop()
         terminate(proxy)
         terminate(sim)
-    row["rss_per_client_mb"] = (row["proxy_rss_mb"] - row["proxy_idle_rss_mb"]) / clients
-    row["cpu_ms_per_client"] = row["proxy_cpu_s"] * 1000 / clients
+    row["rss_per_client_mb"] = (row["proxy_rss_mb"] - row["proxy_idle_rss_mb"]) / m
+    row["sync_cpu_ms_per_client"] = row["proxy_sync_cpu_s"] * 1000 / m
     print(json.dumps(row), flush=True)
     return row
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--services", type=int, default=5000)
-    parser.add_argument("--clients", type=int, nargs="*", default=[100])
-    parser.add_argument("--delta", action="store_true")
+    parser.add_argument("--clients", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument(
+        "--protocols", nargs="+", choices=["sotw", "delta"], default=["sotw", "delta"]
+    )
     args = parser.parse_args()
-    rows = [measure(args.services, m, args.delta) for m in args.clients]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows = [
+        measure(args.services, m, protocol == "delta")
+        for protocol in args.protocols
+        for m in args.clients
+    ]
+    save_json("scale", rows)
     lines = [
-        "## Proxy scale, first measurements (`python -m benchmarks.scale`)",
+        "## Proxy scale (`python -m benchmarks.scale`)",
         "",
-        "Passthrough; clients are lightweight ACKing xDS clients in a separate process; "
-        "the initial sync of CDS, EDS, LDS and RDS for every client.",
+        "Passthrough; clients are lightweight ACKing xDS clients in a separate process. Sync: "
+        "the initial CDS, EDS, LDS and RDS of every client. Full push: the simulator sends "
+        "every type again to every client (SotW; the simulator's Delta sends only changes, so "
+        "a push of unchanged config is empty there). RSS after the sync; peak over the run.",
         "",
-        "| services | clients | xDS | sync direct s | sync via xdsproxy s | xdsproxy CPU s | "
-        "CPU ms per client | RSS MB | RSS MB per client |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| services | clients | xDS | sync direct s | sync via s | sync CPU ms/client | "
+        "push direct s | push via s | fan-out ratio | push CPU ms/client | RSS MB | "
+        "RSS MB/client | peak RSS MB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['services']} | {r['clients']} | {r['protocol']} | "
-            f"{r['direct_sync_s']:.1f} | {r['proxy_sync_s']:.1f} | {r['proxy_cpu_s']:.1f} | "
-            f"{r['cpu_ms_per_client']:.0f} | {r['proxy_rss_mb']:.0f} | "
-            f"{r['rss_per_client_mb']:.2f} |"
+            f"{r['direct_sync_s']:.1f} | {r['proxy_sync_s']:.1f} | "
+            f"{r['sync_cpu_ms_per_client']:.0f} | {_cell(r, 'direct_push_s', '.1f')} | "
+            f"{_cell(r, 'proxy_push_s', '.1f')} | {_cell(r, 'fan_out_ratio', '.2f')} | "
+            f"{_cell(r, 'push_cpu_ms_per_client', '.1f')} | {r['proxy_rss_mb']:.0f} | "
+            f"{r['rss_per_client_mb']:.2f} | {r['proxy_peak_rss_mb']:.0f} |"
         )
     update_section(lines)
 

@@ -17,8 +17,7 @@ import statistics
 import time
 
 from benchmarks.processes import rss_mb, spawn, wait_port
-from benchmarks.report import update_section
-from benchmarks.scale import RESULTS
+from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 from xdsproxy.harness.stack import running_sim
@@ -123,8 +122,7 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="print every sample")
     args = parser.parse_args()
     row = asyncio.run(soak(args.services, args.clients, args.rate, args.minutes, args.verbose))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(row, indent=2) + "\n")
+    save_json("soak", row)
     update_section(
         [
             "## Soak under churn (`make soak`)",

@@ -14,8 +14,7 @@ import threading
 import time
 
 from benchmarks.processes import rss_mb, spawn, wait_port
-from benchmarks.report import update_section
-from benchmarks.scale import RESULTS
+from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
@@ -111,8 +110,7 @@ def main() -> None:
     parser.add_argument("--delta", action="store_true")
     args = parser.parse_args()
     row = storm(args.services, args.clients, args.delta)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "storm.json").write_text(json.dumps(row, indent=2) + "\n")
+    save_json("storm", row)
     update_section(
         [
             "## Reconnect storm (`python -m benchmarks.storm`)",

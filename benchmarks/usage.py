@@ -16,8 +16,8 @@ import time
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
-from benchmarks.lazy import EGRESS_PORT, RESULTS, _measure
-from benchmarks.report import update_section
+from benchmarks.lazy import EGRESS_PORT, _measure
+from benchmarks.report import save_json, update_section
 from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, pick_services, sidecar_identity
 from xdsproxy.harness.stack import running_envoy, running_proxy, running_sim
 from xdsproxy.istio.names import ServicePort
@@ -84,8 +84,7 @@ def main() -> None:
     on = asyncio.run(envoy_memory(1.0))
     result = {"envoy_off": off, "envoy_on": on, "cpu_us_per_entry": cpu_per_entry()}
     print(json.dumps(result))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "usage.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json("usage", result)
     cost = result["cpu_us_per_entry"]
     lines = [
         "## Usage logging cost (`make bench-usage`)",

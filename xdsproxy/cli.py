@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -290,6 +291,8 @@ def _sim(args: argparse.Namespace) -> int:
         port = await server.start(args.listen)
         log.info("simulated istiod serving", extra={"port": port, "services": args.services})
         print(f"listening on port {port}", flush=True)
+        # SIGHUP: push everything again, as Istiod does on a full push (for benchmarks).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.push)
         try:
             await asyncio.Event().wait()
         finally:

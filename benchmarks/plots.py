@@ -1,0 +1,78 @@
+"""PNG plots of the figures in results/*.json (whatever has been run): Envoy memory and pushed
+bytes, full against lazy against ideal; xdsproxy's memory and fan-out time against M."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from benchmarks.report import load_json, results_dir
+
+CASES = ("full", "lazy", "ideal")
+
+
+def lazy_plot(points: list[dict]) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for tcp_every, style in ((0, "-"), (10, "--")):
+        share = "no TCP" if tcp_every == 0 else f"1/{tcp_every} TCP"
+        for k in sorted({p["k"] for p in points}):
+            chosen = sorted(
+                (p for p in points if p["tcp_every"] == tcp_every and p["k"] == k),
+                key=lambda p: p["services"],
+            )
+            if not chosen:
+                continue
+            sizes = [p["services"] for p in chosen]
+            for case in CASES if k == min(p["k"] for p in chosen) else ("lazy", "ideal"):
+                label = f"{case} ({share})" if case == "full" else f"{case} k={k} ({share})"
+                axes[0].plot(sizes, [p[case]["allocated_mb"] for p in chosen], style, marker="o",
+                             label=label)  # fmt: skip
+                axes[1].plot(sizes, [p[case]["cds_eds_rds_bytes"] for p in chosen], style,
+                             marker="o", label=label)  # fmt: skip
+    for ax, title in zip(axes, ("Envoy allocated MB", "CDS+EDS+RDS bytes"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("services in the mesh")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(results_dir() / "lazy.png", dpi=110)
+    plt.close(fig)
+
+
+def scale_plot(rows: list[dict]) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for protocol in sorted({r["protocol"] for r in rows}):
+        chosen = sorted((r for r in rows if r["protocol"] == protocol), key=lambda r: r["clients"])
+        ms = [r["clients"] for r in chosen]
+        axes[0].plot(ms, [r["proxy_rss_mb"] for r in chosen], marker="o", label=f"RSS {protocol}")
+        axes[0].plot(ms, [r["proxy_peak_rss_mb"] for r in chosen], ":", marker="x",
+                     label=f"peak RSS {protocol}")  # fmt: skip
+        pushes = [r for r in chosen if "proxy_push_s" in r]
+        if pushes:
+            xs = [r["clients"] for r in pushes]
+            axes[1].plot(xs, [r["direct_push_s"] for r in pushes], marker="o", label="direct")
+            axes[1].plot(xs, [r["proxy_push_s"] for r in pushes], marker="o", label="via xdsproxy")
+    axes[0].set_title("xdsproxy memory (MB)")
+    axes[1].set_title("full push fan-out to all clients (s), SotW")
+    for ax in axes:
+        ax.set_xlabel("clients (M)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results_dir() / "scale.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    lazy = load_json("lazy")
+    if lazy and lazy.get("config"):
+        lazy_plot(lazy["config"])
+    scale = load_json("scale")
+    if scale:
+        scale_plot(scale)
+
+
+if __name__ == "__main__":
+    main()
