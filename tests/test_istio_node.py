@@ -52,3 +52,12 @@ def test_real_nodes_parse(path) -> None:
     assert parsed.proxy_type == "sidecar"
     assert parsed.namespace == dump.node["metadata"]["NAMESPACE"]
     assert parsed.workload
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "8080²", "", "80a"])
+def test_ports_are_ascii_digits_only(text: str) -> None:
+    from xdsproxy.istio.names import outbound_cluster, route_table_port, vhost_service
+
+    assert outbound_cluster(f"outbound|{text}||a.ns.svc.cluster.local") is None
+    assert vhost_service(f"a.ns.svc.cluster.local:{text}") is None
+    assert route_table_port(text) is None

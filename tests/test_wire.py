@@ -164,3 +164,41 @@ def test_pool_sweeps_what_nobody_holds() -> None:
     assert len(pool) == 2
     assert pool.sweep() == 1 and len(pool) == 1
     assert pool.intern([b"kept-" + bytes(10)])[0] is kept[0]
+
+
+def _cds(names: list[str], version: str, nonce: str) -> bytes:
+    bodies = [
+        Any(type_url=typeurls.CLUSTER, value=Cluster(name=n).SerializeToString()) for n in names
+    ]
+    return discovery_pb2.DiscoveryResponse(
+        version_info=version, type_url=typeurls.CLUSTER, nonce=nonce, resources=bodies
+    ).SerializeToString()
+
+
+def test_same_resources_under_another_version_and_nonce_decode_to_the_same_objects() -> None:
+    names = [f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(50)]
+    first = decode_sotw_response(_cds(names, "v1", "n1"))
+    again = decode_sotw_response(_cds(names, "v2-longer", "nonce-2"))
+    assert (again.version, again.nonce) == ("v2-longer", "nonce-2")
+    assert again.names is first.names and again.bodies is first.bodies
+    # One resource different, even the last: decoded afresh, never taken from the cache.
+    changed = decode_sotw_response(
+        _cds([*names[:-1], "outbound|80||other.ns.svc.cluster.local"], "v1", "n1")
+    )
+    assert changed.names[-1] == "outbound|80||other.ns.svc.cluster.local"
+    assert changed.names[:-1] == first.names[:-1]
+
+
+def test_envelope_fields_out_of_order_still_decode_exactly() -> None:
+    names = ["outbound|80||a.ns.svc.cluster.local", "outbound|80||b.ns.svc.cluster.local"]
+    canonical = _cds(names, "v1", "n1")
+    # The same message with the nonce (field 5) written before the resources (field 2).
+    nonce_field = discovery_pb2.DiscoveryResponse(nonce="n1").SerializeToString()
+    rest = discovery_pb2.DiscoveryResponse.FromString(canonical)
+    rest.nonce = ""
+    shuffled = nonce_field + rest.SerializeToString()
+    assert discovery_pb2.DiscoveryResponse.FromString(
+        shuffled
+    ) == discovery_pb2.DiscoveryResponse.FromString(canonical)
+    decoded = decode_sotw_response(shuffled)
+    assert decoded.names == tuple(names) and decoded.nonce == "n1"

@@ -15,12 +15,18 @@ class ServicePort:
         return f"{self.host}:{self.port}"
 
 
+def is_port(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also accepts digits such as "²" that `int` rejects, and
+    names and ports come from peers xdsproxy does not trust."""
+    return text.isascii() and text.isdigit()
+
+
 @lru_cache(maxsize=262_144)
 def outbound_cluster(name: str) -> tuple[ServicePort, str] | None:
     """`outbound|9080|v1|reviews.ns.svc.cluster.local` -> (reviews...:9080, "v1"). Cached:
     every push to every sidecar asks this of the same few thousand names."""
     parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit() or not parts[3]:
+    if len(parts) != 4 or parts[0] != "outbound" or not is_port(parts[1]) or not parts[3]:
         return None
     return ServicePort(parts[3], int(parts[1])), parts[2]
 
@@ -32,14 +38,14 @@ def cluster_name(service: ServicePort, subset: str = "") -> str:
 def vhost_service(name: str) -> ServicePort | None:
     """`reviews.ns.svc.cluster.local:9080` -> ServicePort; None for `allow_any` and the like."""
     host, sep, port = name.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not is_port(port):
         return None
     return ServicePort(host, int(port))
 
 
 def route_table_port(name: str) -> int | None:
     """The port a route table serves: `9080` or `reviews.ns.svc.cluster.local:9080`."""
-    if name.isdigit():
+    if is_port(name):
         return int(name)
     service = vhost_service(name)
     return service.port if service else None

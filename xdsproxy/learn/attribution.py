@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from xdsproxy.istio.names import ServicePort, outbound_cluster
+from xdsproxy.istio.names import ServicePort, is_port, outbound_cluster
 from xdsproxy.scope.scope import WorkloadKey
 
 
@@ -54,7 +54,7 @@ def destination(record: AccessRecord, known: Callable[[ServicePort], bool]) -> S
     host = (
         record.authority.rsplit(":", 1)[0] if record.authority.count(":") == 1 else record.authority
     )
-    if record.original_port.isdigit():
+    if is_port(record.original_port):
         candidate = ServicePort(host, int(record.original_port))
         if known(candidate):
             return candidate

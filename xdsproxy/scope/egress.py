@@ -33,7 +33,7 @@ from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsConte
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
-from xdsproxy.istio.names import outbound_cluster, service_namespace
+from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
     LAZY_HEADERS,
@@ -215,7 +215,7 @@ class EgressView:
         own = {
             int(name): body
             for name, body in zip(*upstream.get(typeurls.ROUTE, ((), ())), strict=True)
-            if name.isdigit()
+            if is_port(name)
         }
         namespaces = set(self.tables.namespaces())
         for cluster in upstream.get(typeurls.CLUSTER, ((), ()))[0]:

@@ -4,7 +4,7 @@ The lazy egress picks the caller's own table from here, so the first request get
 VirtualService routing. Tables are the exact upstream bytes, shared with the sidecar streams.
 """
 
-from xdsproxy.istio.names import route_table_port
+from xdsproxy.istio.names import is_port, route_table_port
 from xdsproxy.xds.view import Selection
 
 
@@ -18,7 +18,7 @@ class MeshTables:
         tables = self._tables.setdefault(namespace, {})
         changed = False
         for name, body in zip(*routes, strict=True):
-            if not name.isdigit():
+            if not is_port(name):
                 continue
             port = route_table_port(name)
             assert port is not None

@@ -3,7 +3,7 @@
 import fnmatch
 from dataclasses import dataclass, field
 
-from xdsproxy.istio.names import ServicePort
+from xdsproxy.istio.names import ServicePort, is_port
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -36,7 +36,7 @@ class HostPattern:
                 f"host pattern {text!r} must look like ns/*, */FQDN, FQDN or FQDN:PORT"
             )
         host, colon, port = rest.rpartition(":")
-        if colon and port.isdigit():
+        if colon and is_port(port):
             return cls(namespace, host, int(port))
         return cls(namespace, rest, None)
 

@@ -7,8 +7,10 @@ extension types included. Parallel tuples rather than an object per resource kee
 5,000-cluster response within a small multiple of upb's own parse time.
 """
 
+import hashlib
 from dataclasses import dataclass
 
+from cachetools import LRUCache
 from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean
@@ -62,17 +64,50 @@ def _sotw_names(data: bytes, type_url: str, count: int) -> tuple[str, ...]:
     return intern_names([entry.value.name for entry in named])
 
 
+def _bytes_held(entry: tuple[tuple[str, ...], tuple[bytes, ...]]) -> int:
+    return sum(map(len, entry[1])) + 1
+
+
+# Istiod sends the same resources to many sidecars, each under its own version and nonce: the
+# names and shared bodies of a response already decoded are found again by a digest of its
+# resource bytes. Bounded by the bytes its entries keep alive.
+_DECODED: LRUCache[tuple[str, bytes], tuple[tuple[str, ...], tuple[bytes, ...]]] = LRUCache(
+    maxsize=256 * 1024 * 1024, getsizeof=_bytes_held
+)
+
+
+def _resources_digest(data: bytes, envelope: lean.SotwResponse) -> bytes | None:
+    """SHA-256 of the bytes between the version and the type URL (the resources and canary).
+    None unless the sender wrote the envelope in field order, so that those bytes are exactly
+    that region (checked by re-encoding the fields around it)."""
+    head = lean.SotwResponse(version_info=envelope.version_info).SerializeToString()
+    tail = lean.SotwResponse(
+        type_url=envelope.type_url, nonce=envelope.nonce, control_plane=envelope.control_plane
+    ).SerializeToString()
+    if len(head) + len(tail) > len(data) or not (data.startswith(head) and data.endswith(tail)):
+        return None
+    return hashlib.sha256(memoryview(data)[len(head) : len(data) - len(tail)]).digest()
+
+
 def decode_sotw_response(data: bytes) -> SotwResponse:
     try:
         envelope = lean.SotwResponse.FromString(data)
     except DecodeError as exc:
         raise WireError(f"malformed DiscoveryResponse: {exc}") from None
-    bodies = POOL.intern(envelope.resources)
+    digest = _resources_digest(data, envelope)
+    key = (envelope.type_url, digest or b"")
+    found = _DECODED.get(key) if digest else None
+    if found is None:
+        bodies = POOL.intern(envelope.resources)
+        found = (_sotw_names(data, envelope.type_url, len(bodies)), bodies)
+        if digest:
+            _DECODED[key] = found
+    names, bodies = found
     return SotwResponse(
         version=envelope.version_info,
         type_url=envelope.type_url,
         nonce=envelope.nonce,
-        names=_sotw_names(data, envelope.type_url, len(bodies)),
+        names=names,
         bodies=bodies,
         control_plane=envelope.control_plane,
         canary=envelope.canary,
