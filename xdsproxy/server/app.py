@@ -18,6 +18,7 @@ from xdsproxy.scope.rules import Rules
 from xdsproxy.server.ads import AdsProxy, Limits
 from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
+from xdsproxy.server.heap import HeapTrimmer
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.server.upstream import Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
@@ -85,6 +86,8 @@ class ProxyServer:
         self._server: grpc.aio.Server | None = None
         self._als: grpc.aio.Server | None = None
         self._probing: asyncio.Task[None] | None = None
+        self.heap = HeapTrimmer()
+        self._trimming: asyncio.Task[None] | None = None
         self.debug: DebugServer | None = None
 
     def _readiness(self) -> Readiness:
@@ -100,6 +103,7 @@ class ProxyServer:
 
     async def start(self) -> int:
         self._probing = asyncio.create_task(self.probe.run())
+        self._trimming = asyncio.create_task(self.heap.run())
         if self.config.debug_listen:
             self.debug = DebugServer(
                 self.config.debug_listen,
@@ -162,10 +166,11 @@ class ProxyServer:
         self._server = None
         if self.runtime is not None:
             await self.runtime.stop()
-        if self._probing is not None:
-            self._probing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probing
+        for task in (self._probing, self._trimming):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.debug is not None:
             await self.debug.stop()
 
