@@ -106,11 +106,16 @@ def _serve(*args: str) -> subprocess.Popen:
 SETTLE_SECONDS = 15.0  # a steady-state reading: after the proxy's heap trimmer has had its turn
 
 
-def measure(services: int, m: int, delta: bool) -> dict:
+def measure(services: int, m: int, delta: bool, connections: int = 0) -> dict:
     sim_port, proxy_port = free_port(), free_port()
     sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
     proxy = clients = None
-    row: dict = {"services": services, "clients": m, "protocol": "Delta" if delta else "SotW"}
+    row: dict = {
+        "services": services,
+        "clients": m,
+        "protocol": "Delta" if delta else "SotW",
+        "upstream_connections": connections or m,
+    }
     try:
         wait_port(sim_port)
         clients = Clients(sim_port, m, delta)
@@ -121,6 +126,7 @@ def measure(services: int, m: int, delta: bool) -> dict:
         proxy = _serve(
             "serve", "--upstream", f"127.0.0.1:{sim_port}", "--upstream-plaintext",
             "--listen", f"127.0.0.1:{proxy_port}", "--debug-listen", "127.0.0.1:0",
+            "--upstream-connections", str(connections),
         )  # fmt: skip
         wait_port(proxy_port)
         peak = PeakRss(proxy.pid)
@@ -165,10 +171,18 @@ def main() -> None:
     parser.add_argument(
         "--protocols", nargs="+", choices=["sotw", "delta"], default=["sotw", "delta"]
     )
+    parser.add_argument(
+        "--upstream-connections",
+        type=int,
+        nargs="+",
+        default=[0, 16],
+        help="xdsproxy's --upstream-connections; 0 is a connection per sidecar",
+    )
     args = parser.parse_args()
     rows = [
-        measure(args.services, m, protocol == "delta")
+        measure(args.services, m, protocol == "delta", connections)
         for protocol in args.protocols
+        for connections in args.upstream_connections
         for m in args.clients
     ]
     save_json("scale", rows)
@@ -181,14 +195,16 @@ def main() -> None:
         "a push of unchanged config is empty there). RSS 15 s after the sync and after the "
         "push (steady state); peak sampled every 0.2 s over the run.",
         "",
-        "| services | clients | xDS | sync direct s | sync via s | sync CPU ms/client | "
+        "| services | clients | xDS | upstream conns | sync direct s | sync via s | "
+        "sync CPU ms/client | "
         "push direct s | push via s | fan-out ratio | push CPU ms/client | RSS MB | "
         "RSS MB/client | RSS after push MB | peak RSS MB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['services']} | {r['clients']} | {r['protocol']} | "
+            f"{r['upstream_connections']} | "
             f"{r['direct_sync_s']:.1f} | {r['proxy_sync_s']:.1f} | "
             f"{r['sync_cpu_ms_per_client']:.0f} | {_cell(r, 'direct_push_s', '.1f')} | "
             f"{_cell(r, 'proxy_push_s', '.1f')} | {_cell(r, 'fan_out_ratio', '.2f')} | "

@@ -21,6 +21,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     tls.add_argument("--upstream-ca", type=Path, metavar="FILE", help="root CA to verify Istiod")
     p.add_argument("--upstream-sni", default="", metavar="NAME", help="TLS name to verify")
     p.add_argument(
+        "--upstream-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="multiplex the sidecars' upstream streams over N connections to Istiod "
+        "(default 0: a connection per sidecar)",
+    )
+    p.add_argument(
         "--listen",
         default="0.0.0.0:15010",
         metavar="HOST:PORT",
@@ -246,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
         listen_tls=args.listen_tls,
         upstream_ca=args.upstream_ca,
         upstream_sni=args.upstream_sni,
+        upstream_connections=args.upstream_connections,
         cert=args.cert,
         key=args.key,
         max_message_bytes=args.max_message_bytes,

@@ -60,6 +60,7 @@ class RecordingUpstream:
     def __init__(self, respond: Callable[[bytes], list[bytes]]) -> None:
         self.respond = respond
         self.metadata: list[dict[str, str]] = []
+        self.peers: list[str] = []  # one entry per stream: the connection it came on
         self.auth: list[dict[str, list[bytes]]] = []
         self.requests: list[bytes] = []
         self.server: grpc.aio.Server | None = None
@@ -81,6 +82,7 @@ class RecordingUpstream:
 
     async def _serve(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
+        self.peers.append(context.peer())
         self.auth.append(dict(context.auth_context()))
         try:
             while (data := await context.read()) is not grpc.aio.EOF:

@@ -18,7 +18,7 @@ from envoy.config.core.v3.base_pb2 import Node
 
 from xdsproxy.debug.metrics import Metrics
 from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
-from xdsproxy.server.upstream import Upstream, forwardable_metadata
+from xdsproxy.server.upstream import Channels, Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import (
@@ -113,12 +113,12 @@ class Passthrough:
 class AdsProxy:
     def __init__(
         self,
-        upstream: Upstream,
+        upstream: Upstream | Channels,
         runtime: Runtime | None = None,
         limits: Limits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.upstream = upstream
+        self.channels = upstream if isinstance(upstream, Channels) else Channels(upstream)
         self.runtime = runtime or Passthrough()
         self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
@@ -184,12 +184,23 @@ class AdsProxy:
             "stream opened",
             extra={"node": session.node_id, "protocol": protocol, "peer": session.peer},
         )
-        channel = self.upstream.open()
+        async with self.channels.lease() as channel:
+            await self._relay(session, method, context, channel, first_events)
+
+    async def _relay(
+        self,
+        session: Session,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        channel: grpc.aio.Channel,
+        first_events: list[Event],
+    ) -> None:
+        protocol = session.protocol
         call: grpc.aio.StreamStreamCall | None = None
         tasks: list[asyncio.Task[None]] = []
         abandoned = False
         try:
-            call = self.upstream.call(
+            call = Upstream.call(
                 channel, method, forwardable_metadata(context.invocation_metadata() or ())
             )
             tasks = [
@@ -220,7 +231,6 @@ class AdsProxy:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await channel.close()
         if abandoned:
             # Cancelled is the one ending gRPC takes while a message is still in flight.
             raise asyncio.CancelledError

@@ -20,7 +20,7 @@ from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
 from xdsproxy.server.heap import HeapTrimmer
 from xdsproxy.server.lazy import LazyRuntime
-from xdsproxy.server.upstream import Upstream, UpstreamProbe
+from xdsproxy.server.upstream import Channels, Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
 
 log = logging.getLogger("xdsproxy.serve")
@@ -37,6 +37,7 @@ class ServeConfig:
     key: Path | None = None
     max_message_bytes: int = -1
     max_pending_bytes: int = 128 * 1024 * 1024
+    upstream_connections: int = 0  # 0: a connection per sidecar, as without xdsproxy
     shutdown_grace_seconds: float = 5.0
     mode: str = "passthrough"
     egress: ServicePort | None = None
@@ -75,8 +76,9 @@ class ProxyServer:
                 usage_flush_seconds=config.usage_flush_seconds,
                 metrics=self.metrics,
             )
+        self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(
-            upstream, self.runtime, Limits(config.max_pending_bytes), self.metrics
+            self.channels, self.runtime, Limits(config.max_pending_bytes), self.metrics
         )
         if self.runtime is not None:
             self.runtime.deliver = self.proxy.deliver
@@ -164,6 +166,7 @@ class ProxyServer:
             self._als = None
         await self._server.stop(self.config.shutdown_grace_seconds)
         self._server = None
+        await self.channels.close()
         if self.runtime is not None:
             await self.runtime.stop()
         for task in (self._probing, self._trimming):
