@@ -182,3 +182,60 @@ def _istio_node(namespace: str):
     n = node(f"sidecar~10.0.0.1~app-0.{namespace}~{namespace}.svc.cluster.local")
     n.metadata.update({"NAMESPACE": namespace})
     return parse_node(n)
+
+
+def _eds_watch(connection, delta: bool, names: tuple[str, ...]) -> None:
+    if delta:
+        connection.receive(delta_request(EDS, subscribe=names))
+    else:
+        connection.receive(sotw_request(EDS, names))
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_endpoint_change_pushes_only_the_changed_assignments(delta: bool) -> None:
+    base = snapshot()
+    mesh = base.mesh
+    [a, b] = [s for s in mesh.services.values() if s.kind == "eds" and not s.subsets][:2]
+    names = (cluster_name(a.ports[0].number, a.fqdn), cluster_name(b.ports[0].number, b.fqdn))
+    connection = DeltaConnection(base) if delta else SotwConnection(base)
+    connection.receive(delta_request(with_node=True) if delta else sotw_request(with_node=True))
+    _eds_watch(connection, delta, names)
+
+    mesh.set_endpoints(a.fqdn, [Endpoint("10.9.9.9", 80)])
+    following = base.with_endpoints(mesh, {a.fqdn})
+    assert following.version != base.version
+    [raw] = connection.push_endpoints(following, frozenset({names[0]}))
+    response = decode_delta_response(raw) if delta else decode_sotw_response(raw)
+    assert response.type_url == EDS and response.names == (names[0],)
+    assert b"10.9.9.9" in response.bodies[0]
+    # Every other type, and b's assignment, are the same objects as before the change.
+    for key, resources in base._cache.items():
+        if key[0] != EDS:
+            assert following._cache[key] is resources
+    assert (
+        following.resources(EDS, connection.node)[names[1]]
+        is base.resources(EDS, connection.node)[names[1]]
+    )
+    # A change to a cluster this node does not watch sends it nothing.
+    assert connection.push_endpoints(following, frozenset({"outbound|1||elsewhere"})) == []
+
+
+async def test_endpoint_changes_within_the_debounce_share_one_push() -> None:
+    from xdsproxy.harness.ads import AdsClient
+    from xdsproxy.harness.stack import running_sim
+
+    async with running_sim(generate(20)) as sim:
+        eds = [s for s in sim.mesh.services.values() if s.kind == "eds" and not s.subsets][:2]
+        names = tuple(cluster_name(s.ports[0].number, s.fqdn) for s in eds)
+        client = AdsClient(sim.port)
+        await client.send(sotw_request(with_node=True))
+        await client.recv()
+        await client.send(sotw_request(EDS, names))
+        first = decode_sotw_response(await client.recv())
+        await client.send(sotw_request(EDS, names, first.version, first.nonce))
+        for service in eds:
+            sim.set_endpoints(service.fqdn, [Endpoint("10.8.8.8", 80)])
+        pushed = decode_sotw_response(await client.recv())
+        assert sorted(pushed.names) == sorted(names)
+        assert len(sim.endpoint_pushes) == 1 and sim.endpoint_pushes[0][0] == pushed.version
+        await client.close()

@@ -5,8 +5,9 @@ to EDS for every EDS cluster and RDS for every route table it is sent, and ACKs 
 with its nonce and version. It keeps only names, so thousands fit in one process.
 
 Run as a process: `python -m xdsproxy.harness.loadgen --target HOST:PORT --clients M
-[--delta]`; it prints `ready N` once every client holds CDS, EDS, LDS and RDS, then
-`pushes N` lines as pushes arrive, and runs until killed.
+[--delta] [--trace K]`; it prints `ready N` once every client holds CDS, EDS, LDS and RDS,
+then `pushes N` lines as pushes arrive (and, with `--trace`, `eds CLIENT VERSION TIME` for
+each EDS push to the first K clients once all are in sync), and runs until killed.
 """
 
 import argparse
@@ -37,8 +38,11 @@ def _first(request: DiscoveryRequest | DeltaDiscoveryRequest, index: int) -> Non
 
 
 class Client:
-    def __init__(self, target: str, index: int, delta: bool, stats: "Stats") -> None:
+    def __init__(
+        self, target: str, index: int, delta: bool, stats: "Stats", trace: bool = False
+    ) -> None:
         self.target, self.index, self.delta, self.stats = target, index, delta, stats
+        self.trace = trace  # print when each EDS push arrives, for latency benchmarks
         self.seen: set[str] = set()
 
     async def run(self, reconnect: bool) -> None:
@@ -81,7 +85,9 @@ class Client:
             _first(request, self.index)
         return request.SerializeToString()
 
-    def _note(self, type_url: str) -> None:
+    def _note(self, type_url: str, version: str) -> None:
+        if self.trace and type_url == EDS and self.stats.ready >= self.stats.clients:
+            print(f"eds {self.index} {version} {time.time():.6f}", flush=False)
         self.stats.pushes += 1
         if type_url not in self.seen:
             self.seen.add(type_url)
@@ -91,7 +97,7 @@ class Client:
     def _on_sotw(self, data: bytes) -> list[bytes]:
         envelope = lean.SotwResponse.FromString(data)
         type_url = envelope.type_url
-        self._note(type_url)
+        self._note(type_url, envelope.version_info)
         out = [
             self._sotw_request(
                 type_url, self._names(type_url), envelope.version_info, envelope.nonce
@@ -117,7 +123,7 @@ class Client:
 
     def _on_delta(self, data: bytes) -> list[bytes]:
         response = decode_delta_response(data)
-        self._note(response.type_url)
+        self._note(response.type_url, response.version)
         out = [self._delta_request(response.type_url, nonce=response.nonce)]
         if response.type_url == CDS:
             new = tuple(n for n in response.names if n.startswith("outbound|"))
@@ -131,16 +137,20 @@ class Client:
 
 
 class Stats:
+    clients = 0
     ready = 0  # clients in sync, counted again after each reconnect
     pushes = 0
     reconnects = 0
 
 
-async def main(target: str, clients: int, delta: bool, ramp: float, reconnect: bool) -> None:
+async def main(
+    target: str, clients: int, delta: bool, ramp: float, reconnect: bool, trace: int = 0
+) -> None:
     stats = Stats()
+    stats.clients = clients
     tasks = []
     for index in range(clients):
-        client = Client(target, index, delta, stats)
+        client = Client(target, index, delta, stats, trace=index < trace)
         tasks.append(asyncio.create_task(client.run(reconnect)))
         if ramp:
             await asyncio.sleep(ramp)
@@ -152,6 +162,7 @@ async def main(target: str, clients: int, delta: bool, ramp: float, reconnect: b
             # Every client synced once more: first start, then after each reconnect storm.
             print(f"ready {clients} {time.time():.3f}", flush=True)
             announced += 1
+        sys.stdout.flush()
         if announced and stats.pushes != last_pushes:
             print(f"pushes {stats.pushes} {time.time():.3f}", flush=True)
             last_pushes = stats.pushes
@@ -167,5 +178,8 @@ if __name__ == "__main__":
     parser.add_argument("--delta", action="store_true")
     parser.add_argument("--ramp", type=float, default=0.005, help="seconds between clients")
     parser.add_argument("--reconnect", action="store_true", help="reconnect when a stream ends")
+    parser.add_argument(
+        "--trace", type=int, default=0, metavar="K", help="the first K clients print EDS arrivals"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.target, args.clients, args.delta, args.ramp, args.reconnect))
+    asyncio.run(main(args.target, args.clients, args.delta, args.ramp, args.reconnect, args.trace))

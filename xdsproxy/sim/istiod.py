@@ -60,6 +60,22 @@ class Snapshot:
             cached = self._cache[(type_url, key)] = self._build(type_url, key)
         return cached
 
+    def with_endpoints(self, mesh: Mesh, fqdns: set[str]) -> "Snapshot":
+        """The next generation after an endpoint-only change of `fqdns`: everything but their
+        load assignments is carried over, so a change costs what it touches, not the mesh."""
+        following = Snapshot(
+            mesh, self.version.split("/")[0], self.bind_address, self.proxy_protocol
+        )
+        following._cache = dict(self._cache)
+        key = (typeurls.ENDPOINT, None)
+        if key in self._cache:
+            changed = Mesh(services={f: mesh.services[f] for f in fqdns if f in mesh.services})
+            following._cache[key] = {
+                **self._cache[key],
+                **{a.cluster_name: pack(a) for a in envoyconfig.build_endpoints(changed)},
+            }
+        return following
+
     def _listener_ports(self, node: IstioNode) -> envoyconfig.ListenerPorts:
         config = node.proxy_config
         return envoyconfig.ListenerPorts(
@@ -149,10 +165,22 @@ class SotwConnection(_Connection):
         self.snapshot = snapshot
         return [self._respond(t, self.watches[t]) for t in self._ordered()]
 
-    def _respond(self, type_url: str, watch: _Watch) -> bytes:
+    def push_endpoints(self, snapshot: Snapshot, clusters: frozenset[str]) -> list[bytes]:
+        """Istiod's incremental EDS push: only the changed load assignments this node watches
+        (SotW allows a partial EDS response; Envoy keeps the others)."""
+        self.snapshot = snapshot
+        watch = self.watches.get(typeurls.ENDPOINT)
+        if watch is None:
+            return []
+        changed = tuple(name for name in watch.names if name in clusters)
+        return [self._respond(typeurls.ENDPOINT, watch, changed)] if changed else []
+
+    def _respond(self, type_url: str, watch: _Watch, only: tuple[str, ...] = ()) -> bytes:
         assert self.node is not None
         available = self.snapshot.resources(type_url, self.node)
-        if type_url in typeurls.WILDCARD_TYPES and not watch.names:
+        if only:
+            bodies = [available[name] for name in only if name in available]
+        elif type_url in typeurls.WILDCARD_TYPES and not watch.names:
             bodies = list(available.values())
         else:
             bodies = [available[name] for name in watch.names if name in available]
@@ -202,15 +230,30 @@ class DeltaConnection(_Connection):
             out += self._respond(type_url, self.watches[type_url], always=False)
         return out
 
-    def _respond(self, type_url: str, watch: _Watch, always: bool) -> list[bytes]:
+    def push_endpoints(self, snapshot: Snapshot, clusters: frozenset[str]) -> list[bytes]:
+        """Istiod's incremental EDS push: only the changed load assignments this node watches."""
+        self.snapshot = snapshot
+        watch = self.watches.get(typeurls.ENDPOINT)
+        if watch is None:
+            return []
+        return self._respond(typeurls.ENDPOINT, watch, always=False, only=clusters)
+
+    def _respond(
+        self, type_url: str, watch: _Watch, always: bool, only: frozenset[str] | None = None
+    ) -> list[bytes]:
         assert self.node is not None
         available = self.snapshot.resources(type_url, self.node)
-        if watch.wildcard:
-            wanted = available
+        if only is not None:
+            names = sorted(n for n in only if watch.wildcard or n in watch.subscribed)
+            wanted = {n: available[n] for n in names if n in available}
+            removed = sorted(n for n in names if n in watch.sent and n not in available)
         else:
-            wanted = {n: available[n] for n in sorted(watch.subscribed) if n in available}
+            if watch.wildcard:
+                wanted = available
+            else:
+                wanted = {n: available[n] for n in sorted(watch.subscribed) if n in available}
+            removed = sorted(n for n in watch.sent if n not in wanted)
         changed = {n: body for n, body in wanted.items() if watch.sent.get(n) != body}
-        removed = sorted(n for n in watch.sent if n not in wanted)
         if not (changed or removed or always):
             return []
         for name in removed:

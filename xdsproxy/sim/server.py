@@ -3,13 +3,14 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 import grpc
 
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive, status_code
 from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection, epoch
-from xdsproxy.sim.mesh import Mesh
+from xdsproxy.sim.mesh import Endpoint, Mesh, cluster_name
 
 log = logging.getLogger("xdsproxy.sim")
 
@@ -36,6 +37,11 @@ class SimServer:
         self.port = 0
         self.connections_served = 0
         self._live: set[_Live] = set()
+        self.debounce_seconds = 0.1  # Istiod's PILOT_DEBOUNCE_AFTER
+        self._endpoint_changes: set[str] = set()
+        self._debounce: asyncio.TimerHandle | None = None
+        # (version, wall time) of each incremental EDS push, for latency benchmarks.
+        self.endpoint_pushes: list[tuple[str, float]] = []
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -56,6 +62,9 @@ class SimServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._debounce is not None:
+            self._debounce.cancel()
+            self._debounce = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -66,6 +75,31 @@ class SimServer:
     def mutate(self, change: Callable[[Mesh], None]) -> None:
         change(self.mesh)
         self.push()
+
+    def set_endpoints(self, fqdn: str, endpoints: Iterable[Endpoint]) -> None:
+        """An endpoint-only change, pushed after Istiod's debounce as an incremental EDS push
+        of just the changed load assignments (several changes within the window share one)."""
+        self.mesh.set_endpoints(fqdn, endpoints)
+        self._endpoint_changes.add(fqdn)
+        if self._debounce is None:
+            self._debounce = asyncio.get_running_loop().call_later(
+                self.debounce_seconds, self._push_endpoints
+            )
+
+    def _push_endpoints(self) -> None:
+        fqdns, self._endpoint_changes, self._debounce = self._endpoint_changes, set(), None
+        self.snapshot = self.snapshot.with_endpoints(self.mesh, fqdns)
+        clusters = frozenset(
+            cluster_name(port.number, fqdn, subset)
+            for fqdn in fqdns
+            if (service := self.mesh.services.get(fqdn)) is not None
+            for port in service.ports
+            for subset in ["", *(name for name, _ in service.subsets)]
+        )
+        self.endpoint_pushes.append((self.snapshot.version, time.time()))
+        for live in list(self._live):
+            for response in live.connection.push_endpoints(self.snapshot, clusters):
+                live.outbox.put_nowait(response)
 
     def push(self) -> None:
         """Rebuild the snapshot and push it to every connected node, as Istiod does after its
