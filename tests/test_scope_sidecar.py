@@ -193,3 +193,24 @@ def test_usage_logging_adds_a_sampled_logger_to_outbound_http_listeners_only() -
         [log] = manager.access_log
         assert log.filter.runtime_filter.percent_sampled.numerator == 25_000  # per million
     assert_consistent(view, SIM_UPSTREAM)
+
+
+def test_replicas_of_a_workload_share_each_selection_until_the_scope_changes() -> None:
+    key = WorkloadKey("ns-0", "app")
+    scope = Scope(key)
+    replicas = [SidecarView(scope, EGRESS) for _ in range(3)]
+    first = [view.select(CDS, SIM_UPSTREAM) for view in replicas]
+    assert first[0] is first[1] is first[2]
+    routes = [view.select(RDS, SIM_UPSTREAM) for view in replicas]
+    assert routes[0] is routes[1] is routes[2]
+
+    service = SIM_SERVICES[5]
+    assert scope.learn(service, 1.0)
+    widened = replicas[0].select(CDS, SIM_UPSTREAM)
+    assert widened is not first[0]
+    assert any(outbound_cluster(n) and outbound_cluster(n)[0] == service for n in widened[0])
+    assert replicas[1].select(CDS, SIM_UPSTREAM) is widened
+
+    # Another scope of the same workload name (a new process state) never sees this one's.
+    other = SidecarView(Scope(key), EGRESS).select(CDS, SIM_UPSTREAM)
+    assert other == first[0] and other is not widened

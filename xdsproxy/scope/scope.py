@@ -1,6 +1,7 @@
 """A workload's scope: what it has been seen using, plus static rules, plus what is always kept."""
 
 import fnmatch
+import itertools
 from dataclasses import dataclass, field
 
 from xdsproxy.istio.names import ServicePort, is_port
@@ -60,14 +61,19 @@ class Edge:
     evidence: float = 0.0
 
 
+_SCOPE_IDS = itertools.count(1)
+
+
 @dataclass(slots=True)
 class Scope:
-    """Mutable; `version` bumps on every change so caches of rewritten config can key on it."""
+    """Mutable; `version` bumps on every change, so (`uid`, `version`) names one state of
+    one scope for caches of config scoped by it."""
 
     key: WorkloadKey
     learned: dict[ServicePort, Edge] = field(default_factory=dict)
     static: tuple[HostPattern, ...] = ()
     version: int = 0
+    uid: int = field(default_factory=_SCOPE_IDS.__next__)
     _static_matches: dict[ServicePort, bool] = field(default_factory=dict, repr=False)
 
     def covers(self, service: ServicePort) -> bool:

@@ -10,7 +10,15 @@ Per type:
   on, a sampled access logger on outbound HTTP listeners: see `usage`).
 - RDS: each table keeps its in-scope vhosts and ends with a catch-all to the egress.
 Unchanged resources keep their exact upstream bytes; only route tables are re-encoded.
+
+Selections are memoized by (scope state, upstream resources): the sidecars of one workload
+share a scope, and identical upstream responses decode to the same shared tuples (see
+`wire.codec`), so a push to many replicas computes each scoped CDS and RDS once.
 """
+
+from collections.abc import Callable
+
+from cachetools import LRUCache
 
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
@@ -22,6 +30,9 @@ from xdsproxy.wire import typeurls
 from xdsproxy.xds.view import Selection, UpstreamView
 
 _CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
+_EMPTY: Selection = ((), ())
+# Entries hold references to shared tuples only; the bound is on their number.
+_SELECTIONS: LRUCache[tuple, Selection] = LRUCache(maxsize=4096)
 
 
 class SidecarView:
@@ -47,16 +58,29 @@ class SidecarView:
         return _CDS_INPUTS if type_url == typeurls.CLUSTER else frozenset()
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
-        current = upstream.get(type_url, ((), ()))
+        current = upstream.get(type_url, _EMPTY)
         if type_url == typeurls.CLUSTER:
-            return self._clusters(current, upstream)
+            inputs = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_INPUTS)))
+            return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))
         if type_url == typeurls.ROUTE:
-            return self._routes(current)
+            return self._memo(type_url, (current,), lambda: self._routes(current))
         if type_url == typeurls.LISTENER and self.usage is not None:
             names, bodies = current
             sample, flush = self.usage_sample_percent, self.usage_flush_seconds
             return names, tuple(with_usage_logger(body, sample, flush) for body in bodies)
         return current
+
+    def _memo(
+        self, type_url: str, inputs: tuple[Selection, ...], compute: Callable[[], Selection]
+    ) -> Selection:
+        """A selection is a function of the scope's state, this view's settings and the
+        upstream resources it reads: key on exactly those."""
+        settings = (self.egress_cluster, self.usage, self.usage_sample_percent)
+        key = (type_url, self.scope.uid, self.scope.version, settings, inputs)
+        found = _SELECTIONS.get(key)
+        if found is None:
+            found = _SELECTIONS[key] = compute()
+        return found
 
     def _routes(self, current: Selection) -> Selection:
         names, bodies = current
