@@ -123,7 +123,7 @@ class Client:
 
     def _on_delta(self, data: bytes) -> list[bytes]:
         response = decode_delta_response(data)
-        self._note(response.type_url, response.version)
+        self._note(response.type_url, response.system_version)
         out = [self._delta_request(response.type_url, nonce=response.nonce)]
         if response.type_url == CDS:
             new = tuple(n for n in response.names if n.startswith("outbound|"))
