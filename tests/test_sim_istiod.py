@@ -239,3 +239,25 @@ async def test_endpoint_changes_within_the_debounce_share_one_push() -> None:
         assert sorted(pushed.names) == sorted(names)
         assert len(sim.endpoint_pushes) == 1 and sim.endpoint_pushes[0][0] == pushed.version
         await client.close()
+
+
+async def test_full_pushes_queue_and_merge_like_istiods_push_queue() -> None:
+    import asyncio
+
+    from xdsproxy.harness.ads import AdsClient
+    from xdsproxy.harness.stack import running_sim
+
+    async with running_sim(generate(20)) as sim:
+        clients = [AdsClient(sim.port) for _ in range(3)]
+        for client in clients:
+            await client.send(sotw_request(with_node=True))
+            first = decode_sotw_response(await client.recv())
+            await client.send(sotw_request(version=first.version, nonce=first.nonce))
+        sim.push()
+        sim.push()  # before the queue ran: one push, of the newest snapshot
+        for client in clients:
+            pushed = decode_sotw_response(await client.recv())
+            assert pushed.version == sim.snapshot.version
+            with pytest.raises(asyncio.TimeoutError):
+                await client.recv(timeout=0.3)
+            await client.close()

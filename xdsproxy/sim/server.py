@@ -23,6 +23,10 @@ class _Live:
         self.outbox: asyncio.Queue[object] = asyncio.Queue()
 
 
+class _PushSent:
+    """Put after a full push's responses in an outbox: written, the push frees its slot."""
+
+
 class SimServer:
     """A stand-in for Istiod. Mutate `mesh`, then call `push()` to send the change to everyone."""
 
@@ -37,6 +41,14 @@ class SimServer:
         self.port = 0
         self.connections_served = 0
         self._live: set[_Live] = set()
+        # Istiod's push queue: a full push reaches at most PILOT_PUSH_THROTTLE connections at
+        # once, and a connection waiting in the queue gets the newest snapshot when its turn
+        # comes (pushes merge; none goes backwards).
+        self.push_throttle = 100
+        self._queued: dict[_Live, None] = {}
+        self._wake = asyncio.Event()
+        self._slots: asyncio.Semaphore | None = None
+        self._pusher: asyncio.Task[None] | None = None
         self.debounce_seconds = 0.1  # Istiod's PILOT_DEBOUNCE_AFTER
         self._endpoint_changes: set[str] = set()
         self._debounce: asyncio.TimerHandle | None = None
@@ -59,12 +71,19 @@ class SimServer:
             self.port = server.add_secure_port(listen, credentials)
         await server.start()
         self._server = server
+        self._slots = asyncio.Semaphore(self.push_throttle)
+        self._pusher = asyncio.create_task(self._push_queue())
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         if self._debounce is not None:
             self._debounce.cancel()
             self._debounce = None
+        if self._pusher is not None:
+            self._pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pusher
+            self._pusher = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -102,12 +121,31 @@ class SimServer:
                 live.outbox.put_nowait(response)
 
     def push(self) -> None:
-        """Rebuild the snapshot and push it to every connected node, as Istiod does after its
-        debounce."""
+        """Rebuild the snapshot and queue a full push to every connected node, as Istiod does
+        after its debounce."""
         self.snapshot = self._snapshot()
-        for live in list(self._live):
-            for response in live.connection.push(self.snapshot):
-                live.outbox.put_nowait(response)
+        for live in self._live:
+            self._queued[live] = None
+        self._wake.set()
+
+    async def _push_queue(self) -> None:
+        assert self._slots is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queued:
+                live = next(iter(self._queued))
+                del self._queued[live]
+                if live not in self._live:
+                    continue
+                await self._slots.acquire()
+                for response in live.connection.push(self.snapshot):
+                    live.outbox.put_nowait(response)
+                live.outbox.put_nowait(_PushSent())
+
+    def _free_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
 
     async def _sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         await self._serve(SotwConnection(self.snapshot), context)
@@ -124,6 +162,9 @@ class SimServer:
         reader = asyncio.create_task(self._read(live, context))
         try:
             while (item := await live.outbox.get()) is not _CLOSE:
+                if isinstance(item, _PushSent):
+                    self._free_slot()
+                    continue
                 if isinstance(item, IstiodError):
                     await context.abort(status_code(item.code), str(item))
                 assert isinstance(item, bytes)
@@ -133,6 +174,10 @@ class SimServer:
             pass  # the client went away
         finally:
             self._live.discard(live)
+            self._queued.pop(live, None)
+            while not live.outbox.empty():
+                if isinstance(live.outbox.get_nowait(), _PushSent):
+                    self._free_slot()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
