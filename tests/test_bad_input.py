@@ -163,7 +163,10 @@ async def test_slow_reader_is_cut_off_with_resource_exhausted_others_unaffected(
 ) -> None:
     async with (
         running_sim(generate(1000)) as sim,
-        running_proxy(sim.port, max_pending_bytes=2 * 1024 * 1024) as proxy,
+        # No backpressure here, so that responses pile up to the cap (see the next test).
+        running_proxy(
+            sim.port, max_pending_bytes=2 * 1024 * 1024, pause_upstream_bytes=1 << 40
+        ) as proxy,
     ):
         proxy.proxy.limits.final_write_seconds = 30.0 if resumes else 1.0
         good = await _healthy_client(proxy.port)
@@ -194,6 +197,39 @@ async def test_slow_reader_is_cut_off_with_resource_exhausted_others_unaffected(
             await asyncio.sleep(proxy.proxy.limits.final_write_seconds + 1)
             await _still_served(sim, good)
             assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        await stuck.close()
+        await good.close()
+
+
+async def test_backpressure_holds_a_slow_readers_pushes_upstream_not_in_memory() -> None:
+    async with running_sim(generate(1000)) as sim, running_proxy(sim.port) as proxy:
+        good = await _healthy_client(proxy.port)
+        stuck = AdsClient(
+            proxy.port, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        )
+        await stuck.send(sotw_request(with_node=True))
+        await eventually(lambda: len(proxy.proxy.sessions) == 2, timeout=10)
+        largest = 0
+        for _ in range(12):
+            sim.push()
+            await asyncio.sleep(0.05)
+            response = decode_sotw_response(await good.recv())
+            await good.send(sotw_request(version=response.version, nonce=response.nonce))
+            largest = max(largest, max(s.pending_bytes for s in proxy.proxy.sessions.values()))
+        # Twelve full pushes went out; the stuck stream never held more than one response
+        # beyond the pause threshold, and it is still served, not cut off.
+        pause, one_cds_response = 1024 * 1024, 500 * 1024  # the default, and N = 1,000
+        assert proxy.proxy.limits.pause_upstream_bytes == pause
+        assert 0 < largest <= pause + one_cds_response
+        assert len(proxy.proxy.sessions) == 2
+        await _still_served(sim, good)
+        # Once it reads again it catches up, to the newest version.
+        versions = []
+        while (data := await stuck.recv(timeout=20)) is not None:
+            versions.append(decode_sotw_response(data).version)
+            if versions[-1] == sim.snapshot.version:
+                break
+        assert versions[-1] == sim.snapshot.version
         await stuck.close()
         await good.close()
 

@@ -64,6 +64,11 @@ class Session:
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
     writing: bool = False  # a message is handed to gRPC and not yet sent
+    # Set while few enough bytes wait for Envoy that reading Istiod's next response is fine.
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.drained.set()
 
     @property
     def node_id(self) -> str:
@@ -78,6 +83,11 @@ class Session:
 @dataclass
 class Limits:
     max_pending_bytes: int = 128 * 1024 * 1024
+    # Backpressure: while more than this waits for a sidecar, its upstream stream is not read,
+    # so Istiod's flow control (and its push throttle) sees a slow Envoy as it would without
+    # xdsproxy, and each stream holds at most about one response. Otherwise a full push to
+    # many slow readers would sit in xdsproxy's memory all at once.
+    pause_upstream_bytes: int = 1024 * 1024
     # gRPC accepts a stream's status only after the message it is sending has gone out: how
     # long an ended stream waits for a slow reader to take it, so the status can follow.
     final_write_seconds: float = 10.0
@@ -137,6 +147,8 @@ class AdsProxy:
         self.metrics.pushes.labels(kind, "relayed" if event.relayed else "local").inc()
         self.metrics.downstream_bytes.labels(kind).inc(len(event.payload))
         session.pending_bytes += len(event.payload)
+        if session.pending_bytes > self.limits.pause_upstream_bytes:
+            session.drained.clear()
         if session.pending_bytes > self.limits.max_pending_bytes:
             session.end(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -248,8 +260,7 @@ class AdsProxy:
         drain.cancel()
         return not session.writing
 
-    @staticmethod
-    async def _drain(session: Session, context: grpc.aio.ServicerContext) -> None:
+    async def _drain(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         try:
             while not session.ended.done():
                 item = await session.outbox.get()
@@ -257,6 +268,8 @@ class AdsProxy:
                 await context.write(item)
                 session.writing = False
                 session.pending_bytes -= len(item)
+                if session.pending_bytes <= self.limits.pause_upstream_bytes:
+                    session.drained.set()
                 del item  # not held while waiting: see _pump_upstream
         except (asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
             session.end(grpc.StatusCode.CANCELLED, "downstream went away")
@@ -282,7 +295,7 @@ class AdsProxy:
 
     async def _pump_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
         try:
-            while (data := await call.read()) is not grpc.aio.EOF:
+            while await session.drained.wait() and (data := await call.read()) is not grpc.aio.EOF:
                 await self._on_upstream(session, call, data)
                 # Drop the response before waiting for the next: a full push is megabytes,
                 # and holding the last one per stream would cost that much per sidecar.

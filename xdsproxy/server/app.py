@@ -37,6 +37,7 @@ class ServeConfig:
     key: Path | None = None
     max_message_bytes: int = -1
     max_pending_bytes: int = 128 * 1024 * 1024
+    pause_upstream_bytes: int = 1024 * 1024
     upstream_connections: int = 0  # 0: a connection per sidecar, as without xdsproxy
     shutdown_grace_seconds: float = 5.0
     mode: str = "passthrough"
@@ -78,7 +79,10 @@ class ProxyServer:
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(
-            self.channels, self.runtime, Limits(config.max_pending_bytes), self.metrics
+            self.channels,
+            self.runtime,
+            Limits(config.max_pending_bytes, config.pause_upstream_bytes),
+            self.metrics,
         )
         if self.runtime is not None:
             self.runtime.deliver = self.proxy.deliver
