@@ -26,14 +26,13 @@ from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
 
-TYPES_PER_PUSH = 4  # CDS, EDS, LDS, RDS
-
 
 class Clients:
     """The load generator, with a thread that reads every line it prints."""
 
-    def __init__(self, target: int, clients: int, delta: bool) -> None:
+    def __init__(self, target: int, clients: int, delta: bool, cds_only: bool = False) -> None:
         self.clients = clients
+        self.cds_only = cds_only
         self.ready_at: list[float] = []
         self.pushes = 0
         self.pushes_at = 0.0
@@ -41,7 +40,7 @@ class Clients:
         self.process = spawn(
             "xdsproxy.harness.loadgen",
             "--target", f"127.0.0.1:{target}", "--clients", str(clients), "--ramp", "0",
-            *(["--delta"] if delta else []),
+            *(["--delta"] if delta else []), *(["--cds-only"] if cds_only else []),
             read=True,
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
@@ -80,7 +79,8 @@ def _full_push(sim: subprocess.Popen, clients: Clients) -> float:
     base = clients.quiet()
     start = time.monotonic()
     os.kill(sim.pid, signal.SIGHUP)
-    clients.wait(lambda: clients.pushes >= base + TYPES_PER_PUSH * clients.clients)
+    types = 1 if clients.cds_only else 4  # CDS alone, or CDS, EDS, LDS and RDS
+    clients.wait(lambda: clients.pushes >= base + types * clients.clients)
     return clients.pushes_at - start
 
 
@@ -106,7 +106,9 @@ def _serve(*args: str) -> subprocess.Popen:
 SETTLE_SECONDS = 15.0  # a steady-state reading: after the proxy's heap trimmer has had its turn
 
 
-def measure(services: int, m: int, delta: bool, connections: int = 0) -> dict:
+def measure(
+    services: int, m: int, delta: bool, connections: int = 0, cds_only: bool = False
+) -> dict:
     sim_port, proxy_port = free_port(), free_port()
     sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
     proxy = clients = None
@@ -114,11 +116,12 @@ def measure(services: int, m: int, delta: bool, connections: int = 0) -> dict:
         "services": services,
         "clients": m,
         "protocol": "Delta" if delta else "SotW",
+        "types": "CDS" if cds_only else "all",
         "upstream_connections": connections or m,
     }
     try:
         wait_port(sim_port)
-        clients = Clients(sim_port, m, delta)
+        clients = Clients(sim_port, m, delta, cds_only)
         row["direct_sync_s"] = clients.sync_seconds()
         if not delta:
             row["direct_push_s"] = _full_push(sim, clients)
@@ -132,7 +135,7 @@ def measure(services: int, m: int, delta: bool, connections: int = 0) -> dict:
         peak = PeakRss(proxy.pid)
         row["proxy_idle_rss_mb"] = rss_mb(proxy.pid)
         cpu = cpu_seconds(proxy.pid)
-        clients = Clients(proxy_port, m, delta)
+        clients = Clients(proxy_port, m, delta, cds_only)
         row["proxy_sync_s"] = clients.sync_seconds()
         clients.quiet()
         row["proxy_sync_cpu_s"] = cpu_seconds(proxy.pid) - cpu
@@ -178,6 +181,7 @@ def main() -> None:
         default=[0, 16],
         help="xdsproxy's --upstream-connections; 0 is a connection per sidecar",
     )
+    parser.add_argument("--cds-only-clients", type=int, nargs="*", default=[500])
     args = parser.parse_args()
     rows = [
         measure(args.services, m, protocol == "delta", connections)
@@ -185,6 +189,9 @@ def main() -> None:
         for connections in args.upstream_connections
         for m in args.clients
     ]
+    if args.cds_only_clients:
+        # The full CDS push alone, for the per-sidecar CPU of a CDS push.
+        rows += [measure(args.services, m, False, 0, cds_only=True) for m in args.cds_only_clients]
     save_json("scale", rows)
     lines = [
         "## Proxy scale (`python -m benchmarks.scale`)",
@@ -195,15 +202,15 @@ def main() -> None:
         "a push of unchanged config is empty there). RSS 15 s after the sync and after the "
         "push (steady state); peak sampled every 0.2 s over the run.",
         "",
-        "| services | clients | xDS | upstream conns | sync direct s | sync via s | "
+        "| services | clients | xDS | types | upstream conns | sync direct s | sync via s | "
         "sync CPU ms/client | "
         "push direct s | push via s | fan-out ratio | push CPU ms/client | RSS MB | "
         "RSS MB/client | RSS after push MB | peak RSS MB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['services']} | {r['clients']} | {r['protocol']} | "
+            f"| {r['services']} | {r['clients']} | {r['protocol']} | {r['types']} | "
             f"{r['upstream_connections']} | "
             f"{r['direct_sync_s']:.1f} | {r['proxy_sync_s']:.1f} | "
             f"{r['sync_cpu_ms_per_client']:.0f} | {_cell(r, 'direct_push_s', '.1f')} | "

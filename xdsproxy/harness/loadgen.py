@@ -25,6 +25,7 @@ from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import decode_delta_response
 
 CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE
+ALL_TYPES = frozenset({CDS, EDS, LDS, RDS})
 
 
 def _node_id(index: int) -> str:
@@ -39,10 +40,17 @@ def _first(request: DiscoveryRequest | DeltaDiscoveryRequest, index: int) -> Non
 
 class Client:
     def __init__(
-        self, target: str, index: int, delta: bool, stats: "Stats", trace: bool = False
+        self,
+        target: str,
+        index: int,
+        delta: bool,
+        stats: "Stats",
+        trace: bool = False,
+        types: frozenset[str] = ALL_TYPES,
     ) -> None:
         self.target, self.index, self.delta, self.stats = target, index, delta, stats
         self.trace = trace  # print when each EDS push arrives, for latency benchmarks
+        self.types = types  # what the client subscribes to
         self.seen: set[str] = set()
 
     async def run(self, reconnect: bool) -> None:
@@ -64,7 +72,8 @@ class Client:
     async def _stream(self) -> None:
         send = self._delta_request if self.delta else self._sotw_request
         await self.call.write(send(CDS, first=True))
-        await self.call.write(send(LDS))
+        if LDS in self.types:
+            await self.call.write(send(LDS))
         while (data := await self.call.read()) is not grpc.aio.EOF:
             for request in (self._on_delta if self.delta else self._on_sotw)(data):
                 await self.call.write(request)
@@ -91,7 +100,7 @@ class Client:
         self.stats.pushes += 1
         if type_url not in self.seen:
             self.seen.add(type_url)
-            if self.seen >= {CDS, EDS, LDS, RDS}:
+            if self.seen >= self.types:
                 self.stats.ready += 1
 
     def _on_sotw(self, data: bytes) -> list[bytes]:
@@ -103,9 +112,9 @@ class Client:
                 type_url, self._names(type_url), envelope.version_info, envelope.nonce
             )
         ]
-        if type_url in (CDS, LDS):
+        follow = EDS if type_url == CDS else RDS
+        if type_url in (CDS, LDS) and follow in self.types:
             names = self._wanted(type_url, data)
-            follow = EDS if type_url == CDS else RDS
             out.append(self._sotw_request(follow, names))
             setattr(self, f"_{follow.rsplit('.', 1)[-1]}", names)
         return out
@@ -125,7 +134,7 @@ class Client:
         response = decode_delta_response(data)
         self._note(response.type_url, response.system_version)
         out = [self._delta_request(response.type_url, nonce=response.nonce)]
-        if response.type_url == CDS:
+        if response.type_url == CDS and EDS in self.types:
             new = tuple(n for n in response.names if n.startswith("outbound|"))
             if new:
                 out.append(self._delta_request(EDS, subscribe=new))
@@ -144,13 +153,19 @@ class Stats:
 
 
 async def main(
-    target: str, clients: int, delta: bool, ramp: float, reconnect: bool, trace: int = 0
+    target: str,
+    clients: int,
+    delta: bool,
+    ramp: float,
+    reconnect: bool,
+    trace: int = 0,
+    types: frozenset[str] = ALL_TYPES,
 ) -> None:
     stats = Stats()
     stats.clients = clients
     tasks = []
     for index in range(clients):
-        client = Client(target, index, delta, stats, trace=index < trace)
+        client = Client(target, index, delta, stats, trace=index < trace, types=types)
         tasks.append(asyncio.create_task(client.run(reconnect)))
         if ramp:
             await asyncio.sleep(ramp)
@@ -181,5 +196,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--trace", type=int, default=0, metavar="K", help="the first K clients print EDS arrivals"
     )
+    parser.add_argument("--cds-only", action="store_true", help="subscribe to clusters only")
     args = parser.parse_args()
-    asyncio.run(main(args.target, args.clients, args.delta, args.ramp, args.reconnect, args.trace))
+    types = frozenset({CDS}) if args.cds_only else ALL_TYPES
+    asyncio.run(
+        main(args.target, args.clients, args.delta, args.ramp, args.reconnect, args.trace, types)
+    )
