@@ -107,7 +107,12 @@ SETTLE_SECONDS = 15.0  # a steady-state reading: after the proxy's heap trimmer 
 
 
 def measure(
-    services: int, m: int, delta: bool, connections: int = 0, cds_only: bool = False
+    services: int,
+    m: int,
+    delta: bool,
+    connections: int = 0,
+    cds_only: bool = False,
+    settle: float = SETTLE_SECONDS,
 ) -> dict:
     sim_port, proxy_port = free_port(), free_port()
     sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
@@ -139,7 +144,7 @@ def measure(
         row["proxy_sync_s"] = clients.sync_seconds()
         clients.quiet()
         row["proxy_sync_cpu_s"] = cpu_seconds(proxy.pid) - cpu
-        time.sleep(SETTLE_SECONDS)
+        time.sleep(settle)
         row["proxy_rss_mb"] = rss_mb(proxy.pid)
         if not delta:
             cpu = cpu_seconds(proxy.pid)
@@ -148,7 +153,7 @@ def measure(
             row["proxy_push_cpu_s"] = cpu_seconds(proxy.pid) - cpu
             row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
             row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
-            time.sleep(SETTLE_SECONDS)
+            time.sleep(settle)
             row["proxy_rss_after_push_mb"] = rss_mb(proxy.pid)
         peak.running = False
         row["proxy_peak_rss_mb"] = peak.peak
@@ -182,16 +187,19 @@ def main() -> None:
         help="xdsproxy's --upstream-connections; 0 is a connection per sidecar",
     )
     parser.add_argument("--cds-only-clients", type=int, nargs="*", default=[500])
+    parser.add_argument("--settle", type=float, default=SETTLE_SECONDS, help="seconds before RSS")
     args = parser.parse_args()
     rows = [
-        measure(args.services, m, protocol == "delta", connections)
+        measure(args.services, m, protocol == "delta", connections, settle=args.settle)
         for protocol in args.protocols
         for connections in args.upstream_connections
         for m in args.clients
     ]
     if args.cds_only_clients:
         # The full CDS push alone, for the per-sidecar CPU of a CDS push.
-        rows += [measure(args.services, m, False, 0, cds_only=True) for m in args.cds_only_clients]
+        rows += [
+            measure(args.services, m, False, 0, True, args.settle) for m in args.cds_only_clients
+        ]
     save_json("scale", rows)
     lines = [
         "## Proxy scale (`python -m benchmarks.scale`)",
