@@ -28,7 +28,7 @@ from xdsproxy.server.app import ProxyServer, ServeConfig
 from xdsproxy.sim import envoyconfig
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire import lean, typeurls
-from xdsproxy.wire.codec import encode_sotw_response
+from xdsproxy.wire.codec import clear_decode_cache, encode_sotw_response
 from xdsproxy.xds.sotw import SotwStream
 
 SIZES = (1000, 5000, 10000)
@@ -75,12 +75,17 @@ def hot_path(data: bytes, repeat: int) -> dict[str, float]:
         stream = SotwStream(view) if view else SotwStream()
         stream.receive_upstream(data)
 
+    def relay_first() -> None:
+        clear_decode_cache()  # as for the first sidecar to get this response
+        relay()
+
     def lazy() -> None:
         scope = Scope(WorkloadKey("ns-0", "app"))
         relay(SidecarView(scope, "outbound|80||lazy-egress.istio-system.svc.cluster.local"))
 
     return {
         "floor_ms": median_ms(floor, repeat),
+        "relay_first_ms": median_ms(relay_first, repeat),
         "relay_ms": median_ms(relay, repeat),
         "narrowed_ms": median_ms(lambda: relay(KeepOnePercent()), repeat),
         "lazy_ms": median_ms(lazy, repeat),
@@ -127,7 +132,7 @@ def main() -> None:
         repeat = 40 if size <= 5000 else 20
         row = {"clusters": size, "bytes": len(data), **hot_path(data, repeat)}
         row.update(asyncio.run(grpc_hop(data, 10)))
-        row["relay_vs_floor"] = row["relay_ms"] / row["floor_ms"]
+        row["relay_vs_floor"] = row["relay_first_ms"] / row["floor_ms"]
         row["relay_mb_per_s"] = len(data) / 1e6 / (row["relay_ms"] / 1000)
         row["narrowed_mb_per_s"] = len(data) / 1e6 / (row["narrowed_ms"] / 1000)
         row["added_hop_ms"] = row["via_proxy_ms"] - row["direct_ms"]
@@ -141,21 +146,25 @@ def write_results_md(rows: list[dict]) -> None:
     lines = [
         "## Forwarding a CDS response (`make bench-forward`)",
         "",
-        "| clusters | bytes | upb floor ms | relay ms | relay / floor | relay MB/s | "
-        "narrowed (1%) ms | narrowed MB/s | lazy sidecar ms | gRPC direct ms | via xdsproxy ms |",
+        "| clusters | bytes | upb floor ms | relay, first ms | first / floor | relay, seen ms | "
+        "relay, seen MB/s | narrowed (1%) ms | lazy sidecar ms | gRPC direct ms | "
+        "via xdsproxy ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['clusters']} | {r['bytes']:,} | {r['floor_ms']:.2f} | {r['relay_ms']:.2f} | "
-            f"{r['relay_vs_floor']:.2f}x | {r['relay_mb_per_s']:.0f} | {r['narrowed_ms']:.2f} | "
-            f"{r['narrowed_mb_per_s']:.0f} | {r['lazy_ms']:.2f} | {r['direct_ms']:.1f} | "
-            f"{r['via_proxy_ms']:.1f} |"
+            f"| {r['clusters']} | {r['bytes']:,} | {r['floor_ms']:.2f} | "
+            f"{r['relay_first_ms']:.2f} | {r['relay_vs_floor']:.2f}x | {r['relay_ms']:.2f} | "
+            f"{r['relay_mb_per_s']:.0f} | {r['narrowed_ms']:.2f} | {r['lazy_ms']:.2f} | "
+            f"{r['direct_ms']:.1f} | {r['via_proxy_ms']:.1f} |"
         )
     lines += [
         "",
         "Floor: upb parses the envelope and every resource name. Relay: xdsproxy's SotW state "
-        "machine in passthrough mode (decode, bookkeeping, forward unchanged). Narrowed: a view "
+        "machine in passthrough mode (decode, bookkeeping, forward unchanged), first for a "
+        "response not seen before (the first sidecar to get it), then for one whose resources "
+        "were already decoded for another stream (every other sidecar: found by length and "
+        "ends, confirmed with a byte compare). Narrowed: a view "
         "keeping 1% of clusters, so a new envelope is spliced from kept byte spans. Lazy sidecar: "
         "the real scoping of a CDS push for a workload with an empty learned scope (TCP services "
         "kept). gRPC: one "

@@ -81,6 +81,11 @@ _DECODED: LRUCache[tuple, list[_Decoded]] = LRUCache(
 )
 
 
+def clear_decode_cache() -> None:
+    """Forget every decoded response (benchmarks measure the first decode with it)."""
+    _DECODED.clear()
+
+
 def _resources_span(data: bytes, envelope: lean.SotwResponse) -> tuple[int, int] | None:
     """Where the resources (and canary) lie: between the version and the type URL. None
     unless the sender wrote the envelope in field order, checked by re-encoding the fields
