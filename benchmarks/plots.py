@@ -15,15 +15,12 @@ def lazy_plot(points: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for tcp_every, style in ((0, "-"), (10, "--")):
         share = "no TCP" if tcp_every == 0 else f"1/{tcp_every} TCP"
-        for k in sorted({p["k"] for p in points}):
-            chosen = sorted(
-                (p for p in points if p["tcp_every"] == tcp_every and p["k"] == k),
-                key=lambda p: p["services"],
-            )
-            if not chosen:
-                continue
+        mine = [p for p in points if p["tcp_every"] == tcp_every]
+        for n, k in enumerate(sorted({p["k"] for p in mine})):
+            chosen = sorted((p for p in mine if p["k"] == k), key=lambda p: p["services"])
             sizes = [p["services"] for p in chosen]
-            for case in CASES if k == min(p["k"] for p in chosen) else ("lazy", "ideal"):
+            # The full push does not depend on k: drawn once.
+            for case in CASES if n == 0 else ("lazy", "ideal"):
                 label = f"{case} ({share})" if case == "full" else f"{case} k={k} ({share})"
                 axes[0].plot(sizes, [p[case]["allocated_mb"] for p in chosen], style, marker="o",
                              label=label)  # fmt: skip
