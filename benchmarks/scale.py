@@ -200,6 +200,10 @@ def main() -> None:
         rows += [
             measure(args.services, m, False, 0, True, args.settle) for m in args.cds_only_clients
         ]
+    write_results(rows)
+
+
+def write_results(rows: list[dict]) -> None:
     save_json("scale", rows)
     lines = [
         "## Proxy scale (`python -m benchmarks.scale`)",

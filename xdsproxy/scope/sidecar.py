@@ -31,8 +31,9 @@ from xdsproxy.xds.view import Selection, UpstreamView
 
 _CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
 _EMPTY: Selection = ((), ())
-# Entries hold references to shared tuples only; the bound is on their number.
-_SELECTIONS: LRUCache[tuple, Selection] = LRUCache(maxsize=4096)
+# The newest selection per (scope, type): replicas ask for the same one within a push, and an
+# older generation is replaced rather than kept (under churn every push is a new generation).
+_SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = LRUCache(maxsize=8192)
 
 
 class SidecarView:
@@ -76,11 +77,14 @@ class SidecarView:
         """A selection is a function of the scope's state, this view's settings and the
         upstream resources it reads: key on exactly those."""
         settings = (self.egress_cluster, self.usage, self.usage_sample_percent)
-        key = (type_url, self.scope.uid, self.scope.version, settings, inputs)
-        found = _SELECTIONS.get(key)
-        if found is None:
-            found = _SELECTIONS[key] = compute()
-        return found
+        key = (self.scope.version, settings, inputs)
+        slot = (self.scope.uid, type_url)
+        found = _SELECTIONS.get(slot)
+        if found is not None and found[0] == key:
+            return found[1]
+        selection = compute()
+        _SELECTIONS[slot] = (key, selection)
+        return selection
 
     def _routes(self, current: Selection) -> Selection:
         names, bodies = current

@@ -74,10 +74,12 @@ def _bytes_held(entries: list[_Decoded]) -> int:
 # Istiod sends the same resources to many sidecars, each under its own version and nonce: a
 # response whose resource bytes equal one already decoded reuses its names and shared bodies.
 # Found by length and the bytes at both ends, then confirmed by comparing every byte (memcmp
-# speed, several times faster than hashing them), so a match is exact. Bounded by the bytes
-# its entries keep alive.
+# speed, several times faster than hashing them), so a match is exact. Only the responses of
+# the last few pushes are worth keeping (a push reaches every sidecar within seconds), and
+# under churn every push brings new ones: bounded by the bytes its entries keep alive.
+DECODE_CACHE_BYTES = 32 * 1024 * 1024
 _DECODED: LRUCache[tuple, list[_Decoded]] = LRUCache(
-    maxsize=256 * 1024 * 1024, getsizeof=_bytes_held
+    maxsize=DECODE_CACHE_BYTES, getsizeof=_bytes_held
 )
 
 
