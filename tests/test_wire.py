@@ -202,3 +202,12 @@ def test_envelope_fields_out_of_order_still_decode_exactly() -> None:
     ) == discovery_pb2.DiscoveryResponse.FromString(canonical)
     decoded = decode_sotw_response(shuffled)
     assert decoded.names == tuple(names) and decoded.nonce == "n1"
+
+
+def test_a_response_larger_than_the_decode_cache_still_decodes_every_time() -> None:
+    huge = Any(type_url="type.googleapis.com/example.Blob", value=b"x" * (12 * 1024 * 1024))
+    data = discovery_pb2.DiscoveryResponse(
+        version_info="v1", type_url="type.googleapis.com/example.Blob", nonce="n", resources=[huge]
+    ).SerializeToString()
+    for _ in range(2):
+        assert decode_sotw_response(data).bodies == (huge.SerializeToString(),)

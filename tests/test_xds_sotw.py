@@ -209,3 +209,28 @@ def test_local_type_is_answered_here_and_never_upstream() -> None:
     view.local_resources[srds].append(("ns-1/80", b"\x0a\x00"))
     [again] = stream.refresh()
     assert again.type_url == srds and again.resource_count == 2
+
+
+def test_acks_repeating_the_names_are_read_without_them_and_changes_are_still_seen() -> None:
+    stream = started()
+    names = tuple(f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(50))
+    assert stream.receive_downstream(sotw_request(EDS, names)) != []
+    stream.receive_upstream(sotw_response(list(names), "v1", "e-1", EDS))
+    ack = sotw_request(EDS, names, version="v1", nonce="e-1")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+    assert stream.status()[EDS].acked_nonce == "e-1"
+    # Same length, one name different: a subscription change, forwarded as such.
+    swapped = (*names[:-1], "outbound|80||svc-x.ns.svc.cluster.local")
+    change = sotw_request(EDS, swapped, version="v1", nonce="e-1")
+    assert stream.receive_downstream(change) == [SendUpstream(change)]
+    stream.receive_upstream(sotw_response(list(swapped), "v2", "e-2", EDS))
+    again = sotw_request(EDS, swapped, version="v2", nonce="e-2")
+    assert stream.receive_downstream(again) == [SendUpstream(again)]
+    assert stream.pushed_names(EDS) == swapped
+    # A NACK repeating the names is still read in full.
+    stream.receive_upstream(sotw_response(list(swapped), "v3", "e-3", EDS))
+    nack = sotw_request(EDS, swapped, version="v2", nonce="e-3", error="bad endpoint")
+    assert [type(e).__name__ for e in stream.receive_downstream(nack)] == [
+        "Nacked",
+        "SendUpstream",
+    ]

@@ -118,7 +118,9 @@ def _decode_resources(
             return names, bodies
     bodies = POOL.intern(envelope.resources)
     names = _sotw_names(data, envelope.type_url, len(bodies))
-    _DECODED[key] = [*entries[-3:], (data[start:end], names, bodies)]
+    entry = (data[start:end], names, bodies)
+    if _bytes_held([entry]) <= DECODE_CACHE_BYTES // 4:  # a giant response is not kept
+        _DECODED[key] = [*entries[-3:], entry]
     return names, bodies
 
 

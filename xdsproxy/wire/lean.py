@@ -52,6 +52,19 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str | None]]]] = [
         ],
     ),
     ("DeltaNames", [("resources", 2, _MESSAGE, _MANY, "DeltaResourceHead")]),
+    ("StatusMessage", [("message", 2, _STRING, _ONE, None)]),
+    # A DiscoveryRequest without its resource names (field 3, skipped): SotW Envoys repeat
+    # every name in every ACK, thousands for EDS, and most ACKs change none of them.
+    (
+        "SotwRequestHead",
+        [
+            ("version_info", 1, _STRING, _ONE, None),
+            ("node", 2, _BYTES, _ONE, None),
+            ("type_url", 4, _STRING, _ONE, None),
+            ("response_nonce", 5, _STRING, _ONE, None),
+            ("error_detail", 6, _MESSAGE, _ONE, "StatusMessage"),
+        ],
+    ),
 ]
 
 
@@ -81,3 +94,4 @@ SotwNames = _CLASSES["SotwNames"]
 DeltaResponse = _CLASSES["DeltaResponse"]
 DeltaResourceHead = _CLASSES["DeltaResourceHead"]
 DeltaNames = _CLASSES["DeltaNames"]
+SotwRequestHead = _CLASSES["SotwRequestHead"]

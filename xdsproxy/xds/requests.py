@@ -6,6 +6,7 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from google.protobuf.message import DecodeError
 
+from xdsproxy.wire import lean
 from xdsproxy.xds.events import Nacked, ProtocolError
 from xdsproxy.xds.status import TypeStatus
 
@@ -45,3 +46,19 @@ def record_answer(
     status.acked_nonce = nonce
     status.last_nack = ""
     return None
+
+
+def names_span(data: bytes, head: "lean.SotwRequestHead") -> tuple[int, int] | None:
+    """Where a DiscoveryRequest's resource names lie: between the node and the type URL. None
+    unless the request was written in field order (checked by re-encoding what surrounds
+    them), so that the span holds the names and nothing else."""
+    before = lean.SotwRequestHead(version_info=head.version_info, node=head.node)
+    after = lean.SotwRequestHead(type_url=head.type_url, response_nonce=head.response_nonce)
+    if head.HasField("error_detail"):
+        after.error_detail.CopyFrom(head.error_detail)
+    prefix, suffix = before.SerializeToString(), after.SerializeToString()
+    if len(prefix) + len(suffix) > len(data):
+        return None
+    if not (data.startswith(prefix) and data.endswith(suffix)):
+        return None
+    return len(prefix), len(data) - len(suffix)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from google.protobuf.message import DecodeError
 
+from xdsproxy.wire import lean
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
 from xdsproxy.wire.typeurls import push_order
 from xdsproxy.xds.events import (
@@ -22,7 +24,7 @@ from xdsproxy.xds.events import (
     SendUpstream,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
+from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, names_span, read_request, record_answer
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
@@ -30,6 +32,7 @@ from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 @dataclass(slots=True)
 class _TypeState:
     subscribed: tuple[str, ...] = ()
+    names_bytes: bytes = b""  # `subscribed` as Envoy encoded it, to spot an unchanged list
     requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
     pushed: Selection | None = None
     status: TypeStatus = field(default_factory=TypeStatus)
@@ -60,11 +63,41 @@ class SotwStream:
 
     # -- from Envoy ------------------------------------------------------------------------
 
-    def receive_downstream(self, data: bytes) -> list[Event]:
+    def _read(self, data: bytes) -> tuple[DiscoveryRequest | lean.SotwRequestHead, tuple[str, ...]]:
+        """The request and its resource names. An ACK whose names are byte for byte the ones
+        already subscribed (the common case: EDS ACKs repeat thousands) is read without
+        decoding them; anything else is decoded and checked in full."""
+        if self.node is not None:
+            try:
+                head = lean.SotwRequestHead.FromString(data)
+            except DecodeError:
+                head = None  # the full decode below reports it
+            state = self._types.get(head.type_url) if head is not None else None
+            if state is not None and state.names_bytes and not head.HasField("error_detail"):
+                span = names_span(data, head)
+                if (
+                    span is not None
+                    and span[1] - span[0] == len(state.names_bytes)
+                    and data.startswith(state.names_bytes, span[0])
+                ):
+                    return head, state.subscribed
         request, self.node = read_request(DiscoveryRequest, data, self.node)
+        names = tuple(request.resource_names)
+        state = self._types.get(request.type_url)
+        if state is not None and names != state.subscribed:
+            state.names_bytes = b""
+        if names and not request.HasField("error_detail"):
+            head = lean.SotwRequestHead.FromString(data)
+            span = names_span(data, head)
+            if span is not None:
+                state = self._types.setdefault(request.type_url, _TypeState())
+                state.names_bytes = data[span[0] : span[1]]
+        return request, names
+
+    def receive_downstream(self, data: bytes) -> list[Event]:
+        request, names = self._read(data)
         type_url = request.type_url
         state = self._types.setdefault(type_url, _TypeState())
-        names = tuple(request.resource_names)
         changed = names != state.subscribed
         state.subscribed = names
         nonce = request.response_nonce
