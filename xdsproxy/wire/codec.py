@@ -88,17 +88,24 @@ def clear_decode_cache() -> None:
     _DECODED.clear()
 
 
+def span_between(data: bytes, prefix: bytes, suffix: bytes) -> tuple[int, int] | None:
+    """Where the bytes between `prefix` and `suffix` lie in `data`, if it starts and ends with
+    them. Callers pass the re-encoded fields around a repeated field, so a span is found only
+    when the sender wrote the message in field order and the span holds that field alone."""
+    if len(prefix) + len(suffix) > len(data):
+        return None
+    if not (data.startswith(prefix) and data.endswith(suffix)):
+        return None
+    return len(prefix), len(data) - len(suffix)
+
+
 def _resources_span(data: bytes, envelope: lean.SotwResponse) -> tuple[int, int] | None:
-    """Where the resources (and canary) lie: between the version and the type URL. None
-    unless the sender wrote the envelope in field order, checked by re-encoding the fields
-    around the span."""
-    head = lean.SotwResponse(version_info=envelope.version_info).SerializeToString()
+    """Where the resources (and canary) lie: between the version and the type URL."""
+    head = lean.SotwResponse(version_info=envelope.version_info)
     tail = lean.SotwResponse(
         type_url=envelope.type_url, nonce=envelope.nonce, control_plane=envelope.control_plane
-    ).SerializeToString()
-    if len(head) + len(tail) > len(data) or not (data.startswith(head) and data.endswith(tail)):
-        return None
-    return len(head), len(data) - len(tail)
+    )
+    return span_between(data, head.SerializeToString(), tail.SerializeToString())
 
 
 def _decode_resources(

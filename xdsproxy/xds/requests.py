@@ -7,6 +7,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean
+from xdsproxy.wire.codec import span_between
 from xdsproxy.xds.events import Nacked, ProtocolError
 from xdsproxy.xds.status import TypeStatus
 
@@ -49,16 +50,8 @@ def record_answer(
 
 
 def names_span(data: bytes, head: "lean.SotwRequestHead") -> tuple[int, int] | None:
-    """Where a DiscoveryRequest's resource names lie: between the node and the type URL. None
-    unless the request was written in field order (checked by re-encoding what surrounds
-    them), so that the span holds the names and nothing else."""
+    """Where an ACK's resource names lie: between the node and the type URL (a request with
+    `error_detail` is always decoded in full, so it has none)."""
     before = lean.SotwRequestHead(version_info=head.version_info, node=head.node)
     after = lean.SotwRequestHead(type_url=head.type_url, response_nonce=head.response_nonce)
-    if head.HasField("error_detail"):
-        after.error_detail.CopyFrom(head.error_detail)
-    prefix, suffix = before.SerializeToString(), after.SerializeToString()
-    if len(prefix) + len(suffix) > len(data):
-        return None
-    if not (data.startswith(prefix) and data.endswith(suffix)):
-        return None
-    return len(prefix), len(data) - len(suffix)
+    return span_between(data, before.SerializeToString(), after.SerializeToString())

@@ -83,15 +83,13 @@ class SotwStream:
                     return head, state.subscribed
         request, self.node = read_request(DiscoveryRequest, data, self.node)
         names = tuple(request.resource_names)
-        state = self._types.get(request.type_url)
-        if state is not None and names != state.subscribed:
-            state.names_bytes = b""
+        names_bytes = b""
         if names and not request.HasField("error_detail"):
-            head = lean.SotwRequestHead.FromString(data)
-            span = names_span(data, head)
+            span = names_span(data, lean.SotwRequestHead.FromString(data))
             if span is not None:
-                state = self._types.setdefault(request.type_url, _TypeState())
-                state.names_bytes = data[span[0] : span[1]]
+                names_bytes = data[span[0] : span[1]]
+        # These names become the subscription (see receive_downstream).
+        self._types.setdefault(request.type_url, _TypeState()).names_bytes = names_bytes
         return request, names
 
     def receive_downstream(self, data: bytes) -> list[Event]:
