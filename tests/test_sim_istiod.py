@@ -11,7 +11,12 @@ from tests.xds_messages import delta_request, node, sotw_request
 from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection
 from xdsproxy.sim.mesh import Endpoint, cluster_name, generate
 from xdsproxy.wire import typeurls
-from xdsproxy.wire.codec import decode_delta_response, decode_sotw_response
+from xdsproxy.wire.codec import (
+    decode_delta_response,
+    decode_sotw_response,
+    encode_delta_response,
+    encode_sotw_response,
+)
 
 CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE
 VERSION = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ/\d+$")
@@ -160,20 +165,49 @@ def test_delta_initial_sends_all_and_removes_vanished() -> None:
     assert set(response.versions) == {""}
 
 
-def test_delta_push_sends_only_changes() -> None:
+def test_delta_full_push_resends_everything_watched_and_removes_vanished() -> None:
+    """As Istiod's generators do on a full push: unchanged resources are sent again."""
     snap = snapshot()
     connection = DeltaConnection(snap)
-    connection.receive(delta_request(with_node=True))
+    [first] = connection.receive(delta_request(with_node=True))
     fqdn = "svc-0.ns-0.svc.cluster.local"
     [eds] = connection.receive(delta_request(EDS, subscribe=(cluster_name(80, fqdn),)))
     assert decode_delta_response(eds).names == (cluster_name(80, fqdn),)
     mesh = snap.mesh
     mesh.set_endpoints(fqdn, [Endpoint("10.9.9.9", 80)])
-    pushed = connection.push(Snapshot(mesh, "2026-11-22T10:00:00Z", None))
-    assert [decode_delta_response(p).type_url for p in pushed] == [EDS]  # CDS is unchanged
+    cds, eds = map(decode_delta_response, connection.push(Snapshot(mesh, "t", None)))
+    assert (cds.type_url, eds.type_url) == (CDS, EDS)
+    assert cds.names == decode_delta_response(first).names and cds.removed == ()
+    assert eds.names == (cluster_name(80, fqdn),)
     mesh.remove("svc-5.ns-1.svc.cluster.local")
-    [cds] = connection.push(Snapshot(mesh, "2026-11-22T10:00:00Z", None))
-    assert decode_delta_response(cds).removed == ("outbound|9080||svc-5.ns-1.svc.cluster.local",)
+    cds, _ = map(decode_delta_response, connection.push(Snapshot(mesh, "t", None)))
+    assert cds.removed == ("outbound|9080||svc-5.ns-1.svc.cluster.local",)
+    assert "outbound|9080||svc-5.ns-1.svc.cluster.local" not in cds.names
+
+
+def test_delta_subscription_change_sends_only_the_new_names() -> None:
+    base = snapshot()
+    connection = DeltaConnection(base)
+    connection.receive(delta_request(with_node=True))
+    services = [s for s in base.mesh.services.values() if s.kind == "eds" and not s.subsets]
+    a, b = (cluster_name(s.ports[0].number, s.fqdn) for s in services[:2])
+    connection.receive(delta_request(EDS, subscribe=(a,)))
+    [raw] = connection.receive(delta_request(EDS, subscribe=(b,)))
+    assert decode_delta_response(raw).names == (b,)
+
+
+def test_responses_are_spliced_exactly_as_an_encoder_would_write_them() -> None:
+    """The simulator splices shared encodings; the bytes must equal a plain encode."""
+    connection = SotwConnection(snapshot())
+    [raw] = connection.receive(sotw_request(with_node=True))
+    response = decode_sotw_response(raw)
+    assert raw == encode_sotw_response(
+        response.version, response.type_url, response.nonce, response.bodies
+    )
+    delta = DeltaConnection(snapshot())
+    [raw] = delta.receive(delta_request(with_node=True, initial={"gone": ""}))
+    d = decode_delta_response(raw)
+    assert raw == encode_delta_response(d.system_version, d.type_url, d.nonce, d.bodies, d.removed)
 
 
 def _istio_node(namespace: str):

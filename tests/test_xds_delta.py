@@ -139,6 +139,34 @@ def test_upstream_response_that_changes_nothing_in_view_is_still_relayed_for_its
     assert stream.receive_downstream(ack) == [SendUpstream(ack)]
 
 
+def test_an_accepted_view_left_unchanged_is_acked_here_and_envoy_is_sent_nothing() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
+    stream.receive_downstream(delta_request(nonce="up-1"))
+    # Istiod resends everything on a full push; a change outside the view changes nothing.
+    [ack] = stream.receive_upstream(delta_response(["keep-a", "drop-x"], "up-2"))
+    assert isinstance(ack, SendUpstream)
+    sent = DeltaDiscoveryRequest.FromString(ack.payload)
+    assert (sent.type_url, sent.response_nonce) == (CDS, "up-2")
+    assert not sent.resource_names_subscribe and not sent.HasField("error_detail")
+    status = stream.status()[CDS]
+    assert (status.upstream_nonce, status.pushed_nonce, status.state) == ("up-2", "up-1", "SYNCED")
+    assert stream.receive_downstream(delta_request(nonce="up-1")) == []
+    # A spontaneous subscription change still goes up; a change in view is relayed again.
+    spontaneous = delta_request(EDS, subscribe=("keep-a",))
+    assert stream.receive_downstream(spontaneous) == [SendUpstream(spontaneous)]
+    [down] = stream.receive_upstream(delta_response(["keep-b"], "up-3"))
+    assert isinstance(down, SendDownstream) and down.relayed
+
+
+def test_passthrough_relays_even_an_unchanged_resend() -> None:
+    stream = started()
+    stream.receive_upstream(delta_response(["a"], "up-1"))
+    stream.receive_downstream(delta_request(nonce="up-1"))
+    [down] = stream.receive_upstream(delta_response(["a"], "up-2"))
+    assert isinstance(down, SendDownstream) and down.relayed
+
+
 def test_unchanged_resource_is_not_resent() -> None:
     stream = started(KeepPrefix("keep"))
     stream.receive_upstream(delta_response(["keep-a"], "up-1"))

@@ -104,10 +104,62 @@ def test_changed_resource_names_are_forwarded() -> None:
     assert stream.receive_downstream(more) == [SendUpstream(more)]
 
 
-def test_never_acks_upstream_on_envoys_behalf() -> None:
+def test_passthrough_never_acks_upstream_on_envoys_behalf() -> None:
     stream = started()
-    events = stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
+    events = stream.receive_upstream(sotw_response(["a"], "v2", "up-2"))  # same resources
     assert not any(isinstance(e, SendUpstream) for e in events)
+    assert [e.relayed for e in events if isinstance(e, SendDownstream)] == [True]
+
+
+def _accepted(stream: SotwStream, names: list[str], version: str, nonce: str, type_url=CDS):
+    stream.receive_upstream(sotw_response(names, version, nonce, type_url))
+    subscribed = tuple(names) if type_url == EDS else ()
+    stream.receive_downstream(sotw_request(type_url, subscribed, version, nonce))
+
+
+def test_a_change_outside_the_view_is_acked_here_and_envoy_is_sent_nothing() -> None:
+    stream = started(KeepPrefix("keep"))
+    _accepted(stream, ["keep-a", "drop-b"], "v1", "up-1")
+    events = stream.receive_upstream(sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
+    [ack] = events
+    assert isinstance(ack, SendUpstream)
+    sent = DiscoveryRequest.FromString(ack.payload)
+    assert (sent.type_url, sent.version_info, sent.response_nonce) == (CDS, "v2", "up-2")
+    assert not sent.HasField("error_detail") and list(sent.resource_names) == []
+    status = stream.status()[CDS]
+    assert (status.upstream_nonce, status.pushed_nonce, status.state) == ("up-2", "up-1", "SYNCED")
+    # Envoy repeating its ACK of what it holds goes nowhere: Istiod has its answer.
+    assert stream.receive_downstream(sotw_request(version="v1", nonce="up-1")) == []
+    # A change inside the view is relayed as usual, under the newest upstream nonce.
+    [down] = stream.receive_upstream(sotw_response(["keep-a", "keep-d"], "v3", "up-3"))
+    assert isinstance(down, SendDownstream) and down.relayed
+    assert DiscoveryResponse.FromString(down.payload).nonce == "up-3"
+    ack = sotw_request(version="v3", nonce="up-3")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+
+
+def test_an_unchanged_view_is_still_relayed_while_envoy_has_not_accepted_it() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_upstream(sotw_response(["keep-a"], "v1", "up-1"))  # not ACKed yet
+    [down] = stream.receive_upstream(sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
+    assert isinstance(down, SendDownstream) and down.relayed
+    stream.receive_downstream(sotw_request(version="v1", nonce="up-2", error="bad"))  # NACK
+    [again] = stream.receive_upstream(sotw_response(["keep-a", "drop-d"], "v3", "up-3"))
+    assert isinstance(again, SendDownstream) and again.relayed
+
+
+def test_subscription_change_answered_on_a_covering_nonce_goes_up_against_the_newest() -> None:
+    stream = started(KeepPrefix("keep"))
+    stream.receive_downstream(sotw_request(EDS, ("keep-a",)))
+    _accepted(stream, ["keep-a"], "e1", "eds-1", EDS)
+    [ack] = stream.receive_upstream(sotw_response(["keep-a", "drop-x"], "e2", "eds-2", EDS))
+    assert list(DiscoveryRequest.FromString(ack.payload).resource_names) == ["keep-a"]
+    [up] = stream.receive_downstream(sotw_request(EDS, ("keep-a", "keep-b"), "e1", "eds-1"))
+    forwarded = DiscoveryRequest.FromString(up.payload)
+    assert (forwarded.response_nonce, forwarded.version_info) == ("eds-2", "e2")
+    assert list(forwarded.resource_names) == ["keep-a", "keep-b"]
 
 
 def test_reconnect_request_with_version_is_relayed() -> None:

@@ -4,7 +4,10 @@ Behaviour copied from Istiod (pilot/pkg/xds): a new nonce per response; a reques
 not the last one sent for its type is ignored as stale; an ACK gets no answer unless it changes
 the requested names; a NACK is recorded and not answered; wildcard CDS/LDS are answered even
 when empty; versions look like `2026-11-22T10:00:00Z/42`; pushes go in the order CDS, EDS, LDS,
-RDS; Delta resources carry an empty version, as Istiod's do.
+RDS; Delta resources carry an empty version, as Istiod's do. A Delta full push resends every
+watched resource, changed or not, as Istiod's generators do outside their few incremental paths
+(pilot/pkg/xds/delta.go: without `usedDelta`, everything generated is sent); an incremental EDS
+push and a subscription change send only what they touch.
 """
 
 import uuid
@@ -18,7 +21,7 @@ from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.sim import envoyconfig
 from xdsproxy.sim.mesh import Mesh
-from xdsproxy.wire import typeurls
+from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, encode_sotw_response
 
 
@@ -42,23 +45,51 @@ class Snapshot:
         self.bind_address = bind_address
         self.proxy_protocol = proxy_protocol
         self._cache: dict[tuple[str, object], dict[str, bytes]] = {}
+        self._wrapped: dict[tuple[str, object], dict[str, bytes]] = {}
+        self._regions: dict[tuple, bytes] = {}
 
     def resources(self, type_url: str, node: IstioNode) -> dict[str, bytes]:
         """Name -> serialized Any, in Istiod's order, for what this node may see of the type."""
-        if type_url == typeurls.CLUSTER:
-            key: object = None
-        elif type_url == typeurls.ENDPOINT:
-            key = None
-        elif type_url == typeurls.LISTENER:
-            key = self._listener_ports(node)
-        elif type_url == typeurls.ROUTE:
-            key = node.namespace
-        else:
+        key = self._key(type_url, node)
+        if key is None:
             return {}
-        cached = self._cache.get((type_url, key))
+        cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[(type_url, key)] = self._build(type_url, key)
+            cached = self._cache[key] = self._build(*key)
         return cached
+
+    def region(self, type_url: str, node: IstioNode, names: tuple[str, ...], delta: bool) -> bytes:
+        """The encoded `resources` field of a response carrying `names`: every node that is
+        sent the same names shares one encoding, as Istiod shares its generated config, so
+        the simulator's cost per response is a splice rather than a re-encode."""
+        key = self._key(type_url, node)
+        region_key = (key, names, delta)
+        region = self._regions.get(region_key)
+        if region is None:
+            available = self.resources(type_url, node)
+            if delta:
+                wrapped = self._wrapped.setdefault(key, {})  # type: ignore[arg-type]
+                bodies = [
+                    wrapped.get(n) or wrapped.setdefault(n, encode_delta_resource(n, available[n]))
+                    for n in names
+                ]
+            else:
+                bodies = [available[n] for n in names]
+            # `resources` is field 2 of both envelopes, encoded alike.
+            region = lean.SotwResponse(resources=bodies).SerializeToString()
+            if len(self._regions) >= 64:
+                self._regions.clear()
+            self._regions[region_key] = region
+        return region
+
+    def _key(self, type_url: str, node: IstioNode) -> tuple[str, object] | None:
+        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            return type_url, None
+        if type_url == typeurls.LISTENER:
+            return type_url, self._listener_ports(node)
+        if type_url == typeurls.ROUTE:
+            return type_url, node.namespace
+        return None
 
     def with_endpoints(self, mesh: Mesh, fqdns: set[str]) -> "Snapshot":
         """The next generation after an endpoint-only change of `fqdns`: everything but their
@@ -67,12 +98,14 @@ class Snapshot:
             mesh, self.version.split("/")[0], self.bind_address, self.proxy_protocol
         )
         following._cache = dict(self._cache)
+        following._wrapped = dict(self._wrapped)
         key = (typeurls.ENDPOINT, None)
         if key in self._cache:
             changed = Mesh(services={f: mesh.services[f] for f in fqdns if f in mesh.services})
-            following._cache[key] = {
-                **self._cache[key],
-                **{a.cluster_name: pack(a) for a in envoyconfig.build_endpoints(changed)},
+            assignments = {a.cluster_name: pack(a) for a in envoyconfig.build_endpoints(changed)}
+            following._cache[key] = {**self._cache[key], **assignments}
+            following._wrapped[key] = {
+                n: b for n, b in self._wrapped.get(key, {}).items() if n not in assignments
             }
         return following
 
@@ -179,14 +212,16 @@ class SotwConnection(_Connection):
         assert self.node is not None
         available = self.snapshot.resources(type_url, self.node)
         if only:
-            bodies = [available[name] for name in only if name in available]
+            names = tuple(name for name in only if name in available)
         elif type_url in typeurls.WILDCARD_TYPES and not watch.names:
-            bodies = list(available.values())
+            names = tuple(available)
         else:
-            bodies = [available[name] for name in watch.names if name in available]
+            names = tuple(name for name in watch.names if name in available)
         watch.nonce = self._nonce()
         self.pushes += 1
-        return encode_sotw_response(self.snapshot.version, type_url, watch.nonce, bodies)
+        region = self.snapshot.region(type_url, self.node, names, delta=False)
+        head = encode_sotw_response(self.snapshot.version, "", "", ())
+        return b"".join((head, region, encode_sotw_response("", type_url, watch.nonce, ())))
 
 
 class DeltaConnection(_Connection):
@@ -227,7 +262,7 @@ class DeltaConnection(_Connection):
         self.snapshot = snapshot
         out: list[bytes] = []
         for type_url in self._ordered():
-            out += self._respond(type_url, self.watches[type_url], always=False)
+            out += self._respond(type_url, self.watches[type_url], always=False, resend=True)
         return out
 
     def push_endpoints(self, snapshot: Snapshot, clusters: frozenset[str]) -> list[bytes]:
@@ -239,7 +274,12 @@ class DeltaConnection(_Connection):
         return self._respond(typeurls.ENDPOINT, watch, always=False, only=clusters)
 
     def _respond(
-        self, type_url: str, watch: _Watch, always: bool, only: frozenset[str] | None = None
+        self,
+        type_url: str,
+        watch: _Watch,
+        always: bool,
+        only: frozenset[str] | None = None,
+        resend: bool = False,
     ) -> list[bytes]:
         assert self.node is not None
         available = self.snapshot.resources(type_url, self.node)
@@ -253,15 +293,19 @@ class DeltaConnection(_Connection):
             else:
                 wanted = {n: available[n] for n in sorted(watch.subscribed) if n in available}
             removed = sorted(n for n in watch.sent if n not in wanted)
-        changed = {n: body for n, body in wanted.items() if watch.sent.get(n) != body}
+        sent = watch.sent
+        if resend:
+            changed = wanted
+        else:
+            changed = {n: body for n, body in wanted.items() if sent.get(n) != body}
         if not (changed or removed or always):
             return []
         for name in removed:
-            del watch.sent[name]
-        watch.sent.update(changed)
+            del sent[name]
+        sent.update(changed)
         watch.nonce = self._nonce()
         self.pushes += 1
-        bodies = [encode_delta_resource(name, body) for name, body in changed.items()]
-        return [
-            encode_delta_response(self.snapshot.version, type_url, watch.nonce, bodies, removed)
-        ]
+        region = self.snapshot.region(type_url, self.node, tuple(changed), delta=True)
+        head = encode_delta_response(self.snapshot.version, "", "", ())
+        tail = encode_delta_response("", type_url, watch.nonce, (), removed)
+        return [b"".join((head, region, tail))]

@@ -5,6 +5,11 @@ upstream's current resources and what Envoy holds (from `initial_resource_versio
 reconnect and from every response since). Every upstream response is relayed as exactly one
 downstream response with the upstream nonce, holding the difference between what the view
 selects and what Envoy holds, so removals are sent only for names Envoy holds.
+
+The exception: when that difference is empty and Envoy has accepted what it holds (a change
+outside a scoped sidecar's view, or Istiod resending unchanged resources on a full push),
+xdsproxy ACKs the upstream response itself and sends Envoy nothing. Envoy's pushed response then
+stands for it (`covering_nonce`), as a local response would.
 """
 
 import itertools
@@ -43,6 +48,8 @@ class _TypeState:
     # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
     held: dict[str, bytes | None] = field(default_factory=dict)
     system_version: str = ""
+    # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
+    covering_nonce: str = ""
     status: TypeStatus = field(default_factory=TypeStatus)
 
     def upstream_selection(self) -> Selection:
@@ -101,7 +108,7 @@ class DeltaStream:
             if first or request.resource_names_subscribe:
                 events += self._push(type_url, state, upstream_nonce=None)
             return events
-        if not nonce or not nonce.startswith(LOCAL_NONCE_PREFIX):
+        if not nonce or not (nonce.startswith(LOCAL_NONCE_PREFIX) or nonce == state.covering_nonce):
             events.append(SendUpstream(data))
         elif request.resource_names_subscribe or request.resource_names_unsubscribe:
             # The answer to a local response stays here, but a subscription change riding on
@@ -219,8 +226,14 @@ class DeltaStream:
         removed = [name for name in held if name not in kept]
         for name in removed:
             del held[name]
-        if skip_empty and not bodies and not removed:
-            return []
+        if not bodies and not removed:
+            if skip_empty:
+                return []
+            status = state.status
+            if upstream_nonce and status.pushed_nonce and status.acked_nonce == status.pushed_nonce:
+                state.covering_nonce = status.pushed_nonce
+                ack = DeltaDiscoveryRequest(type_url=type_url, response_nonce=upstream_nonce)
+                return [SendUpstream(ack.SerializeToString())]
         nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
         version = state.system_version if upstream_nonce else f"{state.system_version}+{nonce}"
         payload = encode_delta_response(version, type_url, nonce, bodies, removed, control_plane)

@@ -6,6 +6,12 @@ response xdsproxy originates (a scope widened, a dependency changed, a type serv
 carries a nonce with `LOCAL_NONCE_PREFIX`; Envoy's answer to it stays local. Only an answer to
 the newest response of its type is acted on: Istiod ignores stale nonces anyway, and Envoy
 answers the newest one too.
+
+An upstream response that leaves what Envoy holds unchanged (a change outside a scoped
+sidecar's view) is not sent to Envoy when Envoy has accepted what it holds: xdsproxy ACKs it to
+Istiod itself, so such a change costs Envoy nothing and xdsproxy no encode or write. Envoy's
+pushed response then stands for the upstream's newest one (`covering_nonce`), and Envoy's later
+answers to it are treated like answers to a local response.
 """
 
 import itertools
@@ -35,6 +41,8 @@ class _TypeState:
     names_bytes: bytes = b""  # `subscribed` as Envoy encoded it, to spot an unchanged list
     requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
     pushed: Selection | None = None
+    # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
+    covering_nonce: str = ""
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -116,12 +124,13 @@ class SotwStream:
         if nonce != status.pushed_nonce:
             return []
         events = self._record_answer(request)
-        if not nonce.startswith(LOCAL_NONCE_PREFIX):
+        if not nonce.startswith(LOCAL_NONCE_PREFIX) and nonce != state.covering_nonce:
             state.requested_upstream = names
             events.append(SendUpstream(data))
         elif names != state.requested_upstream and status.upstream_nonce:
-            # A subscription change answered on a local response is still Istiod's business:
-            # send it against the newest upstream nonce, with the version Envoy holds from it.
+            # A subscription change answered on a local or covering response is still Istiod's
+            # business: send it against the newest upstream nonce, with the version Envoy
+            # holds from it.
             state.requested_upstream = names
             forward = DiscoveryRequest(
                 type_url=type_url,
@@ -162,6 +171,16 @@ class SotwStream:
             # Dependents first: clusters a new listener needs must reach Envoy before it.
             events = self._refresh(self._dependents(type_url))
             selection = self.view.select(type_url, self._upstream)
+            if self._holds_accepted(state, selection):
+                state.covering_nonce = status.pushed_nonce
+                ack = DiscoveryRequest(
+                    type_url=type_url,
+                    version_info=response.version,
+                    response_nonce=response.nonce,
+                    resource_names=state.requested_upstream or (),
+                )
+                events.append(SendUpstream(ack.SerializeToString()))
+                return events
         if selection[1] is response.bodies:
             payload = data
         else:
@@ -176,6 +195,17 @@ class SotwStream:
         self._pushed(state, selection, response.version, response.nonce, len(payload))
         events.append(SendDownstream(payload, type_url, len(selection[1]), relayed=True))
         return events
+
+    @staticmethod
+    def _holds_accepted(state: _TypeState, selection: Selection) -> bool:
+        """Envoy holds exactly `selection` and has ACKed the response that brought it."""
+        status = state.status
+        return (
+            state.pushed is not None
+            and bool(status.pushed_nonce)
+            and status.acked_nonce == status.pushed_nonce
+            and selection == state.pushed
+        )
 
     # -- originated here -------------------------------------------------------------------
 
