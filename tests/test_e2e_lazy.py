@@ -8,8 +8,10 @@ from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import request_via_sidecar
 from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
 from xdsproxy.harness.stack import eventually
-from xdsproxy.istio.names import ServicePort
+from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.scope.routes import LAZY_HEADERS
+from xdsproxy.sim.mesh import Endpoint, Port, Service
+from xdsproxy.wire.typeurls import CLUSTER as CDS
 
 pytestmark = pytest.mark.envoy
 
@@ -97,3 +99,45 @@ async def test_first_request_learn_then_direct(delta: bool) -> None:
         assert runtime.learns == 1
         # The app's forged header was overwritten by its own sidecar before the egress saw it.
         assert runtime.rejections["forged_claim"] == 0
+
+
+def _config_updates(envoy) -> int:
+    """Every xDS update Envoy has attempted, of any type."""
+    text = envoy.get("/stats?filter=update_attempt$").decode()
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_change_outside_the_scope_is_acked_to_istiod_and_costs_the_sidecar_nothing(
+    delta: bool,
+) -> None:
+    async with lazy_mesh(delta) as mesh:
+        identity = sidecar_identity("app-0", "127.0.0.2")
+        sidecar = await mesh.add_sidecar(identity, delta)
+        [connection] = mesh.sim.connections(identity.node_id)
+        await eventually(connection.synced, timeout=10)
+        await asyncio.sleep(1)  # let any update in flight land before counting
+        updates = _config_updates(sidecar)
+        cds_nonce = connection.watches[CDS].nonce
+        fqdn = "late.ns-1.svc.cluster.local"
+        added = Service(
+            "late",
+            "ns-1",
+            (Port(mesh.port, "HTTP"),),
+            "10.96.7.7",
+            endpoints=(Endpoint("127.0.0.1", 9),),
+        )
+        mesh.sim.mutate(lambda m: m.add(added))
+        # The egress holds the whole mesh: the push reached xdsproxy.
+        await eventually(
+            lambda: cluster_name(ServicePort(fqdn, mesh.port)) in _clusters(mesh.egress), 10
+        )
+        # Istiod saw every type of the sidecar's stream ACKed at the push's nonces...
+        await eventually(
+            lambda: connection.watches[CDS].nonce != cds_nonce and connection.synced(), 10
+        )
+        await asyncio.sleep(1)
+        # ...while Envoy was sent nothing at all.
+        assert _config_updates(sidecar) == updates
+        assert cluster_name(ServicePort(fqdn, mesh.port)) not in _clusters(sidecar)
+        assert mesh.proxy.metrics.value("xdsproxy_acked_here_total", {"type": "CDS"}) >= 1

@@ -295,3 +295,21 @@ async def test_full_pushes_queue_and_merge_like_istiods_push_queue() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await client.recv(timeout=0.3)
             await client.close()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_synced_once_the_newest_response_of_every_type_is_acked(delta: bool) -> None:
+    connection = DeltaConnection(snapshot()) if delta else SotwConnection(snapshot())
+    first = delta_request(with_node=True) if delta else sotw_request(with_node=True)
+    [raw] = connection.receive(first)
+    nonce = (decode_delta_response(raw) if delta else decode_sotw_response(raw)).nonce
+    assert not connection.synced()
+    nack = (
+        delta_request(nonce=nonce, error="bad") if delta else sotw_request(nonce=nonce, error="x")
+    )
+    connection.receive(nack)
+    assert not connection.synced()
+    connection.receive(delta_request(nonce=nonce) if delta else sotw_request(nonce=nonce))
+    assert connection.synced()
+    connection.push(connection.snapshot)
+    assert not connection.synced()

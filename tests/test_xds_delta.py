@@ -6,7 +6,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Delt
 from tests.xds_messages import KeepPrefix, delta_request, delta_response
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.delta import DeltaStream
-from xdsproxy.xds.events import Nacked, ProtocolError, SendDownstream, SendUpstream
+from xdsproxy.xds.events import AckedHere, Nacked, ProtocolError, SendDownstream, SendUpstream
 
 CDS, EDS = typeurls.CLUSTER, typeurls.ENDPOINT
 
@@ -145,7 +145,7 @@ def test_an_accepted_view_left_unchanged_is_acked_here_and_envoy_is_sent_nothing
     stream.receive_downstream(delta_request(nonce="up-1"))
     # Istiod resends everything on a full push; a change outside the view changes nothing.
     [ack] = stream.receive_upstream(delta_response(["keep-a", "drop-x"], "up-2"))
-    assert isinstance(ack, SendUpstream)
+    assert isinstance(ack, AckedHere) and ack.type_url == CDS
     sent = DeltaDiscoveryRequest.FromString(ack.payload)
     assert (sent.type_url, sent.response_nonce) == (CDS, "up-2")
     assert not sent.resource_names_subscribe and not sent.HasField("error_detail")

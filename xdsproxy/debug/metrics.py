@@ -21,6 +21,13 @@ class Metrics:
             ["type", "origin"],
             registry=self.registry,
         )
+        self.acked_here = Counter(
+            "xdsproxy_acked_here",
+            "Istiod responses that changed nothing a scoped sidecar holds: ACKed by xdsproxy, "
+            "not sent to Envoy",
+            ["type"],
+            registry=self.registry,
+        )
         self.upstream_bytes = Counter(
             "xdsproxy_upstream_bytes",
             "Response bytes received from Istiod",

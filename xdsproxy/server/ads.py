@@ -22,6 +22,7 @@ from xdsproxy.server.upstream import Channels, Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import (
+    AckedHere,
     Event,
     Nacked,
     ProtocolError,
@@ -314,7 +315,7 @@ class AdsProxy:
     ) -> None:
         events = session.stream.receive_upstream(data)
         await self._apply(session, events, call)
-        if events and isinstance(events[-1], SendDownstream):
+        if events and isinstance(events[-1], SendDownstream | AckedHere):
             type_url = events[-1].type_url
             self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
             self.runtime.upstream_applied(session, type_url)
@@ -326,6 +327,9 @@ class AdsProxy:
             if isinstance(event, SendDownstream):
                 self._enqueue(session, event)
             elif isinstance(event, SendUpstream):
+                await call.write(event.payload)
+            elif isinstance(event, AckedHere):
+                self.metrics.acked_here.labels(short_name(event.type_url)).inc()
                 await call.write(event.payload)
             elif isinstance(event, Nacked):
                 origin = "relayed" if event.relayed else "local"

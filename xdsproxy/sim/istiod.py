@@ -140,6 +140,7 @@ class _Watch:
     subscribed: set[str] = field(default_factory=set)
     sent: dict[str, bytes] = field(default_factory=dict)  # Delta: what the client holds
     nacks: int = 0
+    acked: str = ""  # the newest nonce the client ACKed (Istiod's NonceAcked)
 
 
 def epoch() -> str:
@@ -163,6 +164,10 @@ class _Connection:
             except NodeIdError as exc:
                 raise IstiodError("INVALID_ARGUMENT", str(exc)) from None
         return self.node
+
+    def synced(self) -> bool:
+        """Every watched type has ACKed its newest response (`istioctl proxy-status`: SYNCED)."""
+        return all(w.acked == w.nonce for w in self.watches.values())
 
     def _ordered(self) -> list[str]:
         return typeurls.push_order(list(self.watches))
@@ -189,6 +194,7 @@ class SotwConnection(_Connection):
         if request.HasField("error_detail"):
             watch.nacks += 1
             return []
+        watch.acked = request.response_nonce
         if names != watch.names:
             watch.names = names
             return [self._respond(request.type_url, watch)]
@@ -249,6 +255,8 @@ class DeltaConnection(_Connection):
         if request.HasField("error_detail"):
             watch.nacks += 1
             return []
+        if request.response_nonce:
+            watch.acked = request.response_nonce
         added = set(request.resource_names_subscribe) - watch.subscribed
         for name in request.resource_names_unsubscribe:
             watch.subscribed.discard(name)

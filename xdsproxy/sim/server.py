@@ -56,6 +56,14 @@ class SimServer:
         self.endpoint_pushes: list[tuple[str, float]] = []
         self._server: grpc.aio.Server | None = None
 
+    def connections(self, node_id: str) -> list[SotwConnection | DeltaConnection]:
+        """The live connections of a node, as Istiod's debug endpoint lists them."""
+        return [
+            live.connection
+            for live in self._live
+            if live.connection.node is not None and live.connection.node.id == node_id
+        ]
+
     @property
     def connected(self) -> int:
         return len(self._live)

@@ -7,6 +7,8 @@ extension types included. Parallel tuples rather than an object per resource kee
 5,000-cluster response within a small multiple of upb's own parse time.
 """
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -49,6 +51,8 @@ class DeltaResponse:
     removed: tuple[str, ...] = ()
     control_plane: bytes = b""
     removed_resource_names: tuple[bytes, ...] = ()
+    # Equal for responses with the same resource bytes, never reused; 0 when not known.
+    resources_id: int = 0
 
 
 def _sotw_names(data: bytes, type_url: str, count: int) -> tuple[str, ...]:
@@ -63,24 +67,31 @@ def _sotw_names(data: bytes, type_url: str, count: int) -> tuple[str, ...]:
     return intern_names([entry.value.name for entry in named])
 
 
-_Decoded = tuple[bytes, tuple[str, ...], tuple[bytes, ...]]  # resource bytes, names, bodies
 _EDGE = 1024
 
 
-def _bytes_held(entries: list[_Decoded]) -> int:
-    return sum(len(region) + sum(map(len, bodies)) for region, _, bodies in entries) + 1
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    region: bytes  # the resource bytes of a response
+    decoded: tuple  # what decoding them gave
+    size: int  # bytes it keeps alive
+    serial: int  # names these resource bytes for as long as the process runs
 
 
 # Istiod sends the same resources to many sidecars, each under its own version and nonce: a
-# response whose resource bytes equal one already decoded reuses its names and shared bodies.
-# Found by length and the bytes at both ends, then confirmed by comparing every byte (memcmp
-# speed, several times faster than hashing them), so a match is exact. Only the responses of
-# the last few pushes are worth keeping (a push reaches every sidecar within seconds), and
-# under churn every push brings new ones: bounded by the bytes its entries keep alive.
+# response whose resource bytes equal one already decoded reuses its names and shared bodies
+# (and, being the same objects, lets streams share what they build from them: see
+# `xds.shared`). Found by length and the bytes at both ends, then confirmed by comparing every
+# byte (memcmp speed, several times faster than hashing them), so a match is exact. Only the
+# responses of the last few pushes are worth keeping (a push reaches every sidecar within
+# seconds), and under churn every push brings new ones: bounded by the bytes entries keep alive.
 DECODE_CACHE_BYTES = 32 * 1024 * 1024
-_DECODED: LRUCache[tuple, list[_Decoded]] = LRUCache(
-    maxsize=DECODE_CACHE_BYTES, getsizeof=_bytes_held
+_DECODED: LRUCache[tuple, list[_Seen]] = LRUCache(
+    maxsize=DECODE_CACHE_BYTES, getsizeof=lambda entries: sum(e.size for e in entries) + 1
 )
+
+
+_SERIALS = itertools.count(1)
 
 
 def clear_decode_cache() -> None:
@@ -99,35 +110,55 @@ def span_between(data: bytes, prefix: bytes, suffix: bytes) -> tuple[int, int] |
     return len(prefix), len(data) - len(suffix)
 
 
-def _resources_span(data: bytes, envelope: lean.SotwResponse) -> tuple[int, int] | None:
-    """Where the resources (and canary) lie: between the version and the type URL."""
+def _decoded_once(
+    kind: str,
+    data: bytes,
+    span: tuple[int, int] | None,
+    decode: Callable[[], tuple],
+    held: Callable[[tuple], int],
+) -> tuple[tuple, int]:
+    """`decode()`, or what it gave for a response with the same resource bytes at `span`;
+    with the serial of those bytes (0 when they are not kept)."""
+    if span is None:
+        return decode(), 0
+    start, end = span
+    edge = min(_EDGE, end - start)  # within the resources: the nonce around them differs
+    key = (kind, end - start, data[start : start + edge], data[end - edge : end])
+    entries = _DECODED.get(key, [])
+    for seen in entries:
+        # `startswith` at an offset compares in place (a slice would copy megabytes); the key
+        # fixed the length.
+        if data.startswith(seen.region, start):
+            return seen.decoded, seen.serial
+    decoded = decode()
+    entry = _Seen(data[start:end], decoded, end - start + held(decoded), next(_SERIALS))
+    if entry.size > DECODE_CACHE_BYTES // 4:  # a giant response is not kept
+        return decoded, 0
+    _DECODED[key] = [*entries[-3:], entry]
+    return decoded, entry.serial
+
+
+def _total(*groups: tuple[bytes, ...]) -> int:
+    return sum(sum(map(len, group)) for group in groups)
+
+
+def _sotw_resources(
+    data: bytes, envelope: lean.SotwResponse
+) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    # The resources (and canary) lie between the version and the type URL.
     head = lean.SotwResponse(version_info=envelope.version_info)
     tail = lean.SotwResponse(
         type_url=envelope.type_url, nonce=envelope.nonce, control_plane=envelope.control_plane
     )
-    return span_between(data, head.SerializeToString(), tail.SerializeToString())
+    span = span_between(data, head.SerializeToString(), tail.SerializeToString())
 
-
-def _decode_resources(
-    data: bytes, envelope: lean.SotwResponse
-) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
-    span = _resources_span(data, envelope)
-    if span is None:
+    def decode() -> tuple[tuple[str, ...], tuple[bytes, ...]]:
         bodies = POOL.intern(envelope.resources)
         return _sotw_names(data, envelope.type_url, len(bodies)), bodies
-    start, end = span
-    key = (envelope.type_url, end - start, data[start : start + _EDGE], data[end - _EDGE : end])
-    entries = _DECODED.get(key, [])
-    for seen, names, bodies in entries:
-        # `startswith` at an offset compares in place (a slice would copy megabytes); the key
-        # fixed the length.
-        if data.startswith(seen, start):
-            return names, bodies
-    bodies = POOL.intern(envelope.resources)
-    names = _sotw_names(data, envelope.type_url, len(bodies))
-    entry = (data[start:end], names, bodies)
-    if _bytes_held([entry]) <= DECODE_CACHE_BYTES // 4:  # a giant response is not kept
-        _DECODED[key] = [*entries[-3:], entry]
+
+    (names, bodies), _ = _decoded_once(
+        "sotw " + envelope.type_url, data, span, decode, lambda d: _total(d[1])
+    )
     return names, bodies
 
 
@@ -136,7 +167,7 @@ def decode_sotw_response(data: bytes) -> SotwResponse:
         envelope = lean.SotwResponse.FromString(data)
     except DecodeError as exc:
         raise WireError(f"malformed DiscoveryResponse: {exc}") from None
-    names, bodies = _decode_resources(data, envelope)
+    names, bodies = _sotw_resources(data, envelope)
     return SotwResponse(
         version=envelope.version_info,
         type_url=envelope.type_url,
@@ -169,20 +200,46 @@ def encode_sotw_response(
 def decode_delta_response(data: bytes) -> DeltaResponse:
     try:
         envelope = lean.DeltaResponse.FromString(data)
-        heads = lean.DeltaNames.FromString(data).resources
     except DecodeError as exc:
         raise WireError(f"malformed DeltaDiscoveryResponse: {exc}") from None
+    # The resources lie between the system version and the type URL.
+    head = lean.DeltaResponse(system_version_info=envelope.system_version_info)
+    tail = lean.DeltaResponse(
+        type_url=envelope.type_url,
+        nonce=envelope.nonce,
+        removed_resources=envelope.removed_resources,
+        control_plane=envelope.control_plane,
+        removed_resource_names=envelope.removed_resource_names,
+    )
+    span = span_between(data, head.SerializeToString(), tail.SerializeToString())
+
+    def decode() -> tuple:
+        try:
+            heads = lean.DeltaNames.FromString(data).resources
+        except DecodeError as exc:
+            raise WireError(f"malformed DeltaDiscoveryResponse: {exc}") from None
+        return (
+            intern_names([head.name for head in heads]),
+            tuple([head.version for head in heads]),
+            POOL.intern(envelope.resources),
+            POOL.intern([head.resource for head in heads]),
+        )
+
+    (names, versions, bodies, anys), serial = _decoded_once(
+        "delta " + envelope.type_url, data, span, decode, lambda d: _total(d[2], d[3])
+    )
     return DeltaResponse(
         system_version=envelope.system_version_info,
         type_url=envelope.type_url,
         nonce=envelope.nonce,
-        names=intern_names([head.name for head in heads]),
-        versions=tuple([head.version for head in heads]),
-        bodies=POOL.intern(envelope.resources),
-        anys=POOL.intern([head.resource for head in heads]),
+        names=names,
+        versions=versions,
+        bodies=bodies,
+        anys=anys,
         removed=tuple(envelope.removed_resources),
         control_plane=envelope.control_plane,
         removed_resource_names=tuple(envelope.removed_resource_names),
+        resources_id=serial,
     )
 
 

@@ -7,6 +7,7 @@ node rather than with nodes times mesh size. Bodies no stream references any mor
 """
 
 import sys
+from collections.abc import Iterable
 
 _HELD_BY_POOL = 4  # the dict's key and value, the loop variable, getrefcount's argument
 
@@ -37,7 +38,7 @@ class BodyPool:
         return len(unused)
 
 
-def intern_names(names: list[str]) -> tuple[str, ...]:
+def intern_names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple([sys.intern(name) for name in names])
 
 

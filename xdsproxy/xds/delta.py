@@ -13,7 +13,9 @@ stands for it (`covering_nonce`), as a local response would.
 """
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
@@ -26,34 +28,56 @@ from xdsproxy.wire.codec import (
 )
 from xdsproxy.wire.typeurls import WILDCARD_TYPES, push_order
 from xdsproxy.xds.events import (
+    AckedHere,
     Event,
     SendDownstream,
     SendUpstream,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
+from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, SHARED, FrozenMap, UpstreamMap
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
+
+M = TypeVar("M", FrozenMap, UpstreamMap)
 
 WILDCARD = "*"
 
 
 @dataclass(slots=True)
 class _TypeState:
+    """The maps are shared with other streams in the same state (see `shared`): replaced on
+    every change, never mutated."""
+
     started: bool = False
     wildcard: bool = False
-    subscribed: set[str] = field(default_factory=set)
-    # name -> (serialized Resource, serialized Any inside it), as the upstream last sent them
-    upstream: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    subscribed: frozenset[str] = EMPTY_SET
+    # What the upstream last sent
+    upstream: UpstreamMap = field(default_factory=lambda: EMPTY_UPSTREAM)
     # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
-    held: dict[str, bytes | None] = field(default_factory=dict)
+    held: FrozenMap[bytes | None] = field(default_factory=lambda: EMPTY_MAP)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
     covering_nonce: str = ""
     status: TypeStatus = field(default_factory=TypeStatus)
 
     def upstream_selection(self) -> Selection:
-        return tuple(self.upstream), tuple(any_ for _, any_ in self.upstream.values())
+        return self.upstream.selection()
+
+
+def _updated(base: M, names: Iterable[str], values: Iterable, removed: Iterable[str]) -> M:
+    """A copy of `base` with `names` set to `values` and `removed` gone."""
+    result = type(base)(base)
+    result.update(zip(names, values, strict=True))
+    for name in removed:
+        result.pop(name, None)
+    return result
+
+
+def _without(base: M, names: tuple[str, ...]) -> M:
+    if not any(name in base for name in names):
+        return base
+    return _updated(base, (), (), names)
 
 
 class DeltaStream:
@@ -132,20 +156,32 @@ class DeltaStream:
             state.started = True
             # An empty first request subscribes to everything for wildcard-capable types.
             state.wildcard = not subscribe and request.type_url in WILDCARD_TYPES
-            state.held.update(dict.fromkeys(request.initial_resource_versions))
-        for name in subscribe:
-            if name == WILDCARD:
-                state.wildcard = True
-            else:
-                state.subscribed.add(name)
-        for name in request.resource_names_unsubscribe:
-            if name == WILDCARD:
-                state.wildcard = False
-            else:
-                # Envoy drops what it unsubscribes; the upstream stops sending it.
-                state.subscribed.discard(name)
-                state.held.pop(name, None)
-                state.upstream.pop(name, None)
+            initial = frozenset(request.initial_resource_versions)
+            if initial:
+                state.held = SHARED.apply(
+                    state.held, ("initial", initial), lambda: FrozenMap(dict.fromkeys(initial))
+                )
+        if WILDCARD in subscribe:
+            state.wildcard = True
+        if WILDCARD in request.resource_names_unsubscribe:
+            state.wildcard = False
+        added = tuple(n for n in subscribe if n != WILDCARD)
+        dropped = tuple(n for n in request.resource_names_unsubscribe if n != WILDCARD)
+        if not (added or dropped):
+            return
+        subscribed = state.subscribed
+        state.subscribed = SHARED.apply(
+            subscribed,
+            ("subscribe", added, dropped),
+            lambda: subscribed.union(added).difference(dropped),
+        )
+        if dropped:
+            # Envoy drops what it unsubscribes; the upstream stops sending it.
+            held, upstream = state.held, state.upstream
+            state.held = SHARED.apply(held, ("drop", dropped), lambda: _without(held, dropped))
+            state.upstream = SHARED.apply(
+                upstream, ("drop", dropped), lambda: _without(upstream, dropped)
+            )
 
     # -- from Istiod -----------------------------------------------------------------------
 
@@ -156,12 +192,21 @@ class DeltaStream:
             raise UpstreamProtocolError(str(exc)) from None
         type_url = response.type_url
         state = self._types.setdefault(type_url, _TypeState())
-        upstream = state.upstream
-        upstream.update(
-            zip(response.names, zip(response.bodies, response.anys, strict=True), strict=True)
+        # Named by content, so every stream that gets these resources shares the result.
+        change = (
+            ("update", response.resources_id, response.removed) if response.resources_id else None
         )
-        for name in response.removed:
-            upstream.pop(name, None)
+        base = state.upstream
+        upstream = state.upstream = SHARED.apply(
+            base,
+            change,
+            lambda: _updated(
+                base,
+                response.names,
+                zip(response.bodies, response.anys, strict=True),
+                response.removed,
+            ),
+        )
         state.system_version = response.system_version
         status = state.status
         status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
@@ -170,9 +215,11 @@ class DeltaStream:
 
         if self.view.transparent:
             held = state.held
-            held.update(zip(response.names, response.anys, strict=True))
-            for name in response.removed:
-                held.pop(name, None)
+            state.held = SHARED.apply(
+                held,
+                change,
+                lambda: _updated(held, response.names, response.anys, response.removed),
+            )
             self._pushed(state, response.system_version, response.nonce, len(data))
             return [SendDownstream(data, type_url, len(response.names), relayed=True)]
         # Dependents first: clusters a new listener needs must reach Envoy before it.
@@ -221,11 +268,10 @@ class DeltaStream:
                 bodies.append(original[0])
             else:
                 bodies.append(encode_delta_resource(name, any_))
-            held[name] = any_
         kept = {n for n, _ in pairs}
         removed = [name for name in held if name not in kept]
-        for name in removed:
-            del held[name]
+        if bodies or removed:
+            state.held = FrozenMap(pairs)
         if not bodies and not removed:
             if skip_empty:
                 return []
@@ -233,7 +279,7 @@ class DeltaStream:
             if upstream_nonce and status.pushed_nonce and status.acked_nonce == status.pushed_nonce:
                 state.covering_nonce = status.pushed_nonce
                 ack = DeltaDiscoveryRequest(type_url=type_url, response_nonce=upstream_nonce)
-                return [SendUpstream(ack.SerializeToString())]
+                return [AckedHere(ack.SerializeToString(), type_url)]
         nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
         version = state.system_version if upstream_nonce else f"{state.system_version}+{nonce}"
         payload = encode_delta_response(version, type_url, nonce, bodies, removed, control_plane)

@@ -17,6 +17,15 @@ class SendUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class AckedHere:
+    """An upstream response left what Envoy holds, and has accepted, unchanged: `payload` ACKs
+    it to the upstream and Envoy is sent nothing."""
+
+    payload: bytes
+    type_url: str
+
+
+@dataclass(frozen=True, slots=True)
 class SendDownstream:
     payload: bytes
     type_url: str
@@ -34,4 +43,4 @@ class Nacked:
     relayed: bool
 
 
-Event = SendUpstream | SendDownstream | Nacked
+Event = SendUpstream | AckedHere | SendDownstream | Nacked

@@ -23,14 +23,17 @@ from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
+from xdsproxy.wire.pool import intern_names
 from xdsproxy.wire.typeurls import push_order
 from xdsproxy.xds.events import (
+    AckedHere,
     Event,
     SendDownstream,
     SendUpstream,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, names_span, read_request, record_answer
+from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 
@@ -90,12 +93,17 @@ class SotwStream:
                 ):
                     return head, state.subscribed
         request, self.node = read_request(DiscoveryRequest, data, self.node)
-        names = tuple(request.resource_names)
         names_bytes = b""
-        if names and not request.HasField("error_detail"):
+        if request.resource_names and not request.HasField("error_detail"):
             span = names_span(data, lean.SotwRequestHead.FromString(data))
             if span is not None:
                 names_bytes = data[span[0] : span[1]]
+        if names_bytes:
+            names_bytes, names = shared_names(
+                names_bytes, lambda: intern_names(request.resource_names)
+            )
+        else:
+            names = intern_names(request.resource_names)
         # These names become the subscription (see receive_downstream).
         self._types.setdefault(request.type_url, _TypeState()).names_bytes = names_bytes
         return request, names
@@ -179,7 +187,7 @@ class SotwStream:
                     response_nonce=response.nonce,
                     resource_names=state.requested_upstream or (),
                 )
-                events.append(SendUpstream(ack.SerializeToString()))
+                events.append(AckedHere(ack.SerializeToString(), type_url))
                 return events
         if selection[1] is response.bodies:
             payload = data

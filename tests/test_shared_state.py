@@ -1,0 +1,95 @@
+"""Streams in the same state share their maps: one copy however many sidecars."""
+
+import gc
+
+from tests.xds_messages import delta_request, delta_response, sotw_request, sotw_response
+from xdsproxy.wire import typeurls
+from xdsproxy.wire.codec import decode_delta_response, encode_delta_response
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.shared import FrozenMap, Transitions
+from xdsproxy.xds.sotw import SotwStream
+
+CDS, EDS = typeurls.CLUSTER, typeurls.ENDPOINT
+
+
+def test_the_same_change_to_the_same_base_is_computed_once() -> None:
+    transitions = Transitions()
+    base = FrozenMap({"a": 1})
+    first = transitions.apply(base, ("add", "b"), lambda: FrozenMap({**base, "b": 2}))
+    again = transitions.apply(base, ("add", "b"), lambda: FrozenMap({"wrong": 0}))
+    assert again is first and transitions.computed == 1
+    other = FrozenMap({"a": 1})  # equal content, another state: its own result
+    assert transitions.apply(other, ("add", "b"), lambda: FrozenMap({"b": 2})) is not first
+    fresh = [transitions.apply(base, None, lambda: FrozenMap()) for _ in range(2)]
+    assert fresh[0] is not fresh[1]  # an unnamed change is never shared
+
+
+def test_a_result_no_stream_holds_is_not_kept() -> None:
+    transitions = Transitions()
+    base = FrozenMap({"a": 1})
+    transitions.apply(base, "change", lambda: FrozenMap({"x": 1}))
+    gc.collect()
+    result = transitions.apply(base, "change", lambda: FrozenMap({"y": 2}))
+    assert result == {"y": 2} and transitions.computed == 2
+
+
+def test_identical_resources_under_other_nonces_get_one_resources_id() -> None:
+    one = decode_delta_response(delta_response(["a", "b"], "n-1"))
+    two = decode_delta_response(delta_response(["a", "b"], "n-2"))
+    other = decode_delta_response(delta_response(["a", "c"], "n-3"))
+    assert one.resources_id == two.resources_id != 0
+    assert other.resources_id not in (0, one.resources_id)
+    assert two.names is one.names and two.anys is one.anys
+    written_out_of_order = encode_delta_response("v", CDS, "n", [], ["x"])  # no resources
+    assert decode_delta_response(written_out_of_order).names == ()
+
+
+def _delta_sidecar(nonce_prefix: str, names: list[str]) -> DeltaStream:
+    stream = DeltaStream()
+    stream.receive_downstream(delta_request(with_node=True))
+    stream.receive_upstream(delta_response(names, f"{nonce_prefix}-1"))
+    stream.receive_downstream(delta_request(EDS, subscribe=tuple(names)))
+    stream.receive_upstream(delta_response(names[:1], f"{nonce_prefix}-2", type_url=EDS))
+    return stream
+
+
+def test_delta_streams_in_step_share_every_map_and_part_when_they_diverge() -> None:
+    names = [f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(50)]
+    a, b = _delta_sidecar("a", names), _delta_sidecar("b", names)
+    for type_url in (CDS, EDS):
+        sa, sb = a._types[type_url], b._types[type_url]
+        assert sa.upstream is sb.upstream and sa.held is sb.held
+        assert sa.subscribed is sb.subscribed
+    assert a.held(CDS) == set(names)
+    # b unsubscribes one cluster: its maps are its own now, a's are untouched.
+    b.receive_downstream(delta_request(EDS, unsubscribe=(names[0],)))
+    assert names[0] not in b.held(EDS) and names[0] in a.held(EDS)
+    assert a._types[EDS].subscribed is not b._types[EDS].subscribed
+    assert len(a._types[EDS].subscribed) == 50 and len(b._types[EDS].subscribed) == 49
+
+
+def test_delta_stream_reconnecting_with_initial_versions_shares_them() -> None:
+    initial = {"x": "", "y": ""}
+    streams = [DeltaStream() for _ in range(2)]
+    for stream in streams:
+        stream.receive_downstream(delta_request(with_node=True, initial=initial))
+    assert streams[0]._types[CDS].held is streams[1]._types[CDS].held
+    assert streams[0].held(CDS) == {"x", "y"}
+
+
+def test_sotw_streams_asking_for_the_same_names_share_them() -> None:
+    names = tuple(f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(50))
+    streams = []
+    for _ in range(2):
+        stream = SotwStream()
+        stream.receive_downstream(sotw_request(with_node=True))
+        stream.receive_downstream(sotw_request(EDS, names))
+        streams.append(stream)
+    a, b = (s._types[EDS] for s in streams)
+    assert a.subscribed == names and a.subscribed is b.subscribed
+    assert a.names_bytes is b.names_bytes
+    stream = streams[0]
+    stream.receive_upstream(sotw_response(list(names), "v1", "e-1", EDS))
+    more = sotw_request(EDS, (*names, "outbound|80||new.ns.svc.cluster.local"), "v1", "e-1")
+    assert len(stream.receive_downstream(more)) == 1  # a changed list is still seen
+    assert len(stream._types[EDS].subscribed) == 51 and b.subscribed == names

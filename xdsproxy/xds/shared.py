@@ -1,0 +1,92 @@
+"""Per-stream maps that streams in the same state share.
+
+A Delta stream tracks, per type, what Istiod sent and what Envoy holds: maps of thousands of
+names, and nearly the same for every sidecar of a mesh. So a stream's maps are immutable, and
+an update is computed once for all the streams that apply the same update to the same map;
+each stream keeps a reference. Updates are named by content (`DeltaResponse.resources_id` is
+the same for identical resource bytes), so memory grows with the distinct states streams are
+in, not with their number. A stream that diverges (a subscription of its own, a response that
+was not cached) gets maps of its own, and nothing else changes.
+"""
+
+import weakref
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+from cachetools import LRUCache
+
+V = TypeVar("V")
+Shared = TypeVar("Shared", bound="FrozenMap | frozenset")
+
+
+class FrozenMap(dict[str, V]):
+    """A dict that nobody mutates once built, so that streams can share it."""
+
+    __slots__ = ("__weakref__",)
+
+
+class UpstreamMap(FrozenMap[tuple[bytes, bytes]]):
+    """Name -> (serialized Delta `Resource`, the serialized `Any` inside it)."""
+
+    __slots__ = ("_selection",)
+
+    def selection(self) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+        """Names and Anys, as a view takes them."""
+        try:
+            return self._selection
+        except AttributeError:
+            self._selection = (tuple(self), tuple([any_ for _, any_ in self.values()]))
+            return self._selection
+
+
+# Where every stream starts, so that streams in step share from their first update.
+EMPTY_SET: frozenset[str] = frozenset()
+EMPTY_MAP: FrozenMap = FrozenMap()
+EMPTY_UPSTREAM = UpstreamMap()
+
+
+class Transitions:
+    """Memoized updates of shared maps and sets, held weakly: a state lives only as long as a
+    stream is in it."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._memo: LRUCache[tuple, tuple[weakref.ref, weakref.ref]] = LRUCache(size)
+        self.computed = 0
+
+    def apply(self, base: object, change: Hashable | None, compute: Callable[[], Shared]) -> Shared:
+        """`compute()`, or the result another caller got for the same `change` to `base`.
+        `change` must determine the result given `base`, and identify it by content only;
+        None when it cannot be named (the result is then the caller's own)."""
+        if change is None:
+            return compute()
+        key = (id(base), change)
+        found = self._memo.get(key)
+        if found is not None and found[0]() is base:
+            result = found[1]()
+            if result is not None:
+                return result
+        result = compute()
+        self.computed += 1
+        self._memo[key] = (weakref.ref(base), weakref.ref(result))
+        return result
+
+
+SHARED = Transitions()
+
+# A SotW request's resource names, by their encoding: every sidecar asks EDS for the same
+# thousands of clusters, and keeping one tuple of them (and one copy of the bytes the ACK
+# fast path compares) saves each stream its own. Bounded by the bytes kept; an evicted list
+# stays with the streams holding it.
+_NAMES: LRUCache[bytes, tuple[bytes, tuple[str, ...]]] = LRUCache(
+    maxsize=16 * 1024 * 1024, getsizeof=lambda entry: 2 * len(entry[0]) + 1
+)
+
+
+def shared_names(
+    encoded: bytes, decode: Callable[[], tuple[str, ...]]
+) -> tuple[bytes, tuple[str, ...]]:
+    """The canonical copy of `encoded` and the names it holds."""
+    found = _NAMES.get(encoded)
+    if found is None:
+        found = _NAMES[encoded] = (encoded, decode())
+    return found
