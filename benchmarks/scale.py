@@ -5,8 +5,8 @@ the load generator (`xdsproxy.harness.loadgen`: lightweight clients that ACK lik
 or Delta). For each protocol and M, the same clients first straight to the simulator, then
 through xdsproxy:
 - initial sync: time until all M hold CDS, EDS, LDS and RDS; xdsproxy's CPU for it;
-- a full push (SotW; the simulator pushes every type again on SIGHUP, as Istiod on a full
-  push): time until all M have every response (fan-out), and xdsproxy's CPU for it;
+- a full push (the simulator pushes every type again on SIGHUP, as Istiod on a full push, in
+  Delta too): time until all M have every response (fan-out), and xdsproxy's CPU for it;
 - xdsproxy's RSS after the sync and its peak, sampled every 0.2 s.
 
 Run: `python -m benchmarks.scale --services 5000 --clients 100 500 1000` (writes
@@ -20,6 +20,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 
 from benchmarks.processes import cpu_seconds, rss_mb, spawn, wait_port
 from benchmarks.report import save_json, update_section
@@ -84,6 +85,35 @@ def _full_push(sim: subprocess.Popen, clients: Clients) -> float:
     return clients.pushes_at - start
 
 
+def _answered(debug_port: int) -> float:
+    """Istiod responses xdsproxy has answered: relayed to Envoy or ACKed itself."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("xdsproxy_acked_here_total")
+        or line.startswith('xdsproxy_pushes_total{origin="relayed"')
+    )
+
+
+def _lazy_full_push(sim: subprocess.Popen, clients: Clients, debug_port: int) -> float:
+    """Seconds from the simulator's full push until xdsproxy has answered every response of
+    it. Lazy sidecars are sent nothing for a push that changes nothing in their scope, so
+    the clients cannot tell: xdsproxy's own counters do."""
+    clients.quiet()
+    base = _answered(debug_port)
+    start = time.monotonic()
+    os.kill(sim.pid, signal.SIGHUP)
+    types = 1 if clients.cds_only else 4
+    deadline = start + 900
+    while _answered(debug_port) < base + types * clients.clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError("xdsproxy did not answer the whole push")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
 class PeakRss(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -103,6 +133,11 @@ def _serve(*args: str) -> subprocess.Popen:
     return spawn("xdsproxy.cli", "--log-level", "warning", *args)
 
 
+# Lazy mode with an empty learned scope per client (each is its own workload); any mesh
+# service stands in for the egress, which the clients never call.
+LAZY_ARGS = ("--mode", "lazy", "--egress", "svc-0.ns-0.svc.cluster.local:80", "--store", "memory://",
+             "--als-listen", "127.0.0.1:0")  # fmt: skip
+
 SETTLE_SECONDS = 15.0  # a steady-state reading: after the proxy's heap trimmer has had its turn
 
 
@@ -113,8 +148,9 @@ def measure(
     connections: int = 0,
     cds_only: bool = False,
     settle: float = SETTLE_SECONDS,
+    lazy: bool = False,
 ) -> dict:
-    sim_port, proxy_port = free_port(), free_port()
+    sim_port, proxy_port, debug_port = free_port(), free_port(), free_port()
     sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
     proxy = clients = None
     row: dict = {
@@ -122,19 +158,19 @@ def measure(
         "clients": m,
         "protocol": "Delta" if delta else "SotW",
         "types": "CDS" if cds_only else "all",
+        "mode": "lazy" if lazy else "passthrough",
         "upstream_connections": connections or m,
     }
     try:
         wait_port(sim_port)
         clients = Clients(sim_port, m, delta, cds_only)
         row["direct_sync_s"] = clients.sync_seconds()
-        if not delta:
-            row["direct_push_s"] = _full_push(sim, clients)
+        row["direct_push_s"] = _full_push(sim, clients)
         clients.stop()
         proxy = _serve(
             "serve", "--upstream", f"127.0.0.1:{sim_port}", "--upstream-plaintext",
-            "--listen", f"127.0.0.1:{proxy_port}", "--debug-listen", "127.0.0.1:0",
-            "--upstream-connections", str(connections),
+            "--listen", f"127.0.0.1:{proxy_port}", "--debug-listen", f"127.0.0.1:{debug_port}",
+            "--upstream-connections", str(connections), *(LAZY_ARGS if lazy else ()),
         )  # fmt: skip
         wait_port(proxy_port)
         peak = PeakRss(proxy.pid)
@@ -146,15 +182,18 @@ def measure(
         row["proxy_sync_cpu_s"] = cpu_seconds(proxy.pid) - cpu
         time.sleep(settle)
         row["proxy_rss_mb"] = rss_mb(proxy.pid)
-        if not delta:
-            cpu = cpu_seconds(proxy.pid)
+        cpu = cpu_seconds(proxy.pid)
+        if lazy:
+            row["proxy_push_s"] = _lazy_full_push(sim, clients, debug_port)
+            time.sleep(1)
+        else:
             row["proxy_push_s"] = _full_push(sim, clients)
             clients.quiet()
-            row["proxy_push_cpu_s"] = cpu_seconds(proxy.pid) - cpu
-            row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
-            row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
-            time.sleep(settle)
-            row["proxy_rss_after_push_mb"] = rss_mb(proxy.pid)
+        row["proxy_push_cpu_s"] = cpu_seconds(proxy.pid) - cpu
+        row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
+        row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
+        time.sleep(settle)
+        row["proxy_rss_after_push_mb"] = rss_mb(proxy.pid)
         peak.running = False
         row["proxy_peak_rss_mb"] = peak.peak
     finally:
@@ -175,7 +214,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--services", type=int, default=5000)
-    parser.add_argument("--clients", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument("--clients", type=int, nargs="*", default=[100, 500, 1000])
     parser.add_argument(
         "--protocols", nargs="+", choices=["sotw", "delta"], default=["sotw", "delta"]
     )
@@ -187,6 +226,9 @@ def main() -> None:
         help="xdsproxy's --upstream-connections; 0 is a connection per sidecar",
     )
     parser.add_argument("--cds-only-clients", type=int, nargs="*", default=[500])
+    parser.add_argument(
+        "--lazy-clients", type=int, nargs="*", default=[1000], help="lazy-mode rows (SotW, Delta)"
+    )
     parser.add_argument("--settle", type=float, default=SETTLE_SECONDS, help="seconds before RSS")
     args = parser.parse_args()
     rows = [
@@ -200,6 +242,12 @@ def main() -> None:
         rows += [
             measure(args.services, m, False, 0, True, args.settle) for m in args.cds_only_clients
         ]
+    # Lazy sidecars and a push that changes nothing in their scope: what xdsproxy still pays.
+    rows += [
+        measure(args.services, m, protocol == "delta", 0, settle=args.settle, lazy=True)
+        for protocol in args.protocols
+        for m in args.lazy_clients
+    ]
     write_results(rows)
 
 
@@ -208,21 +256,25 @@ def write_results(rows: list[dict]) -> None:
     lines = [
         "## Proxy scale (`python -m benchmarks.scale`)",
         "",
-        "Passthrough; clients are lightweight ACKing xDS clients in a separate process. Sync: "
+        "Clients are lightweight ACKing xDS clients in a separate process. Passthrough, except "
+        "the lazy rows: each client a workload of its own with an empty learned scope, so the "
+        "push changes nothing in any scope, and its time is until xdsproxy has answered every "
+        "response of it (ACKed here; see protocol rules). Sync: "
         "the initial CDS, EDS, LDS and RDS of every client. Full push: the simulator sends "
-        "every type again to every client (SotW; the simulator's Delta sends only changes, so "
-        "a push of unchanged config is empty there). RSS 15 s after the sync and after the "
-        "push (steady state); peak sampled every 0.2 s over the run.",
+        "every type again to every client, unchanged resources included (in Delta too, as "
+        "Istiod's generators do). RSS 15 s after the sync and after the push (steady state); "
+        "peak sampled every 0.2 s over the run.",
         "",
-        "| services | clients | xDS | types | upstream conns | sync direct s | sync via s | "
+        "| services | clients | xDS | mode | types | upstream conns | sync direct s | sync via s | "
         "sync CPU ms/client | "
         "push direct s | push via s | fan-out ratio | push CPU ms/client | RSS MB | "
         "RSS MB/client | RSS after push MB | peak RSS MB |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['services']} | {r['clients']} | {r['protocol']} | {r['types']} | "
+            f"| {r['services']} | {r['clients']} | {r['protocol']} | "
+            f"{r.get('mode', 'passthrough')} | {r['types']} | "
             f"{r['upstream_connections']} | "
             f"{r['direct_sync_s']:.1f} | {r['proxy_sync_s']:.1f} | "
             f"{r['sync_cpu_ms_per_client']:.0f} | {_cell(r, 'direct_push_s', '.1f')} | "
