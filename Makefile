@@ -38,7 +38,7 @@ bench-quick: $(STAMP)
 	$(QUICK) $(BIN)/python -m benchmarks.lazy --sizes 100 500 --k 5 20 --tcp-every 10 --learns 5 --learn-services 100
 	$(QUICK) $(BIN)/python -m benchmarks.usage
 	$(QUICK) $(BIN)/python -m benchmarks.scale --services 200 --clients 10 20 --cds-only-clients 10 --lazy-clients 10 --settle 1
-	$(QUICK) $(BIN)/python -m benchmarks.churn --services 200 --clients 10 --seconds 3 --trace 5
+	$(QUICK) $(BIN)/python -m benchmarks.churn --services 200 --runs sotw:10 delta:10 --seconds 3 --trace 5
 	$(QUICK) $(BIN)/python -m benchmarks.storm --services 100 --clients 20
 	$(QUICK) $(BIN)/python -m benchmarks.soak --services 50 --clients 5 --minutes 0.25
 	$(QUICK) $(BIN)/python -m benchmarks.plots

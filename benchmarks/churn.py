@@ -2,13 +2,14 @@
 
 The simulated Istiod runs in this process and changes `--rate` services' endpoints a second;
 like Istiod, it debounces them (100 ms) into incremental EDS pushes of just the changed load
-assignments. M load-generator clients (SotW) subscribe to every cluster's endpoints, first
+assignments. M load-generator clients (SotW or Delta) subscribe to every cluster's endpoints, first
 straight to the simulator, then through `xdsproxy serve` (passthrough, a child process). The
 first `--trace` clients report when each EDS push arrives; latency is arrival minus the time
 the simulator issued that push. The added latency is via xdsproxy minus direct, per quantile.
 
-Run: `python -m benchmarks.churn --services 5000 --clients 100 500` (writes results/churn.json
-and its section of RESULTS.md).
+Run: `python -m benchmarks.churn --services 5000 --runs sotw:100 delta:100 delta:500` (writes
+results/churn.json and its section of RESULTS.md). SotW at M = 500 saturates this two-core rig:
+every SotW EDS ACK repeats all 5,000 cluster names, 10 pushes a second to each client.
 """
 
 import argparse
@@ -53,13 +54,20 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 async def _phase(
-    sim: SimServer, target: int, m: int, rate: float, seconds: float, trace: int, pid: int = 0
+    sim: SimServer,
+    target: int,
+    m: int,
+    delta: bool,
+    rate: float,
+    seconds: float,
+    trace: int,
+    pid: int = 0,
 ):
     """Latencies (ms) of traced EDS arrivals while the endpoints churn, and the CPU seconds
     process `pid` used during the churn."""
     loadgen = spawn(
         "xdsproxy.harness.loadgen", "--target", f"127.0.0.1:{target}", "--clients", str(m),
-        "--ramp", "0", "--trace", str(trace),
+        "--ramp", "0", "--trace", str(trace), *(["--delta"] if delta else []),
         read=True,
     )  # fmt: skip
     try:
@@ -86,9 +94,11 @@ async def _phase(
         terminate(loadgen)
 
 
-async def measure(services: int, m: int, rate: float, seconds: float, trace: int) -> dict:
+async def measure(
+    services: int, m: int, delta: bool, rate: float, seconds: float, trace: int
+) -> dict:
     async with running_sim(generate(services)) as sim:
-        direct, changes, pushes, _ = await _phase(sim, sim.port, m, rate, seconds, trace)
+        direct, changes, pushes, _ = await _phase(sim, sim.port, m, delta, rate, seconds, trace)
         port = free_port()
         proxy = spawn(
             "xdsproxy.cli", "--log-level", "warning", "serve", "--upstream",
@@ -97,12 +107,15 @@ async def measure(services: int, m: int, rate: float, seconds: float, trace: int
         )  # fmt: skip
         try:
             await asyncio.to_thread(wait_port, port)
-            via, _, _, cpu_share = await _phase(sim, port, m, rate, seconds, trace, proxy.pid)
+            via, _, _, cpu_share = await _phase(
+                sim, port, m, delta, rate, seconds, trace, proxy.pid
+            )
         finally:
             terminate(proxy)
     row: dict = {
         "services": services,
         "clients": m,
+        "protocol": "Delta" if delta else "SotW",
         "changes_per_s": rate,
         "seconds": seconds,
         "changes": changes,
@@ -123,31 +136,40 @@ async def measure(services: int, m: int, rate: float, seconds: float, trace: int
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--services", type=int, default=5000)
-    parser.add_argument("--clients", type=int, nargs="+", default=[100, 500])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["sotw:100", "delta:100", "delta:500"],
+        help="PROTOCOL:CLIENTS, protocol sotw or delta",
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="endpoint changes per second")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--trace", type=int, default=20, help="clients whose arrivals are timed")
     args = parser.parse_args()
+    runs = [(protocol, int(m)) for protocol, m in (run.split(":") for run in args.runs)]
     rows = [
-        asyncio.run(measure(args.services, m, args.rate, args.seconds, args.trace))
-        for m in args.clients
+        asyncio.run(
+            measure(args.services, m, protocol == "delta", args.rate, args.seconds, args.trace)
+        )
+        for protocol, m in runs
     ]
     save_json("churn", rows)
     lines = [
         "## Push latency under endpoint churn (`python -m benchmarks.churn`)",
         "",
-        "SotW, passthrough. Endpoint changes debounced 100 ms into incremental EDS pushes, as "
+        "Passthrough. Endpoint changes debounced 100 ms into incremental EDS pushes, as "
         "Istiod does; every client watches every cluster. Latency: from the simulator issuing "
         "a push to a traced client receiving it, straight and through xdsproxy. CPU: "
         "xdsproxy's share of one core during the churn.",
         "",
-        "| services | clients | changes/s | EDS pushes | direct p50 ms | direct p99 ms | "
+        "| services | clients | xDS | changes/s | EDS pushes | direct p50 ms | direct p99 ms | "
         "via p50 ms | via p99 ms | added p50 ms | added p99 ms | xdsproxy CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['services']} | {r['clients']} | {r['changes_per_s']:g} | {r['eds_pushes']} | "
+            f"| {r['services']} | {r['clients']} | {r.get('protocol', 'SotW')} | "
+            f"{r['changes_per_s']:g} | {r['eds_pushes']} | "
             f"{r['direct_p50_ms']:.1f} | {r['direct_p99_ms']:.1f} | {r['via_p50_ms']:.1f} | "
             f"{r['via_p99_ms']:.1f} | {r['added_p50_ms']:.1f} | {r['added_p99_ms']:.1f} | "
             f"{r['proxy_cpu_share']:.0%} |"

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -149,6 +150,7 @@ def measure(
     cds_only: bool = False,
     settle: float = SETTLE_SECONDS,
     lazy: bool = False,
+    pushes: int = 3,
 ) -> dict:
     sim_port, proxy_port, debug_port = free_port(), free_port(), free_port()
     sim = _serve("sim", "--services", str(services), "--listen", f"127.0.0.1:{sim_port}")
@@ -165,7 +167,7 @@ def measure(
         wait_port(sim_port)
         clients = Clients(sim_port, m, delta, cds_only)
         row["direct_sync_s"] = clients.sync_seconds()
-        row["direct_push_s"] = _full_push(sim, clients)
+        row["direct_push_runs_s"] = [_full_push(sim, clients) for _ in range(pushes)]
         clients.stop()
         proxy = _serve(
             "serve", "--upstream", f"127.0.0.1:{sim_port}", "--upstream-plaintext",
@@ -182,16 +184,16 @@ def measure(
         row["proxy_sync_cpu_s"] = cpu_seconds(proxy.pid) - cpu
         time.sleep(settle)
         row["proxy_rss_mb"] = rss_mb(proxy.pid)
-        cpu = cpu_seconds(proxy.pid)
-        if lazy:
-            row["proxy_push_s"] = _lazy_full_push(sim, clients, debug_port)
-            time.sleep(1)
-        else:
-            row["proxy_push_s"] = _full_push(sim, clients)
-            clients.quiet()
-        row["proxy_push_cpu_s"] = cpu_seconds(proxy.pid) - cpu
-        row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
-        row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
+        row["proxy_push_runs_s"], row["proxy_push_cpu_runs_s"] = [], []
+        for _ in range(pushes):
+            cpu = cpu_seconds(proxy.pid)
+            if lazy:
+                row["proxy_push_runs_s"].append(_lazy_full_push(sim, clients, debug_port))
+                time.sleep(1)
+            else:
+                row["proxy_push_runs_s"].append(_full_push(sim, clients))
+                clients.quiet()
+            row["proxy_push_cpu_runs_s"].append(cpu_seconds(proxy.pid) - cpu)
         time.sleep(settle)
         row["proxy_rss_after_push_mb"] = rss_mb(proxy.pid)
         peak.running = False
@@ -201,6 +203,12 @@ def measure(
             clients.stop()
         terminate(proxy)
         terminate(sim)
+    # Medians over the pushes (the machine is shared and noisy); every run is kept in the JSON.
+    row["direct_push_s"] = statistics.median(row["direct_push_runs_s"])
+    row["proxy_push_s"] = statistics.median(row["proxy_push_runs_s"])
+    row["proxy_push_cpu_s"] = statistics.median(row["proxy_push_cpu_runs_s"])
+    row["push_cpu_ms_per_client"] = row["proxy_push_cpu_s"] * 1000 / m
+    row["fan_out_ratio"] = row["proxy_push_s"] / row["direct_push_s"]
     row["rss_per_client_mb"] = (row["proxy_rss_mb"] - row["proxy_idle_rss_mb"]) / m
     row["sync_cpu_ms_per_client"] = row["proxy_sync_cpu_s"] * 1000 / m
     print(json.dumps(row), flush=True)
@@ -230,9 +238,17 @@ def main() -> None:
         "--lazy-clients", type=int, nargs="*", default=[1000], help="lazy-mode rows (SotW, Delta)"
     )
     parser.add_argument("--settle", type=float, default=SETTLE_SECONDS, help="seconds before RSS")
+    parser.add_argument("--pushes", type=int, default=3, help="full pushes per row (median)")
     args = parser.parse_args()
     rows = [
-        measure(args.services, m, protocol == "delta", connections, settle=args.settle)
+        measure(
+            args.services,
+            m,
+            protocol == "delta",
+            connections,
+            settle=args.settle,
+            pushes=args.pushes,
+        )
         for protocol in args.protocols
         for connections in args.upstream_connections
         for m in args.clients
@@ -240,11 +256,20 @@ def main() -> None:
     if args.cds_only_clients:
         # The full CDS push alone, for the per-sidecar CPU of a CDS push.
         rows += [
-            measure(args.services, m, False, 0, True, args.settle) for m in args.cds_only_clients
+            measure(args.services, m, False, 0, True, args.settle, pushes=args.pushes)
+            for m in args.cds_only_clients
         ]
     # Lazy sidecars and a push that changes nothing in their scope: what xdsproxy still pays.
     rows += [
-        measure(args.services, m, protocol == "delta", 0, settle=args.settle, lazy=True)
+        measure(
+            args.services,
+            m,
+            protocol == "delta",
+            0,
+            settle=args.settle,
+            lazy=True,
+            pushes=args.pushes,
+        )
         for protocol in args.protocols
         for m in args.lazy_clients
     ]
@@ -262,7 +287,8 @@ def write_results(rows: list[dict]) -> None:
         "response of it (ACKed here; see protocol rules). Sync: "
         "the initial CDS, EDS, LDS and RDS of every client. Full push: the simulator sends "
         "every type again to every client, unchanged resources included (in Delta too, as "
-        "Istiod's generators do). RSS 15 s after the sync and after the push (steady state); "
+        "Istiod's generators do); push times and CPU are medians of three pushes. RSS 15 s "
+        "after the sync and after the last push (steady state); "
         "peak sampled every 0.2 s over the run.",
         "",
         "| services | clients | xDS | mode | types | upstream conns | sync direct s | sync via s | "

@@ -2,6 +2,8 @@
 
 import gc
 
+import pytest
+
 from tests.xds_messages import delta_request, delta_response, sotw_request, sotw_response
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import decode_delta_response, encode_delta_response
@@ -93,3 +95,17 @@ def test_sotw_streams_asking_for_the_same_names_share_them() -> None:
     more = sotw_request(EDS, (*names, "outbound|80||new.ns.svc.cluster.local"), "v1", "e-1")
     assert len(stream.receive_downstream(more)) == 1  # a changed list is still seen
     assert len(stream._types[EDS].subscribed) == 51 and b.subscribed == names
+
+
+def test_a_shared_map_refuses_to_change() -> None:
+    shared = FrozenMap({"a": b"1"})
+    for change in (
+        lambda: shared.__setitem__("b", b"2"),
+        lambda: shared.update(b=b"2"),
+        lambda: shared.pop("a"),
+        lambda: shared.setdefault("c", b"3"),
+        lambda: shared.clear(),
+    ):
+        with pytest.raises(TypeError, match="shared"):
+            change()
+    assert shared == {"a": b"1"}

@@ -67,11 +67,11 @@ class _TypeState:
 
 def _updated(base: M, names: Iterable[str], values: Iterable, removed: Iterable[str]) -> M:
     """A copy of `base` with `names` set to `values` and `removed` gone."""
-    result = type(base)(base)
+    result = dict(base)
     result.update(zip(names, values, strict=True))
     for name in removed:
         result.pop(name, None)
-    return result
+    return type(base)(result)
 
 
 def _without(base: M, names: tuple[str, ...]) -> M:

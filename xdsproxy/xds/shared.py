@@ -11,7 +11,7 @@ was not cached) gets maps of its own, and nothing else changes.
 
 import weakref
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from cachetools import LRUCache
 
@@ -20,9 +20,15 @@ Shared = TypeVar("Shared", bound="FrozenMap | frozenset")
 
 
 class FrozenMap(dict[str, V]):
-    """A dict that nobody mutates once built, so that streams can share it."""
+    """A dict that cannot change once built, so that streams can share it."""
 
     __slots__ = ("__weakref__",)
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a FrozenMap is shared between streams: build a new one")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
 
 
 class UpstreamMap(FrozenMap[tuple[bytes, bytes]]):
