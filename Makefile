@@ -53,7 +53,7 @@ bench-lazy: $(STAMP)
 bench-usage: $(STAMP)
 	$(BIN)/python -m benchmarks.usage
 
-# Ten minutes under endpoint churn; not part of `make test`.
+# Ten minutes each (SotW, Delta) under endpoint churn; not part of `make test`.
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
 

@@ -5,8 +5,8 @@ second (each change is pushed to every client); xdsproxy (lazy mode off, a child
 serves `--clients` load-generator clients. xdsproxy's RSS is sampled every 5 s; the slope over
 the second half of the run (after warm-up) is the figure.
 
-Run: `make soak` (10 minutes; not part of CI). Writes results/soak.json and its section of
-RESULTS.md.
+Run: `make soak` (10 minutes each for SotW and Delta; not part of CI). Writes results/soak.json
+and its section of RESULTS.md.
 """
 
 import argparse
@@ -43,7 +43,12 @@ def _metric(port: int, name: str) -> float:
 
 
 async def soak(
-    services: int, clients: int, rate: float, minutes: float, verbose: bool = False
+    services: int,
+    clients: int,
+    rate: float,
+    minutes: float,
+    delta: bool = False,
+    verbose: bool = False,
 ) -> dict:
     mesh = generate(services)
     eds = [s.fqdn for s in mesh.services.values() if s.kind == "eds"]
@@ -72,6 +77,7 @@ async def soak(
                 "--clients",
                 str(clients),
                 "--reconnect",
+                *(["--delta"] if delta else []),
             )
             start = time.monotonic()
             samples: list[tuple[float, float]] = []
@@ -100,6 +106,7 @@ async def soak(
     row = {
         "services": services,
         "clients": clients,
+        "protocol": "Delta" if delta else "SotW",
         "changes_per_s": rate,
         "minutes": minutes,
         "changes": changes,
@@ -120,21 +127,32 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="endpoint changes per second")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--verbose", action="store_true", help="print every sample")
-    args = parser.parse_args()
-    row = asyncio.run(soak(args.services, args.clients, args.rate, args.minutes, args.verbose))
-    save_json("soak", row)
-    update_section(
-        [
-            "## Soak under churn (`make soak`)",
-            "",
-            "| services | clients | changes/s | minutes | RSS start MB | RSS end MB | peak MB | "
-            "slope, second half (MB/min) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {row['services']} | {row['clients']} | {row['changes_per_s']:g} | "
-            f"{row['minutes']:g} | {row['rss_start_mb']:.0f} | {row['rss_end_mb']:.0f} | "
-            f"{row['rss_peak_mb']:.0f} | {row['slope_mb_per_min_second_half']:+.2f} |",
-        ]
+    parser.add_argument(
+        "--protocols", nargs="+", choices=["sotw", "delta"], default=["sotw", "delta"]
     )
+    args = parser.parse_args()
+    rows = [
+        asyncio.run(
+            soak(args.services, args.clients, args.rate, args.minutes, p == "delta", args.verbose)
+        )
+        for p in args.protocols
+    ]
+    save_json("soak", rows)
+    lines = [
+        "## Soak under churn (`make soak`)",
+        "",
+        "| services | clients | xDS | changes/s | minutes | RSS start MB | RSS end MB | peak MB | "
+        "slope, second half (MB/min) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['services']} | {row['clients']} | {row['protocol']} | "
+            f"{row['changes_per_s']:g} | {row['minutes']:g} | {row['rss_start_mb']:.0f} | "
+            f"{row['rss_end_mb']:.0f} | {row['rss_peak_mb']:.0f} | "
+            f"{row['slope_mb_per_min_second_half']:+.2f} |"
+        )
+    update_section(lines)
 
 
 if __name__ == "__main__":
