@@ -4,7 +4,7 @@ By default each stream gets a channel (a connection) of its own, which mirrors w
 would see without xdsproxy: Istiod's per-connection limits, load balancing across its replicas
 and its 30-minute connection recycling keep working per sidecar. `--upstream-connections N`
 instead multiplexes the streams over N connections, each sidecar's stream still separate with
-its own token: about 0.5 MB less per sidecar here, at the price of coarser balancing (the
+its own token: 0.35 to 0.5 MB less per sidecar here, at the price of coarser balancing (the
 streams of one connection reach one Istiod replica, and end together when Istiod recycles it).
 xdsproxy never presents a client certificate.
 """
