@@ -3,6 +3,8 @@
 import gc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.xds_messages import delta_request, delta_response, sotw_request, sotw_response
 from xdsproxy.wire import typeurls
@@ -109,3 +111,87 @@ def test_a_shared_map_refuses_to_change() -> None:
         with pytest.raises(TypeError, match="shared"):
             change()
     assert shared == {"a": b"1"}
+
+
+_NAMES = st.sampled_from([f"outbound|80||s{i}.ns.svc.cluster.local" for i in range(6)])
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("subscribe"), st.lists(_NAMES, max_size=3)),
+        st.tuples(st.just("unsubscribe"), st.lists(_NAMES, max_size=3)),
+        st.tuples(st.just("response"), st.lists(_NAMES, max_size=4), st.lists(_NAMES, max_size=2)),
+    ),
+    max_size=12,
+)
+
+
+def _anys(names: list[str]) -> dict[str, bytes]:
+    response = decode_delta_response(delta_response(names, "model", type_url=EDS))
+    return dict(zip(response.names, response.anys, strict=True))
+
+
+def _model(ops: list) -> tuple[set[str], dict[str, bytes]]:
+    """What a stream must hold after `ops`, by plain set and dict arithmetic."""
+    subscribed: set[str] = set()
+    held: dict[str, bytes] = {}
+    for op in ops:
+        if op[0] == "subscribe":
+            subscribed |= set(op[1])
+        elif op[0] == "unsubscribe":
+            subscribed -= set(op[1])
+            for name in op[1]:
+                held.pop(name, None)
+        else:
+            held.update(_anys(list(dict.fromkeys(op[1]))))
+            for name in op[2]:
+                held.pop(name, None)
+    return subscribed, held
+
+
+def _drive(stream: DeltaStream, ops: list, nonce_prefix: str) -> None:
+    for index, op in enumerate(ops):
+        if op[0] == "subscribe":
+            stream.receive_downstream(delta_request(EDS, subscribe=tuple(op[1])))
+        elif op[0] == "unsubscribe":
+            stream.receive_downstream(delta_request(EDS, unsubscribe=tuple(op[1])))
+        else:
+            names = list(dict.fromkeys(op[1]))
+            nonce = f"{nonce_prefix}-{index}"
+            stream.receive_upstream(delta_response(names, nonce, tuple(op[2]), EDS))
+
+
+def _check(stream: DeltaStream, ops: list) -> None:
+    subscribed, held = _model(ops)
+    assert stream.subscription(EDS)[1] == subscribed
+    assert stream.held(EDS) == set(held)
+    assert dict(zip(*stream.pushed(EDS), strict=True)) == held
+    assert dict(zip(*stream.upstream(EDS), strict=True)) == held
+
+
+@settings(max_examples=150, deadline=None)
+@given(common=_OPS, mine=_OPS, theirs=_OPS)
+def test_streams_sharing_state_each_hold_exactly_what_their_own_history_says(
+    common: list, mine: list, theirs: list
+) -> None:
+    """Two streams share a history (the same resources under other nonces: the shared path),
+    then diverge: no change of one may leak into the other's state."""
+    a, b = DeltaStream(), DeltaStream()
+    for stream, prefix in ((a, "a"), (b, "b")):
+        stream.receive_downstream(delta_request(EDS, with_node=True))
+        _drive(stream, common, prefix)
+        _check(stream, common)
+    _drive(a, mine, "a2")
+    _drive(b, theirs, "b2")
+    _check(a, common + mine)
+    _check(b, common + theirs)
+
+
+def test_the_same_resources_with_other_removals_are_another_change() -> None:
+    names = ["outbound|80||a.ns.svc.cluster.local", "outbound|80||b.ns.svc.cluster.local"]
+    a, b = DeltaStream(), DeltaStream()
+    for stream, prefix in ((a, "a"), (b, "b")):
+        stream.receive_downstream(delta_request(EDS, with_node=True, subscribe=tuple(names)))
+        stream.receive_upstream(delta_response(names, f"{prefix}-1", type_url=EDS))
+    assert a._types[EDS].held is b._types[EDS].held
+    a.receive_upstream(delta_response([], "a-2", removed=(names[0],), type_url=EDS))
+    b.receive_upstream(delta_response([], "b-2", removed=(names[1],), type_url=EDS))
+    assert a.held(EDS) == {names[1]} and b.held(EDS) == {names[0]}
