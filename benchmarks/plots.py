@@ -39,24 +39,28 @@ def lazy_plot(points: list[dict]) -> None:
 
 
 def scale_plot(rows: list[dict]) -> None:
+    """Passthrough rows of all four types, one line per protocol and connection layout."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for protocol in sorted({r["protocol"] for r in rows}):
-        chosen = sorted((r for r in rows if r["protocol"] == protocol), key=lambda r: r["clients"])
+    full = [r for r in rows if r["types"] == "all" and r.get("mode", "passthrough") != "lazy"]
+    series: dict[str, list[dict]] = {}
+    for r in full:
+        layout = "pooled" if r["upstream_connections"] < r["clients"] else "conn each"
+        series.setdefault(f"{r['protocol']}, {layout}", []).append(r)
+    for name, chosen in sorted(series.items()):
+        chosen.sort(key=lambda r: r["clients"])
         ms = [r["clients"] for r in chosen]
-        axes[0].plot(ms, [r["proxy_rss_mb"] for r in chosen], marker="o", label=f"RSS {protocol}")
+        axes[0].plot(ms, [r["proxy_rss_mb"] for r in chosen], marker="o", label=f"RSS {name}")
         axes[0].plot(ms, [r["proxy_peak_rss_mb"] for r in chosen], ":", marker="x",
-                     label=f"peak RSS {protocol}")  # fmt: skip
-        pushes = [r for r in chosen if "proxy_push_s" in r]
-        if pushes:
-            xs = [r["clients"] for r in pushes]
-            axes[1].plot(xs, [r["direct_push_s"] for r in pushes], marker="o", label="direct")
-            axes[1].plot(xs, [r["proxy_push_s"] for r in pushes], marker="o", label="via xdsproxy")
+                     label=f"peak {name}")  # fmt: skip
+        axes[1].plot(ms, [r["proxy_push_s"] for r in chosen], marker="o", label=f"via, {name}")
+        axes[1].plot(ms, [r["direct_push_s"] for r in chosen], ":", marker=".",
+                     label=f"direct, {name}")  # fmt: skip
     axes[0].set_title("xdsproxy memory (MB)")
-    axes[1].set_title("full push fan-out to all clients (s), SotW")
+    axes[1].set_title("full push to all clients (s), medians")
     for ax in axes:
         ax.set_xlabel("clients (M)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(results_dir() / "scale.png", dpi=110)
     plt.close(fig)
