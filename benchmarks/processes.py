@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -42,3 +43,13 @@ def wait_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on {port}")
+
+
+def metric_sum(debug_port: int, *prefixes: str) -> float:
+    """Sum of the samples on xdsproxy's /metrics whose lines start with any of `prefixes`."""
+    url = f"http://127.0.0.1:{debug_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes)
+    )

@@ -21,9 +21,8 @@ import statistics
 import subprocess
 import threading
 import time
-import urllib.request
 
-from benchmarks.processes import cpu_seconds, rss_mb, spawn, wait_port
+from benchmarks.processes import cpu_seconds, metric_sum, rss_mb, spawn, wait_port
 from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
@@ -88,13 +87,8 @@ def _full_push(sim: subprocess.Popen, clients: Clients) -> float:
 
 def _answered(debug_port: int) -> float:
     """Istiod responses xdsproxy has answered: relayed to Envoy or ACKed itself."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("xdsproxy_acked_here_total")
-        or line.startswith('xdsproxy_pushes_total{origin="relayed"')
+    return metric_sum(
+        debug_port, "xdsproxy_acked_here_total", 'xdsproxy_pushes_total{origin="relayed"'
     )
 
 

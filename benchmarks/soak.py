@@ -16,7 +16,7 @@ import random
 import statistics
 import time
 
-from benchmarks.processes import rss_mb, spawn, wait_port
+from benchmarks.processes import metric_sum, rss_mb, spawn, wait_port
 from benchmarks.report import save_json, update_section
 from xdsproxy.harness.envoy import terminate
 from xdsproxy.harness.http import free_port
@@ -32,14 +32,6 @@ def _slope(samples: list[tuple[float, float]]) -> float:
     num = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
     den = sum((x - mean_x) ** 2 for x in xs) or 1.0
     return num / den
-
-
-def _metric(port: int, name: str) -> float:
-    """Sum of a metric's samples on the proxy's /metrics."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def soak(
@@ -94,12 +86,12 @@ async def soak(
                     if verbose:
                         print(
                             f"{now - start:.0f}s rss={samples[-1][1]:.0f}MB "
-                            f"streams_opened={_metric(debug, 'xdsproxy_streams_opened_total')}",
+                            f"streams_opened={metric_sum(debug, 'xdsproxy_streams_opened_total')}",
                             flush=True,
                         )
                 await asyncio.sleep(1 / rate)
         finally:
-            opened = _metric(debug, "xdsproxy_streams_opened_total")
+            opened = metric_sum(debug, "xdsproxy_streams_opened_total")
             terminate(loadgen)
             terminate(proxy)
     half = [s for s in samples if s[0] >= samples[-1][0] / 2]

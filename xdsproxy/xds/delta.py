@@ -34,7 +34,7 @@ from xdsproxy.xds.events import (
     SendUpstream,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, read_request, record_answer
+from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, answered_here, read_request, record_answer
 from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, SHARED, FrozenMap, UpstreamMap
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
@@ -132,7 +132,7 @@ class DeltaStream:
             if first or request.resource_names_subscribe:
                 events += self._push(type_url, state, upstream_nonce=None)
             return events
-        if not nonce or not (nonce.startswith(LOCAL_NONCE_PREFIX) or nonce == state.covering_nonce):
+        if not nonce or not answered_here(nonce, state.covering_nonce):
             events.append(SendUpstream(data))
         elif request.resource_names_subscribe or request.resource_names_unsubscribe:
             # The answer to a local response stays here, but a subscription change riding on
@@ -275,9 +275,8 @@ class DeltaStream:
         if not bodies and not removed:
             if skip_empty:
                 return []
-            status = state.status
-            if upstream_nonce and status.pushed_nonce and status.acked_nonce == status.pushed_nonce:
-                state.covering_nonce = status.pushed_nonce
+            if upstream_nonce and state.status.accepted:
+                state.covering_nonce = state.status.pushed_nonce
                 ack = DeltaDiscoveryRequest(type_url=type_url, response_nonce=upstream_nonce)
                 return [AckedHere(ack.SerializeToString(), type_url)]
         nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"

@@ -17,6 +17,12 @@ Request = TypeVar("Request", DiscoveryRequest, DeltaDiscoveryRequest)
 LOCAL_NONCE_PREFIX = "xdsproxy-"
 
 
+def answered_here(nonce: str, covering_nonce: str) -> bool:
+    """Whether Envoy's answer to `nonce` stays with xdsproxy: the response was xdsproxy's own,
+    or it stands for newer upstream responses xdsproxy already ACKed (`covering_nonce`)."""
+    return nonce.startswith(LOCAL_NONCE_PREFIX) or nonce == covering_nonce
+
+
 def read_request(kind: type[Request], data: bytes, node: Node | None) -> tuple[Request, Node]:
     """Parse and check a request; the node comes from the first request of a stream only."""
     name = kind.DESCRIPTOR.name

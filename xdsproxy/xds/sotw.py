@@ -32,7 +32,13 @@ from xdsproxy.xds.events import (
     SendUpstream,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, names_span, read_request, record_answer
+from xdsproxy.xds.requests import (
+    LOCAL_NONCE_PREFIX,
+    answered_here,
+    names_span,
+    read_request,
+    record_answer,
+)
 from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
@@ -132,7 +138,7 @@ class SotwStream:
         if nonce != status.pushed_nonce:
             return []
         events = self._record_answer(request)
-        if not nonce.startswith(LOCAL_NONCE_PREFIX) and nonce != state.covering_nonce:
+        if not answered_here(nonce, state.covering_nonce):
             state.requested_upstream = names
             events.append(SendUpstream(data))
         elif names != state.requested_upstream and status.upstream_nonce:
@@ -207,13 +213,7 @@ class SotwStream:
     @staticmethod
     def _holds_accepted(state: _TypeState, selection: Selection) -> bool:
         """Envoy holds exactly `selection` and has ACKed the response that brought it."""
-        status = state.status
-        return (
-            state.pushed is not None
-            and bool(status.pushed_nonce)
-            and status.acked_nonce == status.pushed_nonce
-            and selection == state.pushed
-        )
+        return state.status.accepted and selection == state.pushed
 
     # -- originated here -------------------------------------------------------------------
 

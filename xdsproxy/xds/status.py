@@ -1,5 +1,6 @@
 """Per-type bookkeeping shared by both protocols: what came from upstream, what went down, and
-how Envoy answered. It feeds the debug endpoint and never drives protocol decisions."""
+how Envoy answered. It feeds the debug endpoint, and the streams read their nonces and whether
+Envoy accepted its last push from it rather than keeping them twice."""
 
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ class TypeStatus:
     acked_nonce: str = ""
     last_nack: str = ""
     nack_count: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        """Envoy ACKed the newest response it was sent."""
+        return bool(self.pushed_nonce) and self.acked_nonce == self.pushed_nonce
 
     @property
     def state(self) -> str:
