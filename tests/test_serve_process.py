@@ -190,3 +190,96 @@ def test_invalid_rules_file_names_file_and_line(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert f"{rules}:3" in result.stderr and "workloadz" in result.stderr
+
+
+def _serve_args(*extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "xdsproxy.cli", "serve",
+        "--upstream", "127.0.0.1:1", "--upstream-plaintext",
+        "--listen", "127.0.0.1:0", "--als-listen", "127.0.0.1:0", "--debug-listen", "127.0.0.1:0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_a_store_that_cannot_be_opened_stops_start_up_every_time(tmp_path) -> None:
+    """Never a process that answers /healthz while it cannot serve: exit 2, naming the store."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    store = f"sqlite://{blocker}/edges.db"  # a directory that can never be created
+    lazy = ("--mode", "lazy", "--egress", "e.ns.svc.cluster.local:80", "--store", store)
+    for extra in ((), ("--check",), (), ()):
+        result = subprocess.run(
+            _serve_args(*lazy, *extra), capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert f"--store {store}" in line and "writable" in line
+
+
+async def test_a_store_failing_at_load_leaves_nothing_serving(tmp_path) -> None:
+    """Past the flag checks (the store broke after them), start-up raises and stops what it
+    had started: no debug endpoint answers /healthz for a process that cannot serve."""
+    from xdsproxy.istio.names import ServicePort
+    from xdsproxy.server.app import ProxyServer, ServeConfig
+    from xdsproxy.store.base import StoreError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = ServeConfig(
+        upstream="127.0.0.1:1",
+        mode="lazy",
+        egress=ServicePort("e.ns.svc.cluster.local", 80),
+        store=f"sqlite://{blocker}/edges.db",
+        debug_listen="127.0.0.1:0",
+    )
+    server = ProxyServer(config)
+    with pytest.raises(StoreError):
+        await server.start()
+    assert server.debug is None and server._server is None
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+
+
+async def test_a_second_process_on_a_port_in_use_refuses_to_start() -> None:
+    """gRPC's SO_REUSEPORT would let both serve and share the sidecars: the second exits 2."""
+    async with running_sim(generate(5)) as sim:
+        first = _spawn(
+            "serve", "--upstream", f"127.0.0.1:{sim.port}", "--upstream-plaintext",
+            "--listen", "127.0.0.1:0", "--debug-listen", "",
+        )  # fmt: skip
+        try:
+            port = await _port_from_log(first)
+            second = subprocess.run(
+                _serve_args("--listen", f"127.0.0.1:{port}"),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert second.returncode == 2
+            assert f"--listen 127.0.0.1:{port}: address in use" in second.stderr
+        finally:
+            first.terminate()
+            first.wait(15)
+
+
+@pytest.mark.parametrize("defect", ["mismatched key", "garbage certificate", "garbage CA"])
+def test_bad_certificates_are_named_not_reported_as_a_bind_failure(pki, tmp_path, defect) -> None:
+    other = Authority(tmp_path).issue("other", ["DNS:other"])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    cert, key, ca = pki["cert"], pki["key"], pki["ca"]
+    if defect == "mismatched key":
+        key = other.key
+    elif defect == "garbage certificate":
+        cert = garbage
+    else:
+        ca = garbage
+    args = [
+        sys.executable, "-m", "xdsproxy.cli", "serve",
+        "--upstream", "127.0.0.1:1", "--upstream-ca", str(ca),
+        "--listen", "127.0.0.1:0", "--debug-listen", "", "--cert", str(cert), "--key", str(key),
+    ]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "Failed to bind" not in result.stderr
+    named = "--upstream-ca" if defect == "garbage CA" else "--cert"
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1

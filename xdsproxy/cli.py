@@ -13,8 +13,8 @@ from xdsproxy import logs
 log = logging.getLogger("xdsproxy")
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the proxy between sidecars and Istiod")
+def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", help="run the proxy between sidecars and Istiod", parents=[common])
     p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="Istiod's xDS address")
     tls = p.add_mutually_exclusive_group(required=True)
     tls.add_argument("--upstream-plaintext", action="store_true", help="dial Istiod without TLS")
@@ -128,6 +128,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="largest gRPC message accepted or sent; -1 for no limit (default)",
     )
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate every flag, file and URL, then exit (0 when all hold) without serving",
+    )
+    p.add_argument(
         "--max-pending-bytes",
         type=int,
         default=128 * 1024 * 1024,
@@ -148,8 +153,10 @@ def _duration(text: str) -> float:
     return sum(float(value) * scale[unit] for value, unit in parts)
 
 
-def _sim_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sim", help="run the simulated Istiod (a stand-in for tests and demos)")
+def _sim_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "sim", help="run the simulated Istiod (a stand-in for tests and demos)", parents=[common]
+    )
     p.add_argument("--services", type=int, default=100)
     p.add_argument("--namespaces", type=int, default=None)
     p.add_argument("--listen", default="127.0.0.1:15010", metavar="HOST:PORT")
@@ -166,8 +173,10 @@ def _sim_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _status_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="what every sidecar gets, from the debug endpoint")
+def _status_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "status", help="what every sidecar gets, from the debug endpoint", parents=[common]
+    )
     p.add_argument("node", nargs="?", help="one node id, for its detail")
     p.add_argument(
         "--debug",
@@ -178,8 +187,10 @@ def _status_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the raw JSON")
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="what lazy loading saves, end to end with real Envoys")
+def _demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo", help="what lazy loading saves, end to end with real Envoys", parents=[common]
+    )
     p.add_argument("--services", type=int, default=2000, help="mesh size (default 2000)")
     p.add_argument("--calls", type=int, default=5, help="services the workload calls")
     p.add_argument(
@@ -187,18 +198,31 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__)
-    parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+_GLOBAL_DEFAULTS = {"log_level": "info", "log_format": "text"}
+
+
+def _global_flags() -> argparse.ArgumentParser:
+    """Flags every command takes, before or after its name (`xdsproxy serve --log-format=json`,
+    as a container's args list them). SUPPRESS keeps a subcommand's unset flag from hiding one
+    given before the command."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=("debug", "info", "warning", "error")
     )
-    parser.add_argument("--log-format", default="text", choices=("text", "json"))
+    flags.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"))
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = _global_flags()
+    parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _sim_parser(sub)
-    _demo_parser(sub)
-    _status_parser(sub)
+    for add in (_serve_parser, _sim_parser, _demo_parser, _status_parser):
+        add(sub, common)
     args = parser.parse_args(argv)
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     logs.configure(args.log_level, args.log_format)
     if args.command == "serve":
         return _serve(args)
@@ -222,32 +246,54 @@ def _serve(args: argparse.Namespace) -> int:
     from xdsproxy.istio.names import vhost_service
     from xdsproxy.scope.egress import EgressSettings
     from xdsproxy.scope.rules import RulesError, load_rules
-    from xdsproxy.server.app import ServeConfig, run
-    from xdsproxy.store.base import StoreError, open_store
+    from xdsproxy.server import preflight
+    from xdsproxy.server.app import AddressInUse, ServeConfig, run
+    from xdsproxy.store.base import StoreError
+
+    def fail(message: str) -> int:
+        print(f"xdsproxy: {message}", file=sys.stderr)
+        return 2
 
     egress = vhost_service(args.egress) if args.egress else None
     if args.mode == "lazy" and egress is None:
-        print("xdsproxy: --mode lazy needs --egress FQDN:PORT", file=sys.stderr)
-        return 2
+        return fail("--mode lazy needs --egress FQDN:PORT")
     als_host, _, als_port = args.als_advertise.rpartition(":")
     if not als_host or not als_port.isdigit():
-        print("xdsproxy: --als-advertise must be HOST:PORT", file=sys.stderr)
-        return 2
+        return fail("--als-advertise must be HOST:PORT")
     try:
         rules = load_rules(args.rules) if args.rules else None
     except RulesError as exc:
-        print(f"xdsproxy: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     if bool(args.cert) != bool(args.key):
-        print("xdsproxy: --cert and --key go together", file=sys.stderr)
-        return 2
+        return fail("--cert and --key go together")
     if args.listen_tls and not args.cert:
-        print("xdsproxy: --listen-tls needs --cert and --key", file=sys.stderr)
-        return 2
+        return fail("--listen-tls needs --cert and --key")
     for path in (args.cert, args.key, args.upstream_ca):
         if path is not None and not path.is_file():
-            print(f"xdsproxy: {path}: no such file", file=sys.stderr)
-            return 2
+            return fail(f"{path}: no such file")
+    try:
+        addresses = {
+            "--upstream": args.upstream,
+            "--listen": args.listen,
+            "--listen-tls": args.listen_tls,
+            "--als-listen": args.als_listen,
+            "--debug-listen": args.debug_listen,
+        }
+        for flag, value in addresses.items():
+            if value:
+                preflight.check_address(flag, value)
+        preflight.check_cidrs("--als-allow", tuple(args.als_allow))
+        if args.upstream_ca:
+            preflight.check_ca("--upstream-ca", args.upstream_ca)
+        if args.cert:
+            preflight.check_key_pair(args.cert, args.key)
+        if args.mode == "lazy":
+            preflight.check_store(args.store)
+    except preflight.ConfigError as exc:
+        return fail(str(exc))
+    if args.check:
+        print("xdsproxy: configuration ok", file=sys.stderr)
+        return 0
     config = ServeConfig(
         upstream=args.upstream,
         listen=args.listen,
@@ -273,19 +319,16 @@ def _serve(args: argparse.Namespace) -> int:
         usage_sample_percent=args.usage_sample,
         debug_listen=args.debug_listen,
     )
-    if args.mode == "lazy":
-        try:
-            open_store(args.store)
-        except ValueError as exc:
-            print(f"xdsproxy: {exc}", file=sys.stderr)
-            return 2
     try:
         asyncio.run(run(config))
-    except ValueError as exc:  # a bad --als-allow CIDR and the like
-        print(f"xdsproxy: {exc}", file=sys.stderr)
-        return 2
+    except AddressInUse as exc:
+        return fail(str(exc))
     except StoreError as exc:  # serving empty scopes would strip every reconnecting sidecar
-        print(f"xdsproxy: cannot load the store: {exc}", file=sys.stderr)
+        print(
+            f"xdsproxy: cannot load the store {args.store}: {exc}; check that it is reachable "
+            "and writable (see docs/state.md)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -24,6 +24,25 @@ from xdsproxy.server.upstream import Channels, Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
 
 log = logging.getLogger("xdsproxy.serve")
+# gRPC sets SO_REUSEPORT by default, so a second process on the same port would start and
+# share the traffic: a stale replica or a typo'd port must fail instead.
+_EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
+class AddressInUse(OSError):
+    """A listen address could not be bound; the message names the flag."""
+
+
+def _bind(server: grpc.aio.Server, flag: str, address: str, credentials=None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC says only "Failed to bind to address"
+        raise AddressInUse(
+            f"{flag} {address}: address in use or not available; stop the process holding it "
+            "or choose another port"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,17 @@ class ProxyServer:
         return Readiness({"store": store, "upstream": upstream})
 
     async def start(self) -> int:
+        """Serve, or raise having stopped whatever had started: a process that cannot serve
+        must exit rather than answer health checks."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> int:
+        if self.runtime is not None:
+            await self.runtime.start()  # scopes come back before anything is served
         self._probing = asyncio.create_task(self.probe.run())
         self._trimming = asyncio.create_task(self.heap.run())
         if self.config.debug_listen:
@@ -117,39 +147,48 @@ class ProxyServer:
                 self._readiness(),
                 DebugModel(self.proxy, self.runtime),
             )
-            await self.debug.start()
+            try:
+                await self.debug.start()
+            except OSError as exc:
+                raise AddressInUse(
+                    f"--debug-listen {self.config.debug_listen}: {exc.strerror or exc}; "
+                    "choose another address"
+                ) from None
             log.info(
                 "serving debug", extra={"listen": self.config.debug_listen, "port": self.debug.port}
             )
         if self.runtime is not None:
-            await self.runtime.start()  # scopes come back before the first stream is served
             # The ALS endpoint first: the config pushed to Envoys names its port.
-            als = grpc.aio.server(options=message_options(self.config.max_message_bytes))
+            als = grpc.aio.server(
+                options=message_options(self.config.max_message_bytes) + _EXCLUSIVE_PORT
+            )
             als.add_generic_rpc_handlers((AlsService(self.runtime).handler(),))
-            self.als_port = als.add_insecure_port(self.config.als_listen)
+            self._als = als
+            self.als_port = _bind(als, "--als-listen", self.config.als_listen)
             if self.runtime.settings.als_port == 0:  # a kernel-chosen port (tests)
                 self.runtime.settings = replace(self.runtime.settings, als_port=self.als_port)
             await als.start()
-            self._als = als
             log.info("serving ALS", extra={"listen": self.config.als_listen, "port": self.als_port})
         server = grpc.aio.server(
-            options=message_options(self.config.max_message_bytes) + server_keepalive()
+            options=message_options(self.config.max_message_bytes)
+            + server_keepalive()
+            + _EXCLUSIVE_PORT
         )
         server.add_generic_rpc_handlers((ads_handler(self.proxy.sotw, self.proxy.delta),))
+        self._server = server
         credentials = None
         if self.config.cert and self.config.key:
             credentials = grpc.ssl_server_credentials(
                 [(self.config.key.read_bytes(), self.config.cert.read_bytes())]
             )
         if credentials is not None and not self.config.listen_tls:
-            self.port = server.add_secure_port(self.config.listen, credentials)
+            self.port = _bind(server, "--listen", self.config.listen, credentials)
         else:
-            self.port = server.add_insecure_port(self.config.listen)
+            self.port = _bind(server, "--listen", self.config.listen)
         if self.config.listen_tls:
             assert credentials is not None, "--listen-tls needs --cert and --key"
-            self.tls_port = server.add_secure_port(self.config.listen_tls, credentials)
+            self.tls_port = _bind(server, "--listen-tls", self.config.listen_tls, credentials)
         await server.start()
-        self._server = server
         log.info(
             "serving ADS",
             extra={
@@ -161,15 +200,15 @@ class ProxyServer:
         return self.port
 
     async def stop(self) -> None:
-        """Stop accepting, end every stream with UNAVAILABLE, then close."""
-        if self._server is None:
-            return
+        """Stop accepting, end every stream with UNAVAILABLE, then close. Safe after a start
+        that failed part way."""
         self.proxy.shutdown()
         if self._als is not None:
             await self._als.stop(0)
             self._als = None
-        await self._server.stop(self.config.shutdown_grace_seconds)
-        self._server = None
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_seconds)
+            self._server = None
         await self.channels.close()
         if self.runtime is not None:
             await self.runtime.stop()
@@ -178,8 +217,10 @@ class ProxyServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._probing = self._trimming = None
         if self.debug is not None:
             await self.debug.stop()
+            self.debug = None
 
 
 async def run(config: ServeConfig) -> None:
