@@ -91,3 +91,20 @@ def test_sidecar_listeners_with_usage_logging_are_valid(tmp_path) -> None:
     assert listeners
     result = validate(tmp_path, listeners, [_dict(als_cluster(settings), Cluster)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_realistic_profile_listeners_are_valid(tmp_path) -> None:
+    """The simulator's sniffed and TCP `VIP_PORT` listeners, as real Envoy takes them."""
+    from tests.test_sim_istiod import _istio_node
+    from xdsproxy.sim.istiod import Snapshot
+    from xdsproxy.sim.mesh import generate
+
+    snapshot = Snapshot(generate(20, profile="realistic"), "2026-11-22T10:00:00Z", None)
+    node = _istio_node("ns-0")
+    listeners = snapshot.resources(typeurls.LISTENER, node)
+    clusters = snapshot.resources(typeurls.CLUSTER, node)
+    vip = [_dict(b, Listener) for n, b in listeners.items() if n.startswith("10.")]
+    assert len(vip) >= 15
+    referenced = [_dict(b, Cluster) for n, b in clusters.items() if n.startswith("outbound|")]
+    result = validate(tmp_path, vip, referenced)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -214,3 +214,66 @@ def test_replicas_of_a_workload_share_each_selection_until_the_scope_changes() -
     # Another scope of the same workload name (a new process state) never sees this one's.
     other = SidecarView(Scope(key), EGRESS).select(CDS, SIM_UPSTREAM)
     assert other == first[0] and other is not widened
+
+
+def _routed_services(table: RouteConfiguration) -> set[ServicePort]:
+    """Services a table sends requests to, read from its routes' clusters."""
+    found = set()
+    for vhost in table.virtual_hosts:
+        for route in vhost.routes:
+            found |= {p[0] for c in route_clusters(route) if (p := outbound_cluster(c))}
+    return found
+
+
+def _assert_learned_services_route_downstream(upstream: dict) -> int:
+    """After learning a service, every table that routes to it upstream routes to it
+    downstream; each pushed table has exactly one `*` vhost (Envoy rejects two)."""
+    checked = 0
+    names, bodies = upstream[RDS]
+    routed = {
+        name: _routed_services(_table(body)) for name, body in zip(names, bodies, strict=True)
+    }
+    for service in sorted(set().union(*routed.values())):
+        view = SidecarView(_scope([service]), EGRESS)
+        pushed = dict(zip(*view.select(RDS, upstream), strict=True))
+        for name, services in routed.items():
+            table = _table(pushed[name])
+            wildcards = [v.name for v in table.virtual_hosts if "*" in v.domains]
+            assert len(wildcards) == 1, (name, wildcards)
+            if service in services:
+                assert service in _routed_services(table), (name, str(service))
+                checked += 1
+    return checked
+
+
+def test_every_real_table_routes_a_learned_service_downstream() -> None:
+    per_service_tables = 0
+    for name, dump in DUMPS.items():
+        upstream = _upstream_from_dump(dump)
+        assert _assert_learned_services_route_downstream(upstream), name
+        per_service_tables += sum(":" in n for n in upstream[RDS][0])
+    assert per_service_tables > 50  # Istio's `FQDN:PORT` tables are among them
+
+
+def test_a_per_service_table_goes_to_the_egress_until_its_service_is_learned() -> None:
+    upstream = _upstream_from_dump(DUMPS["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"])
+    table_name = "compose-post-service.social-network.svc.cluster.local:9090"
+    service = ServicePort("compose-post-service.social-network.svc.cluster.local", 9090)
+    outside = dict(zip(*SidecarView(_scope(()), EGRESS).select(RDS, upstream), strict=True))
+    assert [v.name for v in _table(outside[table_name]).virtual_hosts] == [EGRESS_VHOST]
+    inside = dict(zip(*SidecarView(_scope([service]), EGRESS).select(RDS, upstream), strict=True))
+    [vhost] = _table(inside[table_name]).virtual_hosts
+    assert vhost.name == table_name and list(vhost.domains) == ["*"]
+
+
+def test_the_simulator_emits_per_service_tables_that_route_downstream_once_learned() -> None:
+    snapshot = Snapshot(generate(60, profile="realistic"), "2026-11-22T10:00:00Z", None)
+    upstream = {
+        t: tuple(zip(*snapshot.resources(t, _NODE).items(), strict=True)) for t in (CDS, LDS, RDS)
+    }
+    sniffed = [n for n in upstream[RDS][0] if ":" in n]
+    assert len(sniffed) >= 30, "the simulator emits too few per-service (sniffed) route tables"
+    assert _assert_learned_services_route_downstream(upstream)
+    for size in (0, 3, 20):
+        chosen = sorted({p[0] for n in upstream[CDS][0] if (p := outbound_cluster(n))})[:size]
+        assert_consistent(SidecarView(_scope(chosen), EGRESS), upstream)

@@ -313,3 +313,62 @@ def test_synced_once_the_newest_response_of_every_type_is_acked(delta: bool) -> 
     assert connection.synced()
     connection.push(connection.snapshot)
     assert not connection.synced()
+
+
+def _listener_shape(listener: dict) -> dict:
+    """What makes a listener sniffed, TCP or HTTP: its filter chain matches, listener filters,
+    and the network filters of its chains (Istio-only stats filters left out)."""
+
+    def filters(chain: dict) -> list[str]:
+        return [f["name"] for f in chain.get("filters", []) if not f["name"].startswith("istio.")]
+
+    return {
+        "listener_filters": [f["name"] for f in listener.get("listener_filters", [])],
+        "continue_on_timeout": listener.get("continue_on_listener_filters_timeout", False),
+        "matches": [c.get("filter_chain_match", {}) for c in listener.get("filter_chains", [])],
+        "chains": [filters(c) for c in listener.get("filter_chains", [])],
+        "default": filters(listener.get("default_filter_chain", {})),
+        "rds": [
+            f["typed_config"]["rds"]["route_config_name"].count(":")
+            for c in listener.get("filter_chains", [])
+            for f in c.get("filters", [])
+            if "rds" in f.get("typed_config", {})
+        ],
+    }
+
+
+def test_realistic_profile_emits_the_listener_shapes_of_the_real_dump() -> None:
+    """Each VIP listener shape the simulator emits is one Istio 1.18 sent (DeathStarBench dump),
+    so the simulator cannot drift from Istio again."""
+    import json as jsonlib
+
+    from envoy.config.listener.v3.listener_pb2 import Listener
+    from google.protobuf.any_pb2 import Any
+    from google.protobuf.json_format import MessageToDict
+
+    from tests.istio_fixtures import FIXTURES
+
+    dump = jsonlib.loads(
+        (FIXTURES / "istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json").read_text()
+    )
+    [section] = [c for c in dump["configs"] if c["@type"].endswith("ListenersConfigDump")]
+    real = [
+        e["active_state"]["listener"] for e in section["dynamic_listeners"] if "active_state" in e
+    ]
+    real_vip = [
+        _listener_shape(x) for x in real if not x["name"].startswith(("0.0.0.0", "virtual"))
+    ]
+    emitted = Snapshot(generate(40, profile="realistic"), "v", None).resources(
+        typeurls.LISTENER, _istio_node("ns-0")
+    )
+    shapes = []
+    for name, body in emitted.items():
+        if name.startswith(("0.0.0.0", "virtual")):
+            continue
+        listener = Listener()
+        Any.FromString(body).Unpack(listener)
+        shapes.append(_listener_shape(MessageToDict(listener, preserving_proto_field_name=True)))
+    kinds = {("sniffed" if s["default"] else "tcp") for s in shapes}
+    assert kinds == {"sniffed", "tcp"}
+    for shape in shapes:
+        assert shape in real_vip, shape

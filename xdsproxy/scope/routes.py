@@ -14,7 +14,7 @@ from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from google.protobuf.any_pb2 import Any
 
 from xdsproxy.istio.envoyconfig import pack
-from xdsproxy.istio.names import ServicePort, route_table_port, vhost_service
+from xdsproxy.istio.names import ServicePort, outbound_cluster, route_table_port, vhost_service
 
 SOURCE_NAMESPACE = "x-xdsproxy-source-namespace"
 SOURCE_WORKLOAD = "x-xdsproxy-source-workload"
@@ -38,8 +38,12 @@ def route_clusters(route: Route) -> set[str]:
     return found
 
 
-def _is_catch_all(vhost: VirtualHost) -> bool:
-    return "*" in vhost.domains
+def _is_catch_all(vhost: VirtualHost, service: ServicePort | None) -> bool:
+    """Istio's catch-all: the `allow_any` (PassthroughCluster) or `block_all` vhost with
+    `domains: ["*"]`, or any other `*` vhost that is no service (such as slime's fallback).
+    A service's own vhost in its per-service table (`FQDN:PORT`, on a protocol-sniffed
+    listener) also has `*`, but it is that service's route, not a catch-all."""
+    return service is None and "*" in vhost.domains
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class ParsedTable:
     port: int | None
     services: tuple[ServicePort | None, ...]  # per vhost; None when not a service vhost
     clusters: tuple[frozenset[str], ...]  # per vhost
+    targets: tuple[frozenset[ServicePort], ...]  # per vhost: the services its clusters serve
     catch_all: tuple[bool, ...]  # per vhost
 
 
@@ -62,26 +67,40 @@ def _decode(any_bytes: bytes) -> RouteConfiguration:
 def parse_table(any_bytes: bytes) -> ParsedTable:
     table = _decode(any_bytes)
     vhosts = table.virtual_hosts
+    services = tuple(vhost_service(v.name) for v in vhosts)
+    clusters = tuple(
+        frozenset(c for route in v.routes for c in route_clusters(route)) for v in vhosts
+    )
     return ParsedTable(
         name=table.name,
         port=route_table_port(table.name),
-        services=tuple(vhost_service(v.name) for v in vhosts),
-        clusters=tuple(
-            frozenset(c for route in v.routes for c in route_clusters(route)) for v in vhosts
+        services=services,
+        clusters=clusters,
+        targets=tuple(
+            frozenset(parsed[0] for c in names if (parsed := outbound_cluster(c)))
+            for names in clusters
         ),
-        catch_all=tuple(_is_catch_all(v) for v in vhosts),
+        catch_all=tuple(
+            _is_catch_all(v, service) for v, service in zip(vhosts, services, strict=True)
+        ),
     )
 
 
 def kept_vhosts(parsed: ParsedTable, covers: Callable[[ServicePort], bool]) -> tuple[int, ...]:
-    """Indexes of the vhosts a scoped sidecar keeps: in-scope services and any vhost that is
-    neither a service nor the catch-all (kept as Istiod sent it, to stay on the safe side)."""
+    """Indexes of the vhosts a scoped sidecar keeps: in-scope services (their own `*` vhost
+    included), vhosts that route to an in-scope service, and any vhost that is neither a
+    service nor the catch-all (kept as Istiod sent it, to stay on the safe side).
+
+    A vhost is kept for what it routes to because the egress learns the cluster a request
+    reached, not the host it asked for: `hello:80` sent by a VirtualService to
+    `outbound|8080||hello` (the Istio 1.20 dump) teaches `hello:8080`, and the caller's
+    `hello:80` vhost must then go direct, or its requests would reach the egress forever."""
     return tuple(
         i
-        for i, (service, catch_all) in enumerate(
-            zip(parsed.services, parsed.catch_all, strict=True)
+        for i, (service, catch_all, targets) in enumerate(
+            zip(parsed.services, parsed.catch_all, parsed.targets, strict=True)
         )
-        if not catch_all and (service is None or covers(service))
+        if not catch_all and (service is None or covers(service) or any(map(covers, targets)))
     )
 
 
@@ -122,9 +141,12 @@ def sidecar_table(
     table.CopyFrom(source)
     del table.virtual_hosts[:]
     table.virtual_hosts.extend(source.virtual_hosts[i] for i in kept)
-    table.virtual_hosts.append(
-        _egress_vhost(egress_cluster, namespace, workload, route_table_port(source.name))
-    )
+    # A kept `*` vhost (an in-scope service's own table) already takes every request, and
+    # Envoy allows one `*` per table: the egress catch-all goes only where none is kept.
+    if not any("*" in source.virtual_hosts[i].domains for i in kept):
+        table.virtual_hosts.append(
+            _egress_vhost(egress_cluster, namespace, workload, route_table_port(source.name))
+        )
     for header in LAZY_HEADERS:
         if header not in table.request_headers_to_remove:
             table.request_headers_to_remove.append(header)

@@ -2,8 +2,10 @@
 
 Shapes follow what Istiod emits for a sidecar (see the fixtures in shared/fixtures): EDS clusters
 named `outbound|PORT|SUBSET|FQDN`, per-port HTTP listeners whose RDS table is named by the port,
-`IP_PORT` TCP listeners, one virtual host per service with namespace-dependent domains, and a
-final `allow_any` (or `block_all`) virtual host. Istio-only extension types are left out so that
+`IP_PORT` TCP listeners, protocol-sniffed `IP_PORT` listeners (an HTTP chain to the per-service
+table `FQDN:PORT` whose one vhost has `domains: ["*"]`, a default tcp_proxy chain), one virtual
+host per service with namespace-dependent domains, and a final `allow_any` (or `block_all`)
+virtual host. Istio-only extension types are left out so that
 a stock Envoy accepts everything.
 """
 
@@ -17,7 +19,9 @@ from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.listener.http_inspector.v3.http_inspector_pb2 import HttpInspector
 from envoy.extensions.filters.listener.proxy_protocol.v3.proxy_protocol_pb2 import ProxyProtocol
+from envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2 import TlsInspector
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -221,18 +225,42 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
         listeners.append(listener)
     for service in mesh.services.values():
         for port in service.ports:
-            if port.protocol != "TCP":
+            if port.protocol == "HTTP":
                 continue
             target = cluster_name(port.number, service.fqdn)
-            listener = _listener(
-                f"{service.cluster_ip}_{port.number}", service.cluster_ip, port.number, False
-            )
-            listener.filter_chains.add().filters.add(
+            name = f"{service.cluster_ip}_{port.number}"
+            listener = _listener(name, service.cluster_ip, port.number, False)
+            if port.protocol == "TCP":
+                chain = listener.filter_chains.add()
+            else:
+                _sniff(listener, f"outbound_{name}", f"{service.fqdn}:{port.number}")
+                chain = listener.default_filter_chain
+            chain.filters.add(
                 name="envoy.filters.network.tcp_proxy",
                 typed_config=typed(_tcp_proxy(target, target)),
             )
             listeners.append(listener)
     return listeners
+
+
+def _sniff(listener: Listener, stat_prefix: str, route_name: str) -> None:
+    """Istio's protocol sniffing: inspectors, and plaintext HTTP to the per-service table;
+    whatever else arrives takes the default chain."""
+    listener.listener_filters.add(
+        name="envoy.filters.listener.tls_inspector", typed_config=typed(TlsInspector())
+    )
+    listener.listener_filters.add(
+        name="envoy.filters.listener.http_inspector", typed_config=typed(HttpInspector())
+    )
+    listener.listener_filters_timeout.SetInParent()  # 0s: sniffing never gives up early
+    listener.continue_on_listener_filters_timeout = True
+    chain = listener.filter_chains.add()
+    chain.filter_chain_match.transport_protocol = "raw_buffer"
+    chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
+    chain.filters.add(
+        name="envoy.filters.network.http_connection_manager",
+        typed_config=typed(_http_manager(stat_prefix, route_name)),
+    )
 
 
 def _domains(service: Service, node_namespace: str) -> list[str]:
@@ -286,14 +314,28 @@ def _fallback_vhost(registry_only: bool) -> VirtualHost:
     return vhost
 
 
+def _sniffed_table(service: Service, port: int) -> RouteConfiguration:
+    """A sniffed port's own table: one vhost, named after the service, taking every host."""
+    name = f"{service.fqdn}:{port}"
+    table = RouteConfiguration(name=name, ignore_port_in_host_matching=True)
+    table.validate_clusters.value = False
+    vhost = _service_vhost(service, port, service.namespace)
+    del vhost.domains[:]
+    vhost.domains.append("*")
+    table.virtual_hosts.append(vhost)
+    return table
+
+
 def build_routes(mesh: Mesh, node_namespace: str) -> list[RouteConfiguration]:
     by_port: dict[int, list[VirtualHost]] = {}
+    tables = []
     for service in mesh.services.values():
         for port in service.ports:
             if port.protocol == "HTTP":
                 vhost = _service_vhost(service, port.number, node_namespace)
                 by_port.setdefault(port.number, []).append(vhost)
-    tables = []
+            elif port.protocol == "SNIFFED":
+                tables.append(_sniffed_table(service, port.number))
     for port in sorted(by_port):
         table = RouteConfiguration(name=str(port), ignore_port_in_host_matching=True)
         table.validate_clusters.value = False

@@ -8,6 +8,14 @@ from typing import Literal
 DOMAIN = "svc.cluster.local"
 HTTP_PORTS = (80, 8080, 9080)
 TCP_PORT = 3306
+SNIFFED_PORT = 9090
+
+# `named-ports`: every port named http*/grpc* or tcp*, so Istio never sniffs (the profile all
+# figures before the every-protocol work used). `realistic`: the protocol mix of the Istio 1.18
+# DeathStarBench dump, 85 sniffed, 42 TCP and 12 HTTP listeners of 141: sniffed ports (a
+# `VIP_PORT` listener with an HTTP chain to the per-service table `FQDN:PORT`, a default
+# tcp_proxy chain) 6 in 10, TCP 3 in 10, HTTP 1 in 10.
+PROFILES = ("named-ports", "realistic")
 
 Kind = Literal["eds", "headless", "dns"]
 
@@ -15,7 +23,7 @@ Kind = Literal["eds", "headless", "dns"]
 @dataclass(frozen=True, slots=True)
 class Port:
     number: int
-    protocol: Literal["HTTP", "TCP"]
+    protocol: Literal["HTTP", "TCP", "SNIFFED"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +91,22 @@ def _pod_endpoints(index: int, port: int, subsets: tuple[tuple[str, int], ...]) 
     return tuple(Endpoint(str(base + k), port, names[k % len(names)]) for k in range(3))
 
 
+def _realistic_port(index: int, http_ports: tuple[int, ...]) -> Port:
+    slot = index % 10
+    if slot < 6:
+        return Port(SNIFFED_PORT, "SNIFFED")
+    if slot < 9:
+        return Port(TCP_PORT, "TCP")
+    return Port(http_ports[index % len(http_ports)], "HTTP")
+
+
 def generate(
     services: int,
     namespaces: int | None = None,
     registry_only: bool = False,
     http_ports: tuple[int, ...] = HTTP_PORTS,
     tcp_every: int = 10,
+    profile: str = "named-ports",
 ) -> Mesh:
     """An Istio-shaped mesh of `services` services spread over several namespaces.
 
@@ -97,12 +115,19 @@ def generate(
     is a DNS ServiceEntry (STRICT_DNS), so every cluster type Istiod emits for a sidecar is
     present.
     """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}")
     count = namespaces or max(2, min(10, services // 100))
     mesh = Mesh(registry_only=registry_only)
     for i in range(services):
         namespace = f"ns-{i % count}"
-        tcp = tcp_every > 0 and i % tcp_every == tcp_every - 1
-        port = Port(TCP_PORT, "TCP") if tcp else Port(http_ports[i % len(http_ports)], "HTTP")
+        if profile == "realistic":
+            port = _realistic_port(i, http_ports)
+        elif tcp_every > 0 and i % tcp_every == tcp_every - 1:
+            port = Port(TCP_PORT, "TCP")
+        else:
+            port = Port(http_ports[i % len(http_ports)], "HTTP")
+        tcp = port.protocol == "TCP"
         subsets = (("v1", 90), ("v2", 10)) if i % 7 == 3 and not tcp else ()
         kind: Kind = "eds"
         host = ""
