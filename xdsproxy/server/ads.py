@@ -1,8 +1,11 @@
 """The downstream ADS server: one upstream stream per downstream stream, bytes in and out.
 
-Each downstream stream runs three pieces: a reader of Envoy's requests, a reader of Istiod's
-responses, and the writer (the handler coroutine itself) that drains one outbox towards Envoy.
-All protocol decisions are made by the pure state machines in `xdsproxy.xds`.
+Each downstream stream runs four pieces: a reader of Envoy's requests, a reader of Istiod's
+responses, and one writer per direction, each draining one outbox. Both readers produce
+messages for Istiod (Envoy's answers; xdsproxy's own ACKs), and gRPC allows one outstanding
+write per call (a second fails with "Internal error from Core" and ends the stream), so
+neither reader ever writes: every message goes through its direction's outbox. All protocol
+decisions are made by the pure state machines in `xdsproxy.xds`.
 """
 
 import asyncio
@@ -62,6 +65,7 @@ class Session:
     stream: SotwStream | DeltaStream
     connected_at: float = field(default_factory=time.time)
     outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    upstream_outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
     writing: bool = False  # a message is handed to gRPC and not yet sent
@@ -217,8 +221,9 @@ class AdsProxy:
                 channel, method, forwardable_metadata(context.invocation_metadata() or ())
             )
             tasks = [
-                asyncio.create_task(self._pump_downstream(session, context, call, first_events)),
+                asyncio.create_task(self._pump_downstream(session, context, first_events)),
                 asyncio.create_task(self._pump_upstream(session, call)),
+                asyncio.create_task(self._drain_upstream(session, call)),
                 asyncio.create_task(self._drain(session, context)),
             ]
             end = await session.ended
@@ -275,29 +280,31 @@ class AdsProxy:
         except (asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
             session.end(grpc.StatusCode.CANCELLED, "downstream went away")
 
-    async def _pump_downstream(
-        self,
-        session: Session,
-        context: grpc.aio.ServicerContext,
-        call: grpc.aio.StreamStreamCall,
-        first_events: list[Event],
-    ) -> None:
+    async def _drain_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
+        """The one writer of the upstream call, in the order the readers queued."""
         try:
-            await self._apply(session, first_events, call)
-            while (data := await context.read()) is not grpc.aio.EOF:
-                await self._apply(session, session.stream.receive_downstream(data), call)
-            session.end(grpc.StatusCode.OK, "")
-        except ProtocolError as exc:
-            session.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            while not session.ended.done():
+                await call.write(await session.upstream_outbox.get())
         except grpc.aio.AioRpcError as exc:
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream: {exc.details()}")
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
             session.end(grpc.StatusCode.UNAVAILABLE, "upstream stream closed")
 
+    async def _pump_downstream(
+        self, session: Session, context: grpc.aio.ServicerContext, first_events: list[Event]
+    ) -> None:
+        try:
+            self._apply(session, first_events)
+            while (data := await context.read()) is not grpc.aio.EOF:
+                self._apply(session, session.stream.receive_downstream(data))
+            session.end(grpc.StatusCode.OK, "")
+        except ProtocolError as exc:
+            session.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     async def _pump_upstream(self, session: Session, call: grpc.aio.StreamStreamCall) -> None:
         try:
             while await session.drained.wait() and (data := await call.read()) is not grpc.aio.EOF:
-                await self._on_upstream(session, call, data)
+                self._on_upstream(session, data)
                 # Drop the response before waiting for the next: a full push is megabytes,
                 # and holding the last one per stream would cost that much per sidecar.
                 del data
@@ -310,27 +317,23 @@ class AdsProxy:
             relayed = code if code in _RELAYED_CODES else grpc.StatusCode.UNAVAILABLE
             session.end(relayed, f"upstream: {exc.details() or code.name}")
 
-    async def _on_upstream(
-        self, session: Session, call: grpc.aio.StreamStreamCall, data: bytes
-    ) -> None:
+    def _on_upstream(self, session: Session, data: bytes) -> None:
         events = session.stream.receive_upstream(data)
-        await self._apply(session, events, call)
+        self._apply(session, events)
         if events and isinstance(events[-1], SendDownstream | AckedHere):
             type_url = events[-1].type_url
             self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
             self.runtime.upstream_applied(session, type_url)
 
-    async def _apply(
-        self, session: Session, events: list[Event], call: grpc.aio.StreamStreamCall
-    ) -> None:
+    def _apply(self, session: Session, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, SendDownstream):
                 self._enqueue(session, event)
             elif isinstance(event, SendUpstream):
-                await call.write(event.payload)
+                session.upstream_outbox.put_nowait(event.payload)
             elif isinstance(event, AckedHere):
                 self.metrics.acked_here.labels(short_name(event.type_url)).inc()
-                await call.write(event.payload)
+                session.upstream_outbox.put_nowait(event.payload)
             elif isinstance(event, Nacked):
                 origin = "relayed" if event.relayed else "local"
                 self.metrics.nacks.labels(short_name(event.type_url), origin).inc()
