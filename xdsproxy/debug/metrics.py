@@ -52,6 +52,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.als_held = Gauge(
+            "xdsproxy_als_held_entries",
+            "Access log entries held for a service not known here yet (up to 1,000, for 30 s)",
+            registry=self.registry,
+        )
         self.learns = Counter(
             "xdsproxy_learns",
             "Dependencies learned from the egress's access logs",

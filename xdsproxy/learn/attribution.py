@@ -39,6 +39,7 @@ class Learned:
 @dataclass(frozen=True, slots=True)
 class Rejected:
     reason: str  # a short, stable label: it becomes a metric label
+    service: ServicePort | None = None  # for `unknown_service`: the service it reached
 
 
 class Directory(Protocol):
@@ -88,7 +89,7 @@ def attribute(
     if service is None:
         return Rejected("not_a_mesh_service")
     if not known(service):
-        return Rejected("unknown_service")
+        return Rejected("unknown_service", service)
     workload, ignored, reason = _source(record, directory)
     if workload is None:
         return Rejected("forged_source" if ignored else reason)

@@ -17,6 +17,7 @@ from xdsproxy.debug.metrics import Metrics
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
+from xdsproxy.learn.pending import PendingEntries
 from xdsproxy.logs import RateLimitedLog
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.mesh import MeshTables
@@ -61,6 +62,8 @@ class LazyRuntime:
         self.known_services: set[ServicePort] = set()
         self.rejections: Counter[str] = Counter()  # mirrored in metrics.als_rejections
         self.learns = 0
+        # Entries for services not known here yet, reconsidered when the service appears.
+        self.pending = PendingEntries()
         # Seconds from the egress seeing the request to the re-push being queued, per learn.
         self.learn_latencies: list[float] = []
         self.deliver: Callable[[Session, list[Event]], None] = lambda session, events: None
@@ -79,6 +82,8 @@ class LazyRuntime:
         self._by_workload: dict[WorkloadKey, set[Session]] = defaultdict(set)
         self._egress: set[Session] = set()
         self._warn = RateLimitedLog(log)
+        self._tasks: set[asyncio.Task] = set()
+        self._expired_counted = 0
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -168,10 +173,28 @@ class LazyRuntime:
                 self.deliver(egress, egress.stream.refresh())
 
     def _note_services(self, names: tuple[str, ...]) -> None:
+        new = set()
         for name in names:
             parsed = outbound_cluster(name)
-            if parsed is not None:
+            if parsed is not None and parsed[0] not in self.known_services:
                 self.known_services.add(parsed[0])
+                new.add(parsed[0])
+        for held in self.pending.take(new, self.monotonic()):
+            self._spawn(self.observe(held.record, held.started))
+        self._count_pending()
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count_pending(self) -> None:
+        expired = self.pending.expired - self._expired_counted
+        if expired:
+            self._expired_counted = self.pending.expired
+            self.rejections["unknown_service_expired"] += expired
+            self.metrics.als_rejections.labels("unknown_service_expired").inc(expired)
+        self.metrics.als_held.set(len(self.pending))
 
     # -- learning --------------------------------------------------------------------------
 
@@ -212,6 +235,11 @@ class LazyRuntime:
         """Attribute one egress access log entry; a new dependency is committed to the store,
         then the workload's scope widens and is re-pushed to its connected nodes."""
         result = attribute(record, self, self.known_services.__contains__)
+        if not isinstance(result, Learned) and result.service is not None:
+            # A service whose config has not reached this replica yet: held, not lost.
+            self.pending.hold(result.service, record, started, self.monotonic())
+            self._count_pending()
+            return None
         if not isinstance(result, Learned):
             self.reject(result.reason)
             self._warn.warning(
@@ -302,6 +330,8 @@ class LazyRuntime:
         self._maintainer = asyncio.create_task(self._maintain())
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._maintainer is not None:
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -366,4 +396,6 @@ class LazyRuntime:
                 await self.flush()
             except StoreError as exc:
                 self._store_failed(exc)
+            self.pending.expire(self.monotonic())
+            self._count_pending()
             await self.age()
