@@ -13,6 +13,7 @@ from xdsproxy.harness.kubeapi import KubeApiStandIn
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
+from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.sim.mesh import generate
 
 pytestmark = pytest.mark.envoy
@@ -92,3 +93,82 @@ async def test_edge_learned_by_one_replica_reaches_envoy_on_the_other(tmp_path) 
             finally:
                 for proxy, _ in replicas:
                     await asyncio.to_thread(proxy.stop)
+
+
+def _pod(name: str, ip: str, workload: str = "app", account: str = "app") -> dict:
+    """A pod as a Deployment creates it: generated name, owned by a ReplicaSet."""
+    pod_hash = "7d9f5c"
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns-0",
+            "generateName": f"{workload}-{pod_hash}-",
+            "labels": {"app": workload, "pod-template-hash": pod_hash},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": f"{workload}-{pod_hash}",
+                    "controller": True,
+                    "uid": "rs",
+                }
+            ],
+        },
+        "spec": {"serviceAccountName": account},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }
+
+
+async def test_an_entry_on_the_replica_without_the_sidecar_is_learned(tmp_path) -> None:
+    """The egress's access logs land on replica one; the calling pod (app-0) is connected to
+    replica two. Replica one holds another pod of the same workload (app-1), so it knows the
+    mesh's services but not app-0's IP: only the pods watched from the API tell it."""
+    from kubernetes import client
+
+    from xdsproxy.harness.stack import running_proxy
+    from xdsproxy.istio.names import ServicePort
+
+    cluster = "outbound|8080||svc-4.ns-0.svc.cluster.local"
+    service = ServicePort("svc-4.ns-0.svc.cluster.local", 8080)
+    egress = ServicePort("lazy-egress.istio-system.svc.cluster.local", 80)
+    with KubeApiStandIn() as api:
+        api.apply_pod(_pod("app-7d9f5c-aaaaa", "127.0.0.2"))
+        api.apply_pod(_pod("app-7d9f5c-bbbbb", "127.0.0.3"))
+        api.apply_pod(_pod("other-7d9f5c-ccccc", "127.0.0.4", workload="other", account="other"))
+
+        def kube() -> client.ApiClient:
+            return client.ApiClient(client.Configuration(host=api.url))
+
+        async with running_sim(generate(40)) as sim:
+            settings = {
+                "mode": "lazy",
+                "egress": egress,
+                "store": "kubernetes://istio-system",
+                "als_listen": "127.0.0.1:0",
+                "als_allow": ("127.0.0.0/8",),
+            }
+            async with (
+                running_proxy(sim.port, kube_client=kube(), **settings) as one,
+                running_proxy(sim.port, kube_client=kube(), **settings) as two,
+                running_envoy(one.port, identity=sidecar_identity("app-1", "127.0.0.3")) as e1,
+                running_envoy(two.port, identity=sidecar_identity("app-0", "127.0.0.2")) as e0,
+            ):
+                for envoy in (e0, e1):
+                    await eventually(
+                        lambda e=envoy: "8080" in dynamic_config(e.config_dump())["routes"]
+                    )
+                assert cluster not in dynamic_config(e0.config_dump())["clusters"]
+                # A forged claim (an IP of no pod claiming app) is still rejected.
+                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.50", cluster)
+                await eventually(lambda: one.runtime.rejections["forged_source"] == 1)
+                # The other workload's pod claiming app: the claim is ignored, not learned for app.
+                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.4", cluster)
+                await eventually(lambda: one.runtime.rejections["forged_claim"] == 1)
+                app = one.runtime.scope(WorkloadKey("ns-0", "app"))
+                assert service not in app.learned
+                # app-0's request, logged by the replica app-0 is not connected to.
+                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.2", cluster)
+                await eventually(
+                    lambda: cluster in dynamic_config(e0.config_dump())["clusters"], timeout=10
+                )
+                assert service in app.learned

@@ -1,12 +1,14 @@
-"""An in-process STAND-IN for the Kubernetes API server, for the LazyScope custom resource only.
+"""An in-process STAND-IN for the Kubernetes API server, for the LazyScope custom resource and
+the cluster-wide list and watch of Pods (`/api/v1/pods`) only.
 
 No Kubernetes API server can run on these machines, so the Kubernetes store is tested against
 this. It implements what the store uses, as the real API server does it: list with a
 resourceVersion, get, create (409 AlreadyExists), replace of the object and of its status
 subresource with optimistic concurrency (409 Conflict on a stale resourceVersion), and watch
 from a resourceVersion with ADDED/MODIFIED/DELETED events, answering 410 Gone (as an ERROR
-event) once that version has been compacted away. It is not a Kubernetes API server: no
-authentication, no admission, no field selectors, one resource type.
+event) once that version has been compacted away. Pods are written by the test itself
+(`apply_pod`, `delete_pod`), as the kubelet and controllers would. It is not a Kubernetes API
+server: no authentication, no admission, no field selectors, two resource types.
 """
 
 import copy
@@ -22,13 +24,15 @@ _PATH = re.compile(
     rf"^/apis/{re.escape(GROUP)}/{VERSION}/namespaces/(?P<ns>[^/]+)/{PLURAL}"
     r"(?:/(?P<name>[^/?]+))?(?P<status>/status)?$"
 )
+_PODS_PATH = "/api/v1/pods"
 
 
 class _State:
     def __init__(self, history: int) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 1
-        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.events: list[tuple[int, str, dict[str, Any]]] = []  # LazyScopes and Pods
         self.history = history
         self.changed = threading.Condition()
         self.conflicts = 0
@@ -87,6 +91,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         match, params = self._route()
         state = self.server.state
+        if self.path.partition("?")[0] == _PODS_PATH:
+            return self._pods(params)
         if match is None:
             return self._send(404, _status(404, "NotFound", self.path))
         ns, name = match["ns"], match["name"]
@@ -111,7 +117,26 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def _watch(self, ns: str, since: int, timeout: float) -> None:
+    def _pods(self, params: dict[str, str]) -> None:
+        state = self.server.state
+        if params.get("watch") in ("true", "1"):
+            since = int(params.get("resourceVersion") or state.version)
+            return self._watch(None, since, float(params.get("timeoutSeconds") or 300))
+        with state.changed:
+            items = [copy.deepcopy(o) for _, o in sorted(state.pods.items())]
+            version = state.version
+        self._send(
+            200,
+            {
+                "apiVersion": "v1",
+                "kind": "PodList",
+                "metadata": {"resourceVersion": str(version)},
+                "items": items,
+            },
+        )
+
+    def _watch(self, ns: str | None, since: int, timeout: float) -> None:
+        """Events of one namespace's LazyScopes, or (ns None) of every Pod."""
         state = self.server.state
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -153,7 +178,10 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                 for version, kind, obj in pending:
                     since = version
-                    if obj["metadata"]["namespace"] == ns:
+                    is_pod = obj.get("kind") == "Pod"
+                    if (ns is None and is_pod) or (
+                        not is_pod and obj["metadata"]["namespace"] == ns
+                    ):
                         chunk({"type": kind, "object": obj})
             self.wfile.write(b"0\r\n\r\n")  # the server ends a watch after timeoutSeconds
         except (BrokenPipeError, ConnectionResetError):
@@ -229,6 +257,21 @@ class KubeApiStandIn(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def apply_pod(self, pod: dict[str, Any]) -> None:
+        """Create or replace a Pod, as the kubelet and controllers would."""
+        pod = copy.deepcopy(pod)
+        pod.setdefault("apiVersion", "v1")
+        pod["kind"] = "Pod"
+        key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+        with self.state.changed:
+            kind = "MODIFIED" if key in self.state.pods else "ADDED"
+            self.state.pods[key] = self.state.commit(kind, pod)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        with self.state.changed:
+            pod = self.state.pods.pop((namespace, name))
+            self.state.commit("DELETED", pod)
 
     def compact(self) -> None:
         """Forget every past event, as etcd compaction does: older watches get 410 Gone."""

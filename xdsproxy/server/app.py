@@ -6,6 +6,7 @@ import logging
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -13,6 +14,7 @@ from xdsproxy.debug.http import DebugServer, Readiness
 from xdsproxy.debug.metrics import Metrics
 from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.names import ServicePort
+from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.rules import Rules
 from xdsproxy.server.ads import AdsProxy, Limits
@@ -20,6 +22,7 @@ from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
 from xdsproxy.server.heap import HeapTrimmer
 from xdsproxy.server.lazy import LazyRuntime
+from xdsproxy.server.podwatch import PodWatch
 from xdsproxy.server.upstream import Channels, Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
 
@@ -71,6 +74,7 @@ class ServeConfig:
     usage_sample_percent: float = 0.0
     usage_flush_seconds: int = 30
     debug_listen: str = ""  # off unless set; the CLI defaults to 127.0.0.1:15014
+    kube_client: Any = None  # a kubernetes.client.ApiClient (tests); else in-cluster/kubeconfig
 
 
 class ProxyServer:
@@ -81,20 +85,27 @@ class ProxyServer:
         self.metrics = Metrics()
         self.probe = UpstreamProbe(upstream)
         self.runtime: LazyRuntime | None = None
+        self.pod_watch: PodWatch | None = None
         if config.mode == "lazy":
             if config.egress is None:
                 raise ValueError("lazy mode needs the egress service (--egress FQDN:PORT)")
+            pods = None
+            if config.store.startswith("kubernetes://"):
+                # Replicas share state: any of them may receive any sidecar's access logs.
+                pods = PodDirectory()
+                self.pod_watch = PodWatch(pods, config.kube_client)
             self.runtime = LazyRuntime(
                 config.egress,
                 config.egress_settings,
                 config.rules,
                 config.als_allow,
-                store=open_store(config.store),
+                store=open_store(config.store, config.kube_client),
                 ttl=config.ttl_seconds,
                 flush_interval=config.flush_seconds,
                 usage_sample_percent=config.usage_sample_percent,
                 usage_flush_seconds=config.usage_flush_seconds,
                 metrics=self.metrics,
+                pods=pods,
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(
@@ -138,6 +149,8 @@ class ProxyServer:
     async def _start(self) -> int:
         if self.runtime is not None:
             await self.runtime.start()  # scopes come back before anything is served
+        if self.pod_watch is not None:
+            await self.pod_watch.start()
         self._probing = asyncio.create_task(self.probe.run())
         self._trimming = asyncio.create_task(self.heap.run())
         if self.config.debug_listen:
@@ -210,6 +223,8 @@ class ProxyServer:
             await self._server.stop(self.config.shutdown_grace_seconds)
             self._server = None
         await self.channels.close()
+        if self.pod_watch is not None:
+            await self.pod_watch.stop()
         if self.runtime is not None:
             await self.runtime.stop()
         for task in (self._probing, self._trimming):

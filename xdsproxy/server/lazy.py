@@ -18,6 +18,7 @@ from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.learn.pending import PendingEntries
+from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.mesh import MeshTables
@@ -49,6 +50,7 @@ class LazyRuntime:
         flush_interval: float = 10.0,
         usage_sample_percent: float = 0.0,
         usage_flush_seconds: int = 30,
+        pods: PodDirectory | None = None,
     ) -> None:
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
@@ -58,6 +60,9 @@ class LazyRuntime:
         self.monotonic = monotonic
         self.metrics = metrics or Metrics()
         self.scopes: dict[WorkloadKey, Scope] = {}
+        # Every pod of the cluster (with the Kubernetes store), so that entries for sidecars
+        # connected to another replica are attributed here too; else connected nodes only.
+        self.pods = pods
         self.tables = MeshTables()
         self.known_services: set[ServicePort] = set()
         self.rejections: Counter[str] = Counter()  # mirrored in metrics.als_rejections
@@ -199,18 +204,22 @@ class LazyRuntime:
     # -- learning --------------------------------------------------------------------------
 
     def workloads_at(self, ip: str) -> frozenset[WorkloadKey]:
-        return frozenset(
+        connected = frozenset(
             WorkloadKey(node.namespace, node.workload)
-            for session_id, node in self._nodes.items()
+            for node in self._nodes.values()
             if ip in node.instance_ips and not is_egress(node.labels)
         )
+        return connected | self.pods.workloads_at(ip) if self.pods is not None else connected
 
     def service_accounts(self, workload: WorkloadKey) -> frozenset[str]:
-        return frozenset(
+        connected = frozenset(
             node.service_account
             for node in self._nodes.values()
             if WorkloadKey(node.namespace, node.workload) == workload
         )
+        if self.pods is None:
+            return connected
+        return connected | self.pods.service_accounts(workload)
 
     def als_role(self, ip: str) -> str | None:
         """`egress` for a connected egress node or an `--als-allow` network (its entries

@@ -47,8 +47,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """`memory://`, `sqlite:///PATH` or `kubernetes://NAMESPACE`."""
+def open_store(url: str, kube_client: object = None) -> Store:
+    """`memory://`, `sqlite:///PATH` or `kubernetes://NAMESPACE` (with `kube_client`, an
+    ApiClient, when given; else in-cluster or kubeconfig)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(
@@ -69,5 +70,5 @@ def open_store(url: str) -> Store:
             raise ValueError(f"store URL {url!r}: kubernetes needs a namespace")
         from xdsproxy.store.kubernetes import KubernetesStore
 
-        return KubernetesStore(rest)
+        return KubernetesStore(rest, kube_client)
     raise ValueError(f"store URL {url!r}: unknown scheme {scheme!r}")

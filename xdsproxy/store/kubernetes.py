@@ -34,6 +34,15 @@ GROUP, VERSION, PLURAL, KIND = "xdsproxy.io", "v1alpha1", "lazyscopes", "LazySco
 _RETRIES = 20
 
 
+def api_client() -> client.ApiClient:
+    """The pod's service account in a cluster, else the kubeconfig (KUBECONFIG or ~/.kube)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
 def resource_name(workload: WorkloadKey) -> str:
     """`ns.workload`: both are DNS labels, so the join is a valid object name."""
     return f"{workload.namespace}.{workload.workload}"
@@ -98,11 +107,7 @@ class KubernetesStore:
     def _custom(self) -> client.CustomObjectsApi:
         if self._api is None:
             if self._client is None:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
-                self._client = client.ApiClient()
+                self._client = api_client()
             self._api = client.CustomObjectsApi(self._client)
         return self._api
 
