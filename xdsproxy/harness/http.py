@@ -94,3 +94,60 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class EchoServer:
+    """A TCP server on loopback that echoes what it reads: a stand-in for a TCP service
+    (database, cache) behind a tcp_proxy listener."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_server((host, 0))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def __enter__(self) -> "EchoServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def connect_via_sidecar(
+    sidecar_port: int, original_dst: tuple[str, int], source: str = "127.0.0.1"
+) -> socket.socket:
+    """A TCP connection through a sidecar's virtualOutbound, as if the app dialled
+    `original_dst` (see the module doc)."""
+    conn = socket.create_connection(("127.0.0.1", sidecar_port), timeout=10)
+    proxy_line = f"PROXY TCP4 {source} {original_dst[0]} 40000 {original_dst[1]}\r\n"
+    conn.sendall(proxy_line.encode())
+    return conn
+
+
+def echoes(conn: socket.socket, payload: bytes = b"ping\n") -> bool:
+    """The connection is open end to end: what is sent comes back."""
+    try:
+        conn.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            received += chunk
+        return received == payload
+    except OSError:
+        return False

@@ -10,6 +10,11 @@ The exception: when that difference is empty and Envoy has accepted what it hold
 outside a scoped sidecar's view, or Istiod resending unchanged resources on a full push),
 xdsproxy ACKs the upstream response itself and sends Envoy nothing. Envoy's pushed response then
 stands for it (`covering_nonce`), as a local response would.
+
+As in SotW, nothing is pushed from inputs that have not arrived on this stream: a type whose
+selection depends on a type Envoy requested here and the upstream has not answered yet waits,
+and its newest upstream response is relayed (with Istiod's nonce) once they have. Otherwise a
+reconnect, where Istiod sends CDS before LDS, would remove the clusters Envoy's listeners use.
 """
 
 import itertools
@@ -42,6 +47,8 @@ from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
 M = TypeVar("M", FrozenMap, UpstreamMap)
 
 WILDCARD = "*"
+# `deferred_nonce` of a locally served type whose first answer waits for its inputs
+_LOCAL_DUE = "local"
 
 
 @dataclass(slots=True)
@@ -50,6 +57,10 @@ class _TypeState:
     every change, never mutated."""
 
     started: bool = False
+    received: bool = False  # the upstream answered this type on this stream
+    # The upstream response held back until the selection's inputs arrive (module doc)
+    deferred_nonce: str = ""
+    deferred_control_plane: bytes = b""
     wildcard: bool = False
     subscribed: frozenset[str] = EMPTY_SET
     # What the upstream last sent
@@ -130,7 +141,10 @@ class DeltaStream:
             events += self._record_answer(request, state)
         if type_url in self.view.local_types:
             if first or request.resource_names_subscribe:
-                events += self._push(type_url, state, upstream_nonce=None)
+                if self._awaiting_inputs(type_url):
+                    state.deferred_nonce = _LOCAL_DUE
+                else:
+                    events += self._push(type_url, state, upstream_nonce=None)
             return events
         if not nonce or not answered_here(nonce, state.covering_nonce):
             events.append(SendUpstream(data))
@@ -208,6 +222,7 @@ class DeltaStream:
             ),
         )
         state.system_version = response.system_version
+        state.received = True
         status = state.status
         status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
         status.upstream_resources = len(upstream)
@@ -224,6 +239,11 @@ class DeltaStream:
             return [SendDownstream(data, type_url, len(response.names), relayed=True)]
         # Dependents first: clusters a new listener needs must reach Envoy before it.
         events = self.refresh(self._dependents(type_url))
+        if self._awaiting_inputs(type_url):
+            state.deferred_nonce = response.nonce
+            state.deferred_control_plane = response.control_plane
+            return events
+        state.deferred_nonce = ""
         events += self._push(
             type_url, state, upstream_nonce=response.nonce, control_plane=response.control_plane
         )
@@ -234,13 +254,33 @@ class DeltaStream:
     def _dependents(self, type_url: str) -> frozenset[str]:
         return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
 
+    def _awaiting_inputs(self, type_url: str) -> bool:
+        """An input of the type's selection was requested on this stream and not yet answered:
+        a selection now could drop what that input will keep."""
+        for dependency in self.view.depends_on(type_url):
+            state = self._types.get(dependency)
+            if state is not None and state.started and not state.received:
+                return True
+        return False
+
     def refresh(self, type_urls: frozenset[str] | None = None) -> list[Event]:
-        """Recompute types (all started ones by default) and push what Envoy lacks."""
+        """Recompute types (all started ones by default) and push what Envoy lacks; a type
+        held back for its inputs is pushed once they are all here."""
         events: list[Event] = []
         for type_url in push_order(set(self._types if type_urls is None else type_urls)):
             state = self._types[type_url]
-            if state.started and (state.upstream or type_url in self.view.local_types):
-                events += self._push(type_url, state, upstream_nonce=None, skip_empty=True)
+            if not state.started or self._awaiting_inputs(type_url):
+                continue
+            deferred, state.deferred_nonce = state.deferred_nonce, ""
+            if deferred and deferred != _LOCAL_DUE:
+                events += self._push(
+                    type_url,
+                    state,
+                    upstream_nonce=deferred,
+                    control_plane=state.deferred_control_plane,
+                )
+            elif deferred or state.upstream or type_url in self.view.local_types:
+                events += self._push(type_url, state, upstream_nonce=None, skip_empty=not deferred)
         return events
 
     def _push(

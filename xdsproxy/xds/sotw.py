@@ -12,6 +12,13 @@ sidecar's view) is not sent to Envoy when Envoy has accepted what it holds: xdsp
 Istiod itself, so such a change costs Envoy nothing and xdsproxy no encode or write. Envoy's
 pushed response then stands for the upstream's newest one (`covering_nonce`), and Envoy's later
 answers to it are treated like answers to a local response.
+
+A selection computed before its inputs have arrived on this stream is never pushed: after a
+reconnect Istiod sends CDS before LDS, and a sidecar's clusters depend on its listeners (TCP
+services), so pushing then would remove clusters Envoy holds and add them back a moment later,
+draining their connections. A type whose inputs Envoy has requested here but the upstream has
+not answered yet is `deferred`; once they arrive, its newest upstream response is relayed
+with Istiod's nonce, so Envoy's answer still reaches Istiod (docs/protocol.md, "inputs").
 """
 
 import itertools
@@ -52,6 +59,8 @@ class _TypeState:
     pushed: Selection | None = None
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
     covering_nonce: str = ""
+    # A response is due once the inputs of the type's selection have arrived (module doc)
+    deferred: bool = False
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -184,6 +193,10 @@ class SotwStream:
         else:
             # Dependents first: clusters a new listener needs must reach Envoy before it.
             events = self._refresh(self._dependents(type_url))
+            if self._awaiting_inputs(type_url):
+                state.deferred = True
+                return events
+            state.deferred = False
             selection = self.view.select(type_url, self._upstream)
             if self._holds_accepted(state, selection):
                 state.covering_nonce = status.pushed_nonce
@@ -220,6 +233,13 @@ class SotwStream:
     def _dependents(self, type_url: str) -> frozenset[str]:
         return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
 
+    def _awaiting_inputs(self, type_url: str) -> bool:
+        """An input of the type's selection was requested on this stream and not yet answered:
+        a selection now could drop what that input will keep."""
+        return any(
+            t in self._types and t not in self._upstream for t in self.view.depends_on(type_url)
+        )
+
     def refresh(self) -> list[Event]:
         """Recompute every pushed type (after the scope changed); push what differs."""
         return self._refresh(frozenset(self._types))
@@ -232,18 +252,30 @@ class SotwStream:
 
     def _push_local(self, type_url: str, force: bool) -> list[Event]:
         state = self._types.get(type_url)
-        if state is None or (state.pushed is None and not force):
+        if state is None:
             return []
-        if type_url not in self.view.local_types and type_url not in self._upstream:
+        due = force or state.deferred
+        if state.pushed is None and not due:
             return []
+        local = type_url in self.view.local_types
+        if not local and type_url not in self._upstream:
+            return []
+        if self._awaiting_inputs(type_url):
+            state.deferred = due
+            return []
+        relay, state.deferred = state.deferred and not local, False
         selection = self.view.select(type_url, self._upstream)
-        if not force and selection == state.pushed:
+        if not due and selection == state.pushed:
             return []
-        nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
-        version = f"{state.status.upstream_version or 'local'}+{nonce}"
+        status = state.status
+        if relay:  # the upstream response held back for its inputs: Istiod's nonce
+            nonce, version = status.upstream_nonce, status.upstream_version
+        else:
+            nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
+            version = f"{status.upstream_version or 'local'}+{nonce}"
         payload = encode_sotw_response(version, type_url, nonce, selection[1])
         self._pushed(state, selection, version, nonce, len(payload))
-        return [SendDownstream(payload, type_url, len(selection[1]), relayed=False)]
+        return [SendDownstream(payload, type_url, len(selection[1]), relayed=relay)]
 
     @staticmethod
     def _pushed(
