@@ -1,0 +1,87 @@
+"""No push from inputs that have not arrived (docs/protocol.md, "inputs"), on the pure SotW and
+Delta state machines: after a reconnect Istiod answers CDS before LDS, and a scoped view's
+clusters depend on its listeners. Driven with bytes, asserting events."""
+
+from tests.xds_messages import (
+    KeepPrefix,
+    delta_request,
+    delta_response,
+    sotw_request,
+    sotw_response,
+)
+from xdsproxy.wire import lean, typeurls
+from xdsproxy.wire.codec import decode_delta_response
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.events import SendDownstream, SendUpstream
+from xdsproxy.xds.sotw import SotwStream
+
+CDS, LDS = typeurls.CLUSTER, typeurls.LISTENER
+
+
+def _view() -> KeepPrefix:
+    """In-scope clusters start with `svc-`; a listener `needs:db` keeps cluster `db`."""
+    return KeepPrefix("svc-", cds_follows_lds=True)
+
+
+def _sotw_names(event: SendDownstream) -> list[str]:
+    return [entry.value.name for entry in lean.SotwNames.FromString(event.payload).resources]
+
+
+def test_sotw_cds_waits_for_the_requested_lds_then_relays_istiods_nonce() -> None:
+    stream = SotwStream(_view())
+    # Envoy reconnects: it re-requests CDS and LDS at once, with the versions it holds.
+    stream.receive_downstream(sotw_request(CDS, version="v1", with_node=True))
+    stream.receive_downstream(sotw_request(LDS, version="v1"))
+    # Istiod answers CDS first: the clusters the listeners keep are not known yet.
+    assert stream.receive_upstream(sotw_response(["svc-a", "db"], "v2", "up-c")) == []
+    events = stream.receive_upstream(sotw_response(["needs:db"], "v2", "up-l", LDS))
+    cds, lds = events
+    assert isinstance(cds, SendDownstream) and cds.type_url == CDS and cds.relayed
+    assert _sotw_names(cds) == ["svc-a", "db"]  # nothing Envoy holds was dropped
+    assert lean.SotwResponse.FromString(cds.payload).nonce == "up-c"
+    assert isinstance(lds, SendDownstream) and lds.type_url == LDS
+    # Envoy's ACK of the held-back CDS is Istiod's to hear.
+    ack = sotw_request(CDS, version="v2", nonce="up-c")
+    assert stream.receive_downstream(ack) == [SendUpstream(ack)]
+
+
+def test_sotw_cds_is_answered_at_once_when_no_input_was_requested() -> None:
+    """A fresh Envoy asks LDS only after CDS is answered: waiting would never end."""
+    stream = SotwStream(_view())
+    stream.receive_downstream(sotw_request(CDS, with_node=True))
+    [cds] = stream.receive_upstream(sotw_response(["svc-a", "db"], "v1", "up-c"))
+    assert _sotw_names(cds) == ["svc-a"]
+
+
+def test_sotw_a_local_push_waits_for_inputs_too() -> None:
+    view = _view()
+    stream = SotwStream(view)
+    stream.receive_downstream(sotw_request(CDS, version="v1", with_node=True))
+    stream.receive_downstream(sotw_request(LDS, version="v1"))
+    stream.receive_upstream(sotw_response(["svc-a", "db", "x-1"], "v2", "up-c"))
+    view.prefixes.append("x-")  # a learn, before LDS arrived
+    assert stream.refresh() == []
+    [cds, _] = stream.receive_upstream(sotw_response(["needs:db"], "v2", "up-l", LDS))
+    assert _sotw_names(cds) == ["svc-a", "db", "x-1"]
+
+
+def test_delta_cds_waits_for_lds_and_removes_nothing_envoy_keeps() -> None:
+    stream = DeltaStream(_view())
+    held = {"svc-a": "1", "db": "1"}
+    stream.receive_downstream(delta_request(CDS, initial=held, with_node=True))
+    stream.receive_downstream(delta_request(LDS, initial={"needs:db": "1"}))
+    assert stream.receive_upstream(delta_response(["svc-a", "db"], "up-c")) == []
+    cds, lds = stream.receive_upstream(delta_response(["needs:db"], "up-l", type_url=LDS))
+    response = decode_delta_response(cds.payload)
+    assert cds.relayed and response.nonce == "up-c"
+    assert not response.removed and sorted(response.names) == ["db", "svc-a"]
+    assert lds.type_url == LDS
+
+
+def test_delta_before_the_fix_would_have_removed_the_tcp_cluster() -> None:
+    """The control: with no LDS requested, the same CDS removes `db` (it is not kept by any
+    listener), so the test above is what the inputs rule changes."""
+    stream = DeltaStream(_view())
+    stream.receive_downstream(delta_request(CDS, initial={"svc-a": "1", "db": "1"}, with_node=True))
+    [cds] = stream.receive_upstream(delta_response(["svc-a", "db"], "up-c"))
+    assert list(decode_delta_response(cds.payload).removed) == ["db"]
