@@ -80,7 +80,8 @@ def test_shared_ip_without_a_matching_claim_is_ambiguous() -> None:
 
 def test_destinations() -> None:
     unknown = record(upstream_cluster="outbound|8080||nope.ns.svc.cluster.local")
-    assert attribute(unknown, DIRECTORY, KNOWN) == Rejected("unknown_service")
+    nope = ServicePort("nope.ns.svc.cluster.local", 8080)
+    assert attribute(unknown, DIRECTORY, KNOWN) == Rejected("unknown_service", nope)
     passthrough = record(upstream_cluster="xdsproxy-original-dst", authority="example.com")
     assert attribute(passthrough, DIRECTORY, KNOWN) == Rejected("not_a_mesh_service")
     by_authority = record(upstream_cluster="", authority=f"{A.host}:8080", original_port="8080")
