@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.test_restart import _access_log
+from xdsproxy.harness.als import send_access_log
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
@@ -66,7 +66,7 @@ async def test_an_entry_that_arrives_before_the_services_cds_is_learned_when_it_
                 cluster = f"outbound|8080||{late.fqdn}"
                 # The egress already routed app's request to `late`; this replica has not
                 # received late's CDS yet.
-                await asyncio.to_thread(_access_log, proxy.als_port, "127.0.0.2", cluster)
+                await asyncio.to_thread(send_access_log, proxy.als_port, "127.0.0.2", cluster)
                 await eventually(lambda: len(runtime.pending) == 1, timeout=10)
                 assert runtime.learns == 0
                 late = Service(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_restart import _access_log
+from xdsproxy.harness.als import send_access_log
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import free_port
 from xdsproxy.harness.kubeapi import KubeApiStandIn
@@ -84,7 +84,7 @@ async def test_edge_learned_by_one_replica_reaches_envoy_on_the_other(tmp_path) 
                         )
                     assert cluster not in dynamic_config(envoy_two.config_dump())["clusters"]
                     # The egress of replica one saw app-1 reach svc-4.
-                    await asyncio.to_thread(_access_log, first_als, "127.0.0.3", cluster)
+                    await asyncio.to_thread(send_access_log, first_als, "127.0.0.3", cluster)
                     await eventually(
                         lambda: cluster in dynamic_config(envoy_two.config_dump())["clusters"],
                         timeout=10,
@@ -159,15 +159,15 @@ async def test_an_entry_on_the_replica_without_the_sidecar_is_learned(tmp_path) 
                     )
                 assert cluster not in dynamic_config(e0.config_dump())["clusters"]
                 # A forged claim (an IP of no pod claiming app) is still rejected.
-                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.50", cluster)
+                await asyncio.to_thread(send_access_log, one.als_port, "127.0.0.50", cluster)
                 await eventually(lambda: one.runtime.rejections["forged_source"] == 1)
                 # The other workload's pod claiming app: the claim is ignored, not learned for app.
-                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.4", cluster)
+                await asyncio.to_thread(send_access_log, one.als_port, "127.0.0.4", cluster)
                 await eventually(lambda: one.runtime.rejections["forged_claim"] == 1)
                 app = one.runtime.scope(WorkloadKey("ns-0", "app"))
                 assert service not in app.learned
                 # app-0's request, logged by the replica app-0 is not connected to.
-                await asyncio.to_thread(_access_log, one.als_port, "127.0.0.2", cluster)
+                await asyncio.to_thread(send_access_log, one.als_port, "127.0.0.2", cluster)
                 await eventually(
                     lambda: cluster in dynamic_config(e0.config_dump())["clusters"], timeout=10
                 )

@@ -6,35 +6,19 @@ import threading
 import time
 import urllib.parse
 
-import grpc
 import pytest
-from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
+from xdsproxy.harness.als import send_access_log
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import free_port
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
-from xdsproxy.scope.egress import METADATA_NAMESPACE
 from xdsproxy.sim.mesh import generate
 
 pytestmark = pytest.mark.envoy
 
 LEARNED = "svc-4.ns-0.svc.cluster.local"
-
-
-def _access_log(port: int, ip: str, cluster: str) -> None:
-    message = StreamAccessLogsMessage()
-    common = message.http_logs.log_entry.add().common_properties
-    common.downstream_direct_remote_address.socket_address.address = ip
-    common.upstream_cluster = cluster
-    common.start_time.GetCurrentTime()
-    common.metadata.filter_metadata[METADATA_NAMESPACE].update(
-        {"x-xdsproxy-source-namespace": "ns-0", "x-xdsproxy-source-workload": "app"}
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        send = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs")
-        send(iter([message.SerializeToString()]), timeout=10)
 
 
 class Sampler(threading.Thread):
@@ -90,7 +74,7 @@ async def test_sigkill_and_restart_keep_the_learned_cluster(delta: bool, tmp_pat
             async with running_envoy(proxy.port, delta, identity) as envoy:
                 await eventually(lambda: "8080" in dynamic_config(envoy.config_dump())["routes"])
                 assert cluster not in dynamic_config(envoy.config_dump())["clusters"]
-                await asyncio.to_thread(_access_log, als_port, "127.0.0.2", cluster)
+                await asyncio.to_thread(send_access_log, als_port, "127.0.0.2", cluster)
                 await eventually(lambda: cluster in dynamic_config(envoy.config_dump())["clusters"])
                 updates = envoy.stat("cluster_manager.cds.update_success")
 
