@@ -130,6 +130,10 @@ class LazyRuntime:
             istio = parse_node(node)
         except NodeIdError:
             return PASS_THROUGH  # Istiod judges it; nothing to scope by
+        if istio.proxy_type != "sidecar":
+            # A gateway (`router~`) routes what its Gateway and VirtualServices bind, not what
+            # a workload calls: scoping it would replace its vhosts, and nothing would learn.
+            return PASS_THROUGH
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)
         key = WorkloadKey(istio.namespace, istio.workload)

@@ -91,13 +91,12 @@ def _check_sqlite(url: str, path: Path) -> None:
 def _check_kubernetes(url: str) -> None:
     from kubernetes import config
 
+    from xdsproxy.store.kubernetes import api_client
+
     try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, OSError) as exc:
-            raise ConfigError(
-                f"--store {url}: no Kubernetes client configuration ({exc}); run in a pod "
-                "with a service account, or set KUBECONFIG"
-            ) from None
+        api_client().close()
+    except (config.ConfigException, OSError) as exc:
+        raise ConfigError(
+            f"--store {url}: no Kubernetes client configuration ({exc}); run in a pod "
+            "with a service account, or set KUBECONFIG"
+        ) from None

@@ -219,7 +219,7 @@ class SotwConnection(_Connection):
         available = self.snapshot.resources(type_url, self.node)
         if only:
             names = tuple(name for name in only if name in available)
-        elif type_url in typeurls.WILDCARD_TYPES and not watch.names:
+        elif typeurls.is_wildcard_type(type_url) and not watch.names:
             names = tuple(available)
         else:
             names = tuple(name for name in watch.names if name in available)
@@ -243,7 +243,7 @@ class DeltaConnection(_Connection):
             watch = self.watches[type_url] = _Watch()
             subscribe = set(request.resource_names_subscribe)
             watch.wildcard = "*" in subscribe or (
-                not subscribe and type_url in typeurls.WILDCARD_TYPES
+                not subscribe and typeurls.is_wildcard_type(type_url)
             )
             watch.subscribed = subscribe - {"*"}
             # The client says what it already holds; Istiod resends everything anyway and

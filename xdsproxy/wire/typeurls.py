@@ -19,8 +19,15 @@ NAMED_TYPES: Final = frozenset(
     {CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, EXTENSION_CONFIG}
 )
 
-# Envoy treats an empty SotW request for these as a wildcard subscription.
-WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
+# Types whose empty first request subscribes to nothing, by the xDS spec. Every other type,
+# Istio's own (NDS, ProxyConfig, ...) included, takes an empty first request as a wildcard
+# subscription: Istiod's rule (pilot/pkg/xds, IsWildcardTypeURL), which its agent relies on
+# when it asks NDS and PCDS with empty requests.
+NOT_WILDCARD_TYPES: Final = frozenset({SECRET, ENDPOINT, ROUTE, EXTENSION_CONFIG})
+
+
+def is_wildcard_type(type_url: str) -> bool:
+    return type_url not in NOT_WILDCARD_TYPES
 
 # Istiod's push order, which keeps Envoy from warming against missing dependencies.
 PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)

@@ -31,7 +31,7 @@ from xdsproxy.wire.codec import (
     encode_delta_resource,
     encode_delta_response,
 )
-from xdsproxy.wire.typeurls import WILDCARD_TYPES, push_order
+from xdsproxy.wire.typeurls import is_wildcard_type, push_order
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -67,6 +67,8 @@ class _TypeState:
     upstream: UpstreamMap = field(default_factory=lambda: EMPTY_UPSTREAM)
     # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
     held: FrozenMap[bytes | None] = field(default_factory=lambda: EMPTY_MAP)
+    # Names Envoy holds that the upstream removed, until the removal is passed on
+    gone: frozenset[str] = EMPTY_SET
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
     covering_nonce: str = ""
@@ -169,7 +171,7 @@ class DeltaStream:
         if not state.started:
             state.started = True
             # An empty first request subscribes to everything for wildcard-capable types.
-            state.wildcard = not subscribe and request.type_url in WILDCARD_TYPES
+            state.wildcard = not subscribe and is_wildcard_type(request.type_url)
             initial = frozenset(request.initial_resource_versions)
             if initial:
                 state.held = SHARED.apply(
@@ -223,6 +225,10 @@ class DeltaStream:
         )
         state.system_version = response.system_version
         state.received = True
+        if response.removed and not self.view.transparent:
+            gone = frozenset(n for n in response.removed if n in state.held)
+            if gone:
+                state.gone = state.gone | gone
         status = state.status
         status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
         status.upstream_resources = len(upstream)
@@ -309,9 +315,19 @@ class DeltaStream:
             else:
                 bodies.append(encode_delta_resource(name, any_))
         kept = {n for n, _ in pairs}
-        removed = [name for name in held if name not in kept]
+        if type_url in self.view.local_types:
+            removed = [name for name in held if name not in kept]
+        else:
+            # Only what the view narrowed away or the upstream removed: a name Envoy held from
+            # before a reconnect that the upstream has not mentioned yet is the upstream's to
+            # keep or remove (Istiod never removes ECDS, whose removal while a listener still
+            # references it causes 5xx, envoyproxy/envoy#32823).
+            upstream, gone = state.upstream, state.gone
+            removed = [n for n in held if n not in kept and (n in upstream or n in gone)]
+            state.gone = EMPTY_SET
         if bodies or removed:
-            state.held = FrozenMap(pairs)
+            unmentioned = [(n, a) for n, a in held.items() if n not in kept and n not in removed]
+            state.held = FrozenMap(pairs + unmentioned)
         if not bodies and not removed:
             if skip_empty:
                 return []
