@@ -49,6 +49,8 @@ M = TypeVar("M", FrozenMap, UpstreamMap)
 WILDCARD = "*"
 # `deferred_nonce` of a locally served type whose first answer waits for its inputs
 _LOCAL_DUE = "local"
+# Responses per type whose content is remembered until Envoy answers them (a NACK undoes one)
+_SENT_KEPT = 8
 
 
 @dataclass(slots=True)
@@ -69,6 +71,8 @@ class _TypeState:
     held: FrozenMap[bytes | None] = field(default_factory=lambda: EMPTY_MAP)
     # Names Envoy holds that the upstream removed, until the removal is passed on
     gone: frozenset[str] = EMPTY_SET
+    # nonce -> (names sent, names removed) of the last few responses: a NACK undoes them
+    sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
     covering_nonce: str = ""
@@ -160,8 +164,16 @@ class DeltaStream:
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
         nacked = record_answer(request, state.status, state.status.pushed_version)
+        sent = state.sent.pop(request.response_nonce, None)
         if nacked is None:
             return []
+        if sent is not None:
+            # Envoy applied none of it: what it held of those names is no longer known, so
+            # the next push offers them again and nothing is ACKed here on Envoy's behalf.
+            names, removed = sent
+            held = state.held
+            state.held = _updated(held, names + removed, [None] * (len(names) + len(removed)), ())
+            state.gone = state.gone | frozenset(removed)  # to be removed again if still due
         self.local_nacks += not nacked.relayed
         return [nacked]
 
@@ -306,9 +318,11 @@ class DeltaStream:
             pairs = list(zip(names, anys, strict=True))
         held = state.held
         bodies: list[bytes] = []
+        sent: list[str] = []
         for name, any_ in pairs:
             if held.get(name, b"") == any_ and name in held:
                 continue
+            sent.append(name)
             original = state.upstream.get(name)
             if original is not None and original[1] == any_:
                 bodies.append(original[0])
@@ -338,6 +352,9 @@ class DeltaStream:
         nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
         version = state.system_version if upstream_nonce else f"{state.system_version}+{nonce}"
         payload = encode_delta_response(version, type_url, nonce, bodies, removed, control_plane)
+        state.sent[nonce] = (tuple(sent), tuple(removed))
+        while len(state.sent) > _SENT_KEPT:
+            del state.sent[next(iter(state.sent))]
         self._pushed(state, version, nonce, len(payload))
         return [SendDownstream(payload, type_url, len(bodies), relayed=upstream_nonce is not None)]
 

@@ -35,6 +35,7 @@ from xdsproxy.wire.typeurls import push_order
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
+    Nacked,
     SendDownstream,
     SendUpstream,
     UpstreamProtocolError,
@@ -62,6 +63,13 @@ class _TypeState:
     # A response is due once the inputs of the type's selection have arrived (module doc)
     deferred: bool = False
     status: TypeStatus = field(default_factory=TypeStatus)
+
+
+def _superseded_nack(request: DiscoveryRequest | lean.SotwRequestHead) -> list[Event]:
+    if not request.HasField("error_detail"):
+        return []
+    message = request.error_detail.message
+    return [Nacked(request.type_url, request.response_nonce, message, relayed=True)]
 
 
 class SotwStream:
@@ -145,6 +153,13 @@ class SotwStream:
             state.requested_upstream = names
             return [SendUpstream(data)]
         if nonce != status.pushed_nonce:
+            if nonce == status.upstream_nonce and not answered_here(nonce, state.covering_nonce):
+                # Envoy's answer to Istiod's newest response, which a local push superseded
+                # before Envoy answered: still Istiod's to hear (an ACK, or a NACK of its
+                # config), or its watch stays un-ACKed.
+                state.requested_upstream = names
+                nacked = _superseded_nack(request)
+                return [*nacked, SendUpstream(data)]
             return []
         events = self._record_answer(request)
         if not answered_here(nonce, state.covering_nonce):
