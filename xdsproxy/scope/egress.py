@@ -40,8 +40,10 @@ from xdsproxy.scope.routes import (
     ORIGINAL_DST,
     ORIGINAL_DST_CLUSTER,
     ORIGINAL_PORT,
+    PASSTHROUGH,
     SOURCE_NAMESPACE,
     egress_table,
+    parse_table,
 )
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.view import Selection, UpstreamView
@@ -222,11 +224,17 @@ class EgressView:
             parsed = outbound_cluster(cluster)
             if parsed and (namespace := service_namespace(parsed[0].host)):
                 namespaces.add(namespace)
+        held = frozenset(upstream.get(typeurls.CLUSTER, ((), ()))[0]) | {PASSTHROUGH}
         names: list[str] = []
         bodies: list[bytes] = []
         for namespace in sorted(namespaces):
             for port in sorted(own):
-                table = self.tables.table(namespace, port) or own[port]
+                table = self.tables.table(namespace, port)
+                if table is None or not parse_table(table).referenced <= held:
+                    # A caller's table can name a service whose CDS has not reached the egress
+                    # yet: routing to it would 503. The egress's own table is consistent with
+                    # its own CDS (Istiod pushes CDS first on each stream).
+                    table = own[port]
                 names.append(f"{namespace}/{port}")
                 bodies.append(scoped_route(table, namespace, port))
         return tuple(names), tuple(bodies)

@@ -53,6 +53,7 @@ class ParsedTable:
     services: tuple[ServicePort | None, ...]  # per vhost; None when not a service vhost
     clusters: tuple[frozenset[str], ...]  # per vhost
     targets: tuple[frozenset[ServicePort], ...]  # per vhost: the services its clusters serve
+    referenced: frozenset[str]  # every cluster the table can send to
     catch_all: tuple[bool, ...]  # per vhost
 
 
@@ -80,6 +81,7 @@ def parse_table(any_bytes: bytes) -> ParsedTable:
             frozenset(parsed[0] for c in names if (parsed := outbound_cluster(c)))
             for names in clusters
         ),
+        referenced=frozenset().union(*clusters),
         catch_all=tuple(
             _is_catch_all(v, service) for v, service in zip(vhosts, services, strict=True)
         ),

@@ -1,0 +1,104 @@
+"""The lazy egress's scoped routes (served by xdsproxy itself), on the pure view and the pure
+SotW and Delta machines: never answered from inputs that have not arrived (an egress reconnect
+must not remove its scopes), and never routing to a cluster the egress does not hold yet."""
+
+import pytest
+from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
+from google.protobuf.any_pb2 import Any
+
+from tests.test_sim_istiod import _istio_node
+from tests.xds_messages import delta_request, sotw_request
+from xdsproxy.scope.egress import EgressSettings, EgressView
+from xdsproxy.scope.mesh import MeshTables
+from xdsproxy.sim.istiod import Snapshot
+from xdsproxy.sim.mesh import Endpoint, Port, Service, generate
+from xdsproxy.wire import lean, typeurls
+from xdsproxy.wire.codec import (
+    decode_delta_response,
+    encode_delta_resource,
+    encode_delta_response,
+    encode_sotw_response,
+)
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.events import SendDownstream
+from xdsproxy.xds.sotw import SotwStream
+
+CDS, RDS, SRDS = typeurls.CLUSTER, typeurls.ROUTE, typeurls.SCOPED_ROUTE
+MESH = generate(20, tcp_every=0)
+NODE = _istio_node("istio-system")
+
+
+def _upstream(mesh=MESH) -> dict:
+    snapshot = Snapshot(mesh, "v", None)
+    return {t: tuple(zip(*snapshot.resources(t, NODE).items(), strict=True)) for t in (CDS, RDS)}
+
+
+def _scope_clusters(body: bytes) -> set[str]:
+    scope = ScopedRouteConfiguration()
+    Any.FromString(body).Unpack(scope)
+    return {
+        route.route.cluster
+        for vhost in scope.route_configuration.virtual_hosts
+        for route in vhost.routes
+        if route.route.cluster
+    }
+
+
+def test_a_callers_table_naming_a_cluster_the_egress_lacks_is_not_used() -> None:
+    late = Service(
+        "late", "ns-0", (Port(8080, "HTTP"),), "10.97.0.9", endpoints=(Endpoint("10.1.1.1", 8080),)
+    )
+    ahead = generate(20, tcp_every=0)
+    ahead.add(late)
+    tables = MeshTables()
+    # A sidecar of ns-0 already received late's route; the egress has not received its CDS.
+    tables.record("ns-0", _upstream(ahead)[RDS])
+    view = EgressView(EgressSettings(), tables)
+    cluster = f"outbound|8080||{late.fqdn}"
+    names, bodies = view.select(SRDS, _upstream())
+    scope = dict(zip(names, bodies, strict=True))["ns-0/8080"]
+    assert cluster not in _scope_clusters(scope)
+    # Once the egress holds the cluster, the caller's own table is used.
+    names, bodies = view.select(SRDS, _upstream(ahead))
+    assert cluster in _scope_clusters(dict(zip(names, bodies, strict=True))["ns-0/8080"])
+
+
+def _sotw_response(type_url: str, selection, nonce: str) -> bytes:
+    return encode_sotw_response("v1", type_url, nonce, list(selection[1]))
+
+
+def _delta_response(type_url: str, selection, nonce: str) -> bytes:
+    bodies = [encode_delta_resource(n, b) for n, b in zip(*selection, strict=True)]
+    return encode_delta_response("v1", type_url, nonce, bodies)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_an_egress_reconnect_keeps_every_scope(delta: bool) -> None:
+    upstream = _upstream()
+    tables = MeshTables()
+    view = EgressView(EgressSettings(), tables)
+    expected = view.select(SRDS, upstream)[0]
+    assert len(expected) > 3
+    if delta:
+        stream = DeltaStream(view)
+        held = dict.fromkeys(expected, "1")
+        stream.receive_downstream(delta_request(CDS, initial={"x": "1"}, with_node=True))
+        # The egress listener's scopes, re-requested with what Envoy holds.
+        assert stream.receive_downstream(delta_request(SRDS, initial=held)) == []
+        stream.receive_downstream(delta_request(RDS, subscribe=upstream[RDS][0]))
+        assert stream.receive_upstream(_delta_response(CDS, upstream[CDS], "u-c"))[1:] == []
+        events = stream.receive_upstream(_delta_response(RDS, upstream[RDS], "u-r"))
+        [srds] = [e for e in events if e.type_url == SRDS]
+        response = decode_delta_response(srds.payload)
+        assert not response.removed and set(response.names) == set(expected)
+    else:
+        stream = SotwStream(view)
+        stream.receive_downstream(sotw_request(CDS, version="v0", with_node=True))
+        assert stream.receive_downstream(sotw_request(SRDS, version="v0")) == []
+        stream.receive_downstream(sotw_request(RDS, upstream[RDS][0], version="v0"))
+        events = stream.receive_upstream(_sotw_response(CDS, upstream[CDS], "u-c"))
+        assert not [e for e in events if e.type_url == SRDS]
+        events = stream.receive_upstream(_sotw_response(RDS, upstream[RDS], "u-r"))
+        [srds] = [e for e in events if isinstance(e, SendDownstream) and e.type_url == SRDS]
+        names = [r.value.name for r in lean.SotwNames.FromString(srds.payload).resources]
+        assert len(names) == len(expected)
