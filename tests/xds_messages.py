@@ -98,8 +98,10 @@ class KeepPrefix:
         *prefixes: str,
         cds_follows_lds: bool = False,
         local: dict[str, list[tuple[str, bytes]]] | None = None,
+        narrows: frozenset[str] | None = None,
     ) -> None:
         self.prefixes = list(prefixes)
+        self.narrows = narrows  # the types it filters (None: every type)
         self.cds_follows_lds = cds_follows_lds
         self.local_resources = local or {}
         self.local_types = frozenset(self.local_resources)
@@ -109,11 +111,19 @@ class KeepPrefix:
             return frozenset({typeurls.LISTENER})
         return frozenset()
 
+    def references(self, type_url, selection):
+        """A listener `needs:<cluster>` names that cluster; `route:<cluster>` tables too."""
+        if type_url not in (typeurls.LISTENER, typeurls.ROUTE):
+            return frozenset()
+        return frozenset(n.split(":", 1)[1] for n in selection[0] if ":" in n)
+
     def select(self, type_url, upstream):
         if type_url in self.local_types:
             entries = self.local_resources[type_url]
             return tuple(n for n, _ in entries), tuple(b for _, b in entries)
         names, bodies = upstream.get(type_url, ((), ()))
+        if self.narrows is not None and type_url not in self.narrows:
+            return names, bodies
         wanted = set()
         if type_url == typeurls.CLUSTER and self.cds_follows_lds:
             listeners = upstream.get(typeurls.LISTENER, ((), ()))[0]

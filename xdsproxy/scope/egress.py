@@ -198,6 +198,11 @@ class EgressView:
             return frozenset({typeurls.CLUSTER, typeurls.ROUTE})
         return frozenset()
 
+    def references(self, type_url: str, selection: Selection) -> frozenset[str]:
+        # The egress holds every cluster Istiod sends and never narrows them; its scopes fall
+        # back to its own tables for clusters it lacks (see `_scopes`).
+        return frozenset()
+
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, ((), ()))
         if type_url == typeurls.CLUSTER:

@@ -101,6 +101,13 @@ class SidecarView:
         )
         return names, rewritten
 
+    def references(self, type_url: str, selection: Selection) -> frozenset[str]:
+        if type_url == typeurls.LISTENER:
+            return frozenset().union(*(listener_refs(body).clusters for body in selection[1]))
+        if type_url == typeurls.ROUTE:
+            return frozenset().union(*(parse_table(body).referenced for body in selection[1]))
+        return frozenset()
+
     def referenced_clusters(self, upstream: UpstreamView) -> set[str]:
         """Clusters the pushed listeners and route tables can send to."""
         referenced: set[str] = set()

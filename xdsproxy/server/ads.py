@@ -71,6 +71,8 @@ class Session:
     writing: bool = False  # a message is handed to gRPC and not yet sent
     # Set while few enough bytes wait for Envoy that reading Istiod's next response is fine.
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # Pushes what still waits for clusters to warm once `WARM_WAIT_SECONDS` have passed
+    release_timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
         self.drained.set()
@@ -83,6 +85,12 @@ class Session:
         """The first reason to end wins; the writer is cancelled even if blocked on Envoy."""
         if not self.ended.done():
             self.ended.set_result(_End(code, message))
+
+
+# How long a listener or route table may wait for the clusters it names to warm (their EDS
+# answered and ACKed) before it is pushed anyway: an answer that never comes must not hold a
+# sidecar's routes back for ever (Envoy then warms, or 503s, as without xdsproxy).
+WARM_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -145,7 +153,7 @@ class AdsProxy:
         """Queue responses xdsproxy originated (a learn, a shared table changed) for Envoy."""
         for event in events:
             assert isinstance(event, SendDownstream), "a local push never talks upstream"
-            self._enqueue(session, event)
+        self._apply(session, events)
 
     def _enqueue(self, session: Session, event: SendDownstream) -> None:
         kind = short_name(event.type_url)
@@ -240,6 +248,8 @@ class AdsProxy:
             pass  # Envoy went away
         finally:
             self.sessions.pop(session.id, None)
+            if session.release_timer is not None:
+                session.release_timer.cancel()
             self.runtime.closed(session)
             self.metrics.streams.labels(protocol).dec()
             for task in tasks:
@@ -326,6 +336,18 @@ class AdsProxy:
             self.runtime.upstream_applied(session, type_url)
 
     def _apply(self, session: Session, events: list[Event]) -> None:
+        self._apply_events(session, events)
+        if session.release_timer is None and session.stream.held_back():
+            session.release_timer = asyncio.get_running_loop().call_later(
+                WARM_WAIT_SECONDS, self._release, session
+            )
+
+    def _release(self, session: Session) -> None:
+        session.release_timer = None
+        if session.id in self.sessions:
+            self._apply(session, session.stream.release())
+
+    def _apply_events(self, session: Session, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, SendDownstream):
                 self._enqueue(session, event)

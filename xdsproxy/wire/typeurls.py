@@ -29,6 +29,7 @@ NOT_WILDCARD_TYPES: Final = frozenset({SECRET, ENDPOINT, ROUTE, EXTENSION_CONFIG
 def is_wildcard_type(type_url: str) -> bool:
     return type_url not in NOT_WILDCARD_TYPES
 
+
 # Istiod's push order, which keeps Envoy from warming against missing dependencies.
 PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 _RANK: Final = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}

@@ -22,9 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 
+from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import (
     WireError,
     decode_delta_response,
@@ -32,6 +34,7 @@ from xdsproxy.wire.codec import (
     encode_delta_response,
 )
 from xdsproxy.wire.typeurls import is_wildcard_type, push_order
+from xdsproxy.xds import ordering
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -71,6 +74,7 @@ class _TypeState:
     held: FrozenMap[bytes | None] = field(default_factory=lambda: EMPTY_MAP)
     # Names Envoy holds that the upstream removed, until the removal is passed on
     gone: frozenset[str] = EMPTY_SET
+    acked: FrozenMap[bytes | None] | None = None  # what Envoy held at its newest ACK
     # nonce -> (names sent, names removed) of the last few responses: a NACK undoes them
     sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
@@ -80,6 +84,20 @@ class _TypeState:
 
     def upstream_selection(self) -> Selection:
         return self.upstream.selection()
+
+
+# A held map as a selection, by the map's identity (maps are shared and never change).
+_SELECTIONS: LRUCache[int, tuple[FrozenMap, Selection]] = LRUCache(maxsize=4096)
+
+
+def _selection_of(held: FrozenMap) -> Selection:
+    found = _SELECTIONS.get(id(held))
+    if found is not None and found[0] is held:
+        return found[1]
+    known = [(n, a) for n, a in held.items() if a is not None]
+    selection = (tuple(n for n, _ in known), tuple(a for _, a in known))
+    _SELECTIONS[id(held)] = (held, selection)
+    return selection
 
 
 def _updated(base: M, names: Iterable[str], values: Iterable, removed: Iterable[str]) -> M:
@@ -104,6 +122,7 @@ class DeltaStream:
         self.local_nacks = 0
         self._types: dict[str, _TypeState] = {}
         self._local_nonces = itertools.count(1)
+        self._patient = True  # False while `release` pushes what waits for cold clusters
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
@@ -160,12 +179,73 @@ class DeltaStream:
             request.response_nonce = ""
             request.ClearField("error_detail")
             events.append(SendUpstream(request.SerializeToString()))
+        if nonce and state.status.accepted and nonce == state.status.acked_nonce:
+            events += self._settle(type_url)
         return events
+
+    def _settle(self, type_url: str) -> list[Event]:
+        """After Envoy ACKed a type: what waited for it to warm a cluster, and clusters kept
+        only for what it no longer names, can go out now (`xds.ordering`)."""
+        if self.view.transparent:
+            return []
+        due = {t for t, s in self._types.items() if s.deferred_nonce}
+        if (
+            type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT)
+            and typeurls.CLUSTER in self._types
+        ):
+            due.add(typeurls.CLUSTER)
+        return self.refresh(frozenset(due))
+
+    def _named_by_envoy(self, type_url: str) -> frozenset[str]:
+        return ordering.named_by_envoy(
+            self.view.references,
+            (
+                (t, _selection_of(s.held), _selection_of(s.acked) if s.acked else None)
+                for t, s in self._types.items()
+                if t != type_url
+            ),
+        )
+
+    def _names_cold(self, type_url: str, pairs: list[tuple[str, bytes]]) -> bool:
+        """The pushed pairs name a cluster Envoy has not warmed (only once Envoy runs an ACKed
+        CDS on this stream: a fresh or reconnecting Envoy takes Istiod's own order)."""
+        clusters = self._types.get(typeurls.CLUSTER)
+        if not self._patient or clusters is None or clusters.acked is None:
+            return False
+        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT) or type_url in self.view.local_types:
+            return False
+        state = self._types[type_url]
+        selection = (tuple(n for n, _ in pairs), tuple(a for _, a in pairs))
+        names = self.view.references(type_url, selection)
+        if state.acked:
+            names -= ordering.names_in(self.view.references, type_url, _selection_of(state.acked))
+        if not names:
+            return False
+        endpoints = self._types.get(typeurls.ENDPOINT)
+        acked_endpoints = endpoints.acked if endpoints and endpoints.acked else ()
+        upstream = {name: pair[1] for name, pair in clusters.upstream.items()}
+        return bool(ordering.cold(names, upstream, clusters.acked, acked_endpoints))
+
+    def held_back(self) -> bool:
+        """Something waits for its inputs or for clusters to warm (see `release`)."""
+        return any(state.deferred_nonce for state in self._types.values())
+
+    def release(self) -> list[Event]:
+        """Push what waits for clusters that have not warmed in the time the caller allows
+        (an EDS answer that never comes must not hold routes back for ever); what waits for
+        its inputs keeps waiting."""
+        self._patient = False
+        try:
+            return self.refresh(frozenset(t for t, s in self._types.items() if s.deferred_nonce))
+        finally:
+            self._patient = True
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
         nacked = record_answer(request, state.status, state.status.pushed_version)
         sent = state.sent.pop(request.response_nonce, None)
         if nacked is None:
+            if state.status.accepted:
+                state.acked = state.held
             return []
         if sent is not None:
             # Envoy applied none of it: what it held of those names is no longer known, so
@@ -317,6 +397,21 @@ class DeltaStream:
         else:
             pairs = list(zip(names, anys, strict=True))
         held = state.held
+        if type_url == typeurls.CLUSTER and held:
+            # Removals last: a cluster something Envoy holds still names stays for now.
+            named = self._named_by_envoy(type_url)
+            chosen = {n for n, _ in pairs}
+            pairs += [
+                (n, pair[1])
+                for n, pair in state.upstream.items()
+                if n in named and n in held and n not in chosen
+            ]
+        elif self._names_cold(type_url, pairs):
+            # Additions first: wait until Envoy has warmed the clusters these name.
+            state.deferred_nonce = upstream_nonce or _LOCAL_DUE
+            if upstream_nonce:
+                state.deferred_control_plane = control_plane
+            return []
         bodies: list[bytes] = []
         sent: list[str] = []
         for name, any_ in pairs:

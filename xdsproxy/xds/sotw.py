@@ -19,6 +19,11 @@ services), so pushing then would remove clusters Envoy holds and add them back a
 draining their connections. A type whose inputs Envoy has requested here but the upstream has
 not answered yet is `deferred`; once they arrive, its newest upstream response is relayed
 with Istiod's nonce, so Envoy's answer still reaches Istiod (docs/protocol.md, "inputs").
+
+Clusters are added before what names them and removed after it (`xds.ordering`): a listener or
+route table naming a cluster Envoy has not warmed is deferred the same way until Envoy has
+ACKed it (and its endpoints), and CDS keeps a cluster while a listener or table Envoy may
+hold still names it.
 """
 
 import itertools
@@ -28,10 +33,11 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.message import DecodeError
 
-from xdsproxy.wire import lean
+from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
 from xdsproxy.wire.pool import intern_names
 from xdsproxy.wire.typeurls import push_order
+from xdsproxy.xds import ordering
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -60,8 +66,10 @@ class _TypeState:
     pushed: Selection | None = None
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
     covering_nonce: str = ""
-    # A response is due once the inputs of the type's selection have arrived (module doc)
+    # A response is due once the inputs of the type's selection have arrived and the clusters
+    # it names are warm (module doc)
     deferred: bool = False
+    acked: Selection | None = None  # the selection of the newest response Envoy ACKed
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -80,6 +88,7 @@ class SotwStream:
         self._types: dict[str, _TypeState] = {}
         self._upstream: dict[str, Selection] = {}
         self._local_nonces = itertools.count(1)
+        self._patient = True  # False while `release` pushes what waits for cold clusters
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
@@ -165,6 +174,8 @@ class SotwStream:
         if not answered_here(nonce, state.covering_nonce):
             state.requested_upstream = names
             events.append(SendUpstream(data))
+            events += self._settle(type_url, state)
+            return events
         elif names != state.requested_upstream and status.upstream_nonce:
             # A subscription change answered on a local or covering response is still Istiod's
             # business: send it against the newest upstream nonce, with the version Envoy
@@ -177,15 +188,26 @@ class SotwStream:
                 response_nonce=status.upstream_nonce,
             )
             events.append(SendUpstream(forward.SerializeToString()))
-        return events
+        return events + self._settle(type_url, state)
 
     def _record_answer(self, request: DiscoveryRequest) -> list[Event]:
-        status = self._types[request.type_url].status
-        nacked = record_answer(request, status, request.version_info)
+        state = self._types[request.type_url]
+        nacked = record_answer(request, state.status, request.version_info)
         if nacked is None:
+            state.acked = state.pushed
             return []
         self.local_nacks += not nacked.relayed
         return [nacked]
+
+    def _settle(self, type_url: str, state: _TypeState) -> list[Event]:
+        """After Envoy ACKed a type: what waited for it to warm a cluster, and clusters kept
+        only for what it no longer names, can go out now."""
+        if not state.status.accepted or self.view.transparent:
+            return []
+        due = {t for t, s in self._types.items() if s.deferred}
+        if type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            due.add(typeurls.CLUSTER)
+        return self._refresh(frozenset(due & set(self._types)))
 
     # -- from Istiod -----------------------------------------------------------------------
 
@@ -211,8 +233,11 @@ class SotwStream:
             if self._awaiting_inputs(type_url):
                 state.deferred = True
                 return events
+            selection = self._select(type_url)
+            if self._names_cold(type_url, selection):
+                state.deferred = True
+                return events
             state.deferred = False
-            selection = self.view.select(type_url, self._upstream)
             if self._holds_accepted(state, selection):
                 state.covering_nonce = status.pushed_nonce
                 ack = DiscoveryRequest(
@@ -255,6 +280,53 @@ class SotwStream:
             t in self._types and t not in self._upstream for t in self.view.depends_on(type_url)
         )
 
+    def _select(self, type_url: str) -> Selection:
+        """The view's selection, plus (for CDS) the clusters whose removal must wait."""
+        selection = self.view.select(type_url, self._upstream)
+        state = self._types.get(type_url)
+        if type_url != typeurls.CLUSTER or state is None or not state.pushed:
+            return selection
+        named = ordering.named_by_envoy(
+            self.view.references,
+            ((t, s.pushed, s.acked) for t, s in self._types.items() if t != type_url),
+        )
+        return ordering.keep_named(
+            selection, self._upstream.get(type_url, ((), ())), state.pushed[0], named
+        )
+
+    def _names_cold(self, type_url: str, selection: Selection) -> bool:
+        """The selection names a cluster Envoy has not warmed (only once Envoy runs an ACKed
+        CDS on this stream: a fresh or reconnecting Envoy takes Istiod's own order)."""
+        clusters = self._types.get(typeurls.CLUSTER)
+        if self._patient is False or clusters is None or clusters.acked is None:
+            return False
+        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            return False
+        state = self._types[type_url]
+        names = ordering.names_in(self.view.references, type_url, selection)
+        if state.acked is not None:
+            names -= ordering.names_in(self.view.references, type_url, state.acked)
+        if not names:
+            return False
+        endpoints = self._types.get(typeurls.ENDPOINT)
+        acked_endpoints = endpoints.acked[0] if endpoints and endpoints.acked else ()
+        upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, ((), ())), strict=True))
+        return bool(ordering.cold(names, upstream, clusters.acked[0], acked_endpoints))
+
+    def held_back(self) -> bool:
+        """Something waits for its inputs or for clusters to warm (see `release`)."""
+        return any(state.deferred for state in self._types.values())
+
+    def release(self) -> list[Event]:
+        """Push what waits for clusters that have not warmed in the time the caller allows
+        (an EDS answer that never comes must not hold routes back for ever); what waits for
+        its inputs keeps waiting."""
+        self._patient = False
+        try:
+            return self._refresh(frozenset(t for t, s in self._types.items() if s.deferred))
+        finally:
+            self._patient = True
+
     def refresh(self) -> list[Event]:
         """Recompute every pushed type (after the scope changed); push what differs."""
         return self._refresh(frozenset(self._types))
@@ -278,10 +350,13 @@ class SotwStream:
         if self._awaiting_inputs(type_url):
             state.deferred = due
             return []
-        relay, state.deferred = state.deferred and not local, False
-        selection = self.view.select(type_url, self._upstream)
+        selection = self._select(type_url)
         if not due and selection == state.pushed:
             return []
+        if self._names_cold(type_url, selection):
+            state.deferred = True
+            return []
+        relay, state.deferred = state.deferred and not local, False
         status = state.status
         if relay:  # the upstream response held back for its inputs: Istiod's nonce
             nonce, version = status.upstream_nonce, status.upstream_version

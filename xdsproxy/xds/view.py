@@ -28,6 +28,11 @@ class ResourceView(Protocol):
     #: answered locally and never reach the upstream.
     local_types: frozenset[str]
 
+    def references(self, type_url: str, selection: Selection) -> frozenset[str]:
+        """The clusters a selection of `type_url` names (listeners, route tables), for the
+        make-before-break order (`xds.ordering`); empty for types that name none."""
+        ...
+
 
 class PassThrough:
     """Forward everything: the passthrough mode."""
@@ -41,6 +46,9 @@ class PassThrough:
 
     def depends_on(self, type_url: str) -> frozenset[str]:
         return frozenset()
+
+    def references(self, type_url: str, selection: Selection) -> frozenset[str]:
+        return frozenset()  # relays Istiod as it is: Istiod's own order holds
 
 
 PASS_THROUGH = PassThrough()

@@ -1,0 +1,105 @@
+"""Make before break: the order in which a scoped stream changes what Envoy holds. Pure.
+
+Envoy applies each response as it comes. A route or listener that names a cluster Envoy does
+not have, or has not warmed (an EDS cluster warms when its endpoints arrive), answers 503 "no
+cluster"; a cluster removed while a route still names it does the same. Istiod avoids both by
+its push order on one stream. A scoped stream changes clusters and routes itself (a learn, an
+ageing, a retargeted VirtualService pulling a different cluster into the closure), so it keeps
+the rules itself (docs/protocol.md, "Make before break"):
+
+- additions first: a listener or route table that names a cluster Envoy has not warmed is held
+  back until Envoy has ACKed a CDS response holding it and, for an EDS cluster, an EDS
+  response holding its endpoints;
+- removals last: a cluster that a listener or route table Envoy may still hold names (pushed,
+  or the last ACKed) stays in CDS until Envoy has ACKed the listener or table that stops
+  naming it.
+
+A view declares what its selections name (`references`); only clusters the upstream sends
+count, so a stream never waits for a cluster that will not come.
+"""
+
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+from cachetools import LRUCache
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import DecodeError
+
+from xdsproxy.xds.view import Selection
+
+References = Callable[[str, Selection], frozenset[str]]
+
+
+@lru_cache(maxsize=8192)
+def is_eds_cluster(any_bytes: bytes) -> bool:
+    """A cluster that warms only once its endpoints arrive over EDS."""
+    cluster = Cluster()
+    try:
+        Any.FromString(any_bytes).Unpack(cluster)
+    except DecodeError:
+        return False
+    return cluster.type == Cluster.EDS
+
+
+# What a selection names, by the selection's identity: selections are shared by every stream
+# in the same state (the views memoize them), and hashing one would cost a pass over it.
+_NAMED: LRUCache[tuple, tuple[Selection, frozenset[str]]] = LRUCache(maxsize=4096)
+
+
+def names_in(references: References, type_url: str, selection: Selection) -> frozenset[str]:
+    key = (getattr(references, "__func__", references), type_url, id(selection))
+    found = _NAMED.get(key)
+    if found is not None and found[0] is selection:
+        return found[1]
+    named = references(type_url, selection)
+    _NAMED[key] = (selection, named)
+    return named
+
+
+def named_by_envoy(
+    references: References, states: Iterable[tuple[str, Selection | None, Selection | None]]
+) -> frozenset[str]:
+    """Clusters that what Envoy may hold names: for each referencing type, the newest pushed
+    selection and the newest ACKed one (Envoy holds one of them, or is moving between)."""
+    named: set[str] = set()
+    for type_url, pushed, acked in states:
+        for selection in (pushed, acked):
+            if selection is not None:
+                named |= names_in(references, type_url, selection)
+    return frozenset(named)
+
+
+def keep_named(
+    selection: Selection, upstream: Selection, held: Iterable[str], named: frozenset[str]
+) -> Selection:
+    """`selection` plus the upstream's clusters that Envoy holds and something it holds still
+    names: their removal waits for that listener or route to be ACKed without them."""
+    chosen = set(selection[0])
+    held_names = set(held)
+    extra = [
+        (name, body)
+        for name, body in zip(*upstream, strict=True)
+        if name in named and name in held_names and name not in chosen
+    ]
+    if not extra:
+        return selection
+    return selection[0] + tuple(n for n, _ in extra), selection[1] + tuple(b for _, b in extra)
+
+
+def cold(
+    names: frozenset[str],
+    upstream_clusters: dict[str, bytes],
+    acked_clusters: Iterable[str],
+    acked_endpoints: Iterable[str],
+) -> frozenset[str]:
+    """Of the clusters `names`, those the upstream sends that Envoy has not warmed."""
+    wanted = [n for n in names if n in upstream_clusters]
+    if not wanted:
+        return frozenset()
+    have, endpoints = set(acked_clusters), set(acked_endpoints)
+    return frozenset(
+        n
+        for n in wanted
+        if n not in have or (n not in endpoints and is_eds_cluster(upstream_clusters[n]))
+    )
