@@ -11,6 +11,7 @@ import grpc
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive, status_code
 from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection, epoch
 from xdsproxy.sim.mesh import Endpoint, Mesh, cluster_name
+from xdsproxy.wire import lean, typeurls
 
 log = logging.getLogger("xdsproxy.sim")
 
@@ -25,6 +26,10 @@ class _Live:
 
 class _PushSent:
     """Put after a full push's responses in an outbox: written, the push frees its slot."""
+
+
+def _is_endpoints(response: bytes) -> bool:
+    return lean.SotwResponse.FromString(response).type_url == typeurls.ENDPOINT
 
 
 class SimServer:
@@ -50,6 +55,7 @@ class SimServer:
         self._slots: asyncio.Semaphore | None = None
         self._pusher: asyncio.Task[None] | None = None
         self.debounce_seconds = 0.1  # Istiod's PILOT_DEBOUNCE_AFTER
+        self.eds_delay_seconds = 0.0  # how late answers to EDS requests come (0: at once)
         self._endpoint_changes: set[str] = set()
         self._debounce: asyncio.TimerHandle | None = None
         # (version, wall time) of each incremental EDS push, for latency benchmarks.
@@ -190,12 +196,17 @@ class SimServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    @staticmethod
-    async def _read(live: _Live, context: grpc.aio.ServicerContext) -> None:
+    async def _read(self, live: _Live, context: grpc.aio.ServicerContext) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while (data := await context.read()) is not grpc.aio.EOF:
                 for response in live.connection.receive(data):
-                    live.outbox.put_nowait(response)
+                    if self.eds_delay_seconds and _is_endpoints(response):
+                        # A loaded Istiod: answers to EDS requests come late (tests of the
+                        # make-before-break order). Pushes are not delayed.
+                        loop.call_later(self.eds_delay_seconds, live.outbox.put_nowait, response)
+                    else:
+                        live.outbox.put_nowait(response)
                     del response
         except IstiodError as exc:
             live.outbox.put_nowait(exc)

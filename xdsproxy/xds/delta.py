@@ -224,7 +224,9 @@ class DeltaStream:
         endpoints = self._types.get(typeurls.ENDPOINT)
         acked_endpoints = endpoints.acked if endpoints and endpoints.acked else ()
         upstream = {name: pair[1] for name, pair in clusters.upstream.items()}
-        return bool(ordering.cold(names, upstream, clusters.acked, acked_endpoints))
+        # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
+        acked_clusters = clusters.acked if clusters.status.accepted else ()
+        return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
     def held_back(self) -> bool:
         """Something waits for its inputs or for clusters to warm (see `release`)."""

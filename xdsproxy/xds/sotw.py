@@ -311,7 +311,9 @@ class SotwStream:
         endpoints = self._types.get(typeurls.ENDPOINT)
         acked_endpoints = endpoints.acked[0] if endpoints and endpoints.acked else ()
         upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, ((), ())), strict=True))
-        return bool(ordering.cold(names, upstream, clusters.acked[0], acked_endpoints))
+        # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
+        acked_clusters = clusters.acked[0] if clusters.status.accepted else ()
+        return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
     def held_back(self) -> bool:
         """Something waits for its inputs or for clusters to warm (see `release`)."""
