@@ -141,6 +141,24 @@ async def test_sigterm_ends_streams_with_unavailable_and_exits() -> None:
         (["serve", "--upstream", "x:1", "--upstream-ca", "/nonexistent/ca.pem"], "no such file"),
         (["serve", "--upstream", "x:1", "--upstream-plaintext", "--mode", "lazy"], "--egress"),
         (
+            ["serve", "--upstream", "x:1", "--upstream-plaintext", "--listen", "127.0.0.1"],
+            "--listen",
+        ),
+        (["serve", "--upstream", "x:1", "--upstream-plaintext", "--listen", "garbage"], "--listen"),
+        (
+            ["serve", "--upstream", "x:1", "--upstream-plaintext", "--usage-sample", "101"],
+            "--usage",
+        ),
+        (
+            ["serve", "--upstream", "x:1", "--upstream-plaintext", "--egress-port", "0"],
+            "--egress-p",
+        ),
+        (
+            ["serve", "--upstream", "x:1", "--upstream-plaintext", "--upstream-connections", "-1"],
+            "--upstream-connections",
+        ),
+        (["serve", "--upstream", "nope", "--upstream-plaintext"], "--upstream"),
+        (
             [
                 "serve",
                 "--upstream",
@@ -283,3 +301,28 @@ def test_bad_certificates_are_named_not_reported_as_a_bind_failure(pki, tmp_path
     assert "Failed to bind" not in result.stderr
     named = "--upstream-ca" if defect == "garbage CA" else "--cert"
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lazy_only_flags_in_passthrough_mode_are_warned_about() -> None:
+    result = subprocess.run(
+        [
+            *_serve_args("--egress", "e.ns.svc.cluster.local:80", "--ttl", "1h"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert "--egress is ignored in passthrough mode" in result.stderr
+    assert "--ttl is ignored in passthrough mode" in result.stderr
+
+
+def test_help_shows_defaults() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xdsproxy.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "(default: 0.0.0.0:15010)" in result.stdout and "(default: 168h)" in result.stdout

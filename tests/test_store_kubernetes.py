@@ -174,3 +174,14 @@ async def test_operator_written_static_hosts_apply_and_follow_edits(api) -> None
         assert runtime.scope(W).covers(ServicePort("x.ns-2.svc.cluster.local", 80))
     finally:
         await runtime.stop()
+
+
+async def test_api_errors_say_what_is_likely_missing(api) -> None:
+    """A 404 on the LazyScope path means the CRD is not installed: say so in one line."""
+    from xdsproxy.store.base import StoreError
+
+    store = KubernetesStore(NS, client.ApiClient(client.Configuration(host=api.url + "/none")))
+    await store.start()
+    with pytest.raises(StoreError, match="LazyScope CRD"):
+        await store.load()
+    await store.close()

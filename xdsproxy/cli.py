@@ -13,8 +13,28 @@ from xdsproxy import logs
 log = logging.getLogger("xdsproxy")
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each flag's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default in ("", [])
+            or default is argparse.SUPPRESS
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("serve", help="run the proxy between sidecars and Istiod", parents=[common])
+    p = sub.add_parser(
+        "serve",
+        help="run the proxy between sidecars and Istiod",
+        parents=[common],
+        formatter_class=_DefaultsShown,
+    )
     p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="Istiod's xDS address")
     tls = p.add_mutually_exclusive_group(required=True)
     tls.add_argument("--upstream-plaintext", action="store_true", help="dial Istiod without TLS")
@@ -22,11 +42,11 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--upstream-sni", default="", metavar="NAME", help="TLS name to verify")
     p.add_argument(
         "--upstream-connections",
-        type=int,
+        type=_bounded(int, 0, None),
         default=0,
         metavar="N",
         help="multiplex the sidecars' upstream streams over N connections to Istiod "
-        "(default 0: a connection per sidecar)",
+        "(0: a connection per sidecar)",
     )
     p.add_argument(
         "--listen",
@@ -51,7 +71,7 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     p.add_argument(
         "--egress-port",
-        type=int,
+        type=_bounded(int, 1, 65535),
         default=15081,
         help="port of the listener synthesized on the egress",
     )
@@ -96,28 +116,28 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "--store",
         default="sqlite:///var/lib/xdsproxy/edges.db",
         metavar="URL",
-        help="where learned dependencies live: sqlite:///PATH (default), "
-        "kubernetes://NAMESPACE, or memory://",
+        help="where learned dependencies live: sqlite:///PATH, kubernetes://NAMESPACE, "
+        "or memory://",
     )
     p.add_argument(
         "--ttl",
         type=_duration,
-        default=_duration("168h"),
+        default="168h",
         metavar="DURATION",
-        help="drop a learned dependency unused this long (default 168h; 0 never)",
+        help="drop a learned dependency unused this long (0: never)",
     )
     p.add_argument(
         "--usage-sample",
-        type=float,
+        type=_bounded(float, 0.0, 100.0),
         default=1.0,
         metavar="PERCENT",
         help="share of a sidecar's direct requests logged to refresh last seen "
-        "(default 1; 0 turns usage logging off)",
+        "(0 turns usage logging off)",
     )
     p.add_argument(
         "--flush-interval",
         type=_duration,
-        default=_duration("10s"),
+        default="10s",
         metavar="DURATION",
         help="how often last-seen updates are written in batch",
     )
@@ -125,7 +145,7 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "--max-message-bytes",
         type=int,
         default=-1,
-        help="largest gRPC message accepted or sent; -1 for no limit (default)",
+        help="largest gRPC message accepted or sent; -1 for no limit",
     )
     p.add_argument(
         "--check",
@@ -138,6 +158,23 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         default=128 * 1024 * 1024,
         help="bytes queued for one slow sidecar before its stream is closed",
     )
+
+
+def _bounded(kind: type, low: float | None, high: float | None):
+    """An argparse type: a number of `kind` within [low, high] (None: unbounded)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"{low if low is not None else '-inf'} to {high if high is not None else 'inf'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _duration(text: str) -> float:
@@ -298,6 +335,8 @@ def _serve(args: argparse.Namespace) -> int:
             preflight.check_store(args.store)
     except preflight.ConfigError as exc:
         return fail(str(exc))
+    if args.mode == "passthrough":
+        _warn_lazy_only(args)
     if args.check:
         print("xdsproxy: configuration ok", file=sys.stderr)
         return 0
@@ -338,6 +377,25 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+# Flags that only lazy mode reads, with their defaults: given in passthrough mode, they would
+# be silently ignored.
+_LAZY_ONLY = {
+    "egress": "",
+    "rules": None,
+    "als_allow": [],
+    "ttl": _duration("168h"),
+    "flush_interval": _duration("10s"),
+    "egress_plaintext": False,
+}
+
+
+def _warn_lazy_only(args: argparse.Namespace) -> None:
+    for name, default in _LAZY_ONLY.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            print(f"xdsproxy: warning: {flag} is ignored in passthrough mode", file=sys.stderr)
 
 
 def _sim(args: argparse.Namespace) -> int:

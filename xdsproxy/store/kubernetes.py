@@ -43,6 +43,16 @@ def api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+def explain(exc: ApiException) -> str:
+    """One line for an API error, with the likely fix for the usual ones."""
+    hints = {
+        401: "unauthorized: the service account token was refused",
+        403: "forbidden: is the RBAC of deploy/base/rbac.yaml applied to this service account?",
+        404: "not found: is the LazyScope CRD (deploy/base/crd-lazyscope.yaml) installed?",
+    }
+    return hints.get(exc.status, f"HTTP {exc.status} {exc.reason}")
+
+
 def resource_name(workload: WorkloadKey) -> str:
     """`ns.workload`: both are DNS labels, so the join is a valid object name."""
     return f"{workload.namespace}.{workload.workload}"
@@ -114,7 +124,9 @@ class KubernetesStore:
     async def _call(self, work, *args):
         try:
             return await asyncio.to_thread(work, *args)
-        except (ApiException, HTTPError, OSError) as exc:
+        except ApiException as exc:
+            raise StoreError(f"kubernetes://{self.namespace}: {explain(exc)}") from exc
+        except (HTTPError, OSError) as exc:
             raise StoreError(f"kubernetes://{self.namespace}: {exc}") from exc
 
     # -- reading ---------------------------------------------------------------------------
