@@ -65,3 +65,36 @@ async def test_a_store_that_cannot_be_opened_stops_start_up(tmp_path) -> None:
                 als_listen="127.0.0.1:0",
             ):
                 pass
+
+
+async def test_an_egress_istiod_does_not_send_makes_the_replica_not_ready() -> None:
+    """`--egress` naming no service Istiod sends would route every catch-all nowhere."""
+    from tests.xds_messages import sotw_request
+    from xdsproxy.harness.ads import AdsClient
+    from xdsproxy.harness.lazymesh import egress_service
+    from xdsproxy.sim.mesh import generate
+
+    async with (
+        running_sim(generate(20)) as sim,
+        running_proxy(
+            sim.port,
+            debug_listen="127.0.0.1:0",
+            mode="lazy",
+            egress=ServicePort("lazy-egress.istio-system.svc.cluster.local", 80),
+            als_listen="127.0.0.1:0",
+        ) as proxy,
+    ):
+        port = proxy.debug.port
+        client = AdsClient(proxy.port)
+        await client.send(sotw_request(with_node=True))
+        await client.recv()
+        _, report = await eventually(
+            lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=10
+        )
+        assert (
+            "--egress lazy-egress.istio-system.svc.cluster.local:80" in report["checks"]["egress"]
+        )
+        sim.mutate(lambda m: m.add(egress_service(80, 15081)))
+        await eventually(lambda: _get(port, "/readyz")[0] == 200, timeout=10)
+        await client.close()
+        assert proxy.metrics.value("xdsproxy_egress_nodes") == 0

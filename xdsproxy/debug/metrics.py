@@ -52,6 +52,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.egress_nodes = Gauge(
+            "xdsproxy_egress_nodes",
+            "Lazy egress nodes connected to this replica",
+            registry=self.registry,
+        )
         self.als_held = Gauge(
             "xdsproxy_als_held_entries",
             "Access log entries held for a service not known here yet (up to 1,000, for 30 s)",

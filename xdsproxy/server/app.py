@@ -135,7 +135,11 @@ class ProxyServer:
         def upstream() -> tuple[bool, str]:
             return self.probe.reachable, self.probe.last_error
 
-        return Readiness({"store": store, "upstream": upstream})
+        def egress() -> tuple[bool, str]:
+            problem = self.runtime.egress_problem() if self.runtime is not None else ""
+            return not problem, problem
+
+        return Readiness({"store": store, "upstream": upstream, "egress": egress})
 
     async def start(self) -> int:
         """Serve, or raise having stopped whatever had started: a process that cannot serve

@@ -52,6 +52,7 @@ class LazyRuntime:
         usage_flush_seconds: int = 30,
         pods: PodDirectory | None = None,
     ) -> None:
+        self.egress = egress
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
         self.rules = rules or Rules()
@@ -156,6 +157,7 @@ class LazyRuntime:
         self._nodes[session.id] = istio
         if is_egress(istio.labels):
             self._egress.add(session)
+            self.metrics.egress_nodes.set(len(self._egress))
         else:
             self._by_workload[WorkloadKey(istio.namespace, istio.workload)].add(session)
 
@@ -164,6 +166,7 @@ class LazyRuntime:
         if istio is None:
             return
         self._egress.discard(session)
+        self.metrics.egress_nodes.set(len(self._egress))
         self._by_workload[WorkloadKey(istio.namespace, istio.workload)].discard(session)
 
     def upstream_applied(self, session: Session, type_url: str) -> None:
@@ -191,6 +194,19 @@ class LazyRuntime:
         for held in self.pending.take(new, self.monotonic()):
             self._spawn(self.observe(held.record, held.started))
         self._count_pending()
+        if new and (problem := self.egress_problem()):
+            self._warn.warning("egress", problem)
+
+    def egress_problem(self) -> str:
+        """Why `--egress` cannot work, once Istiod's clusters are known: every catch-all would
+        route to a cluster that does not exist."""
+        if not self.known_services or self.egress in self.known_services:
+            return ""
+        return (
+            f"--egress {self.egress.host}:{self.egress.port}: Istiod sends no cluster "
+            f"{self.egress_cluster}; give the FQDN:PORT of the lazy egress Service, e.g. "
+            "lazy-egress.istio-system.svc.cluster.local:80"
+        )
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)
