@@ -61,6 +61,7 @@ def test_there_is_something_to_validate() -> None:
         "LazyScope",
         "PeerAuthentication",
         "AuthorizationPolicy",
+        "PodDisruptionBudget",
     } <= kinds
 
 
