@@ -98,3 +98,32 @@ async def test_an_egress_istiod_does_not_send_makes_the_replica_not_ready() -> N
         await eventually(lambda: _get(port, "/readyz")[0] == 200, timeout=10)
         await client.close()
         assert proxy.metrics.value("xdsproxy_egress_nodes") == 0
+
+
+async def test_readiness_returns_promptly_after_an_istiod_outage() -> None:
+    """After a 10 s outage, gRPC's default reconnect backoff would keep the probe away for
+    seconds more (both replicas out of the Service for nothing): it reconnects within 1 s."""
+    from xdsproxy.harness.http import free_port
+
+    port = free_port()
+    sim = await _start_sim(port)
+    async with running_proxy(port, debug_listen="127.0.0.1:0", als_listen="127.0.0.1:0") as proxy:
+        debug = proxy.debug.port
+        await eventually(lambda: _get(debug, "/readyz")[0] == 200, timeout=10)
+        await sim.stop()
+        await eventually(lambda: _get(debug, "/readyz")[0] == 503, timeout=15)
+        await asyncio.sleep(10)
+        sim = await _start_sim(port)
+        try:
+            await eventually(lambda: _get(debug, "/readyz")[0] == 200, timeout=3)
+        finally:
+            await sim.stop()
+
+
+async def _start_sim(port: int):
+    from xdsproxy.sim.mesh import generate
+    from xdsproxy.sim.server import SimServer
+
+    sim = SimServer(generate(10))
+    await sim.start(f"127.0.0.1:{port}")
+    return sim

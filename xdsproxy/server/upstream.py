@@ -41,8 +41,9 @@ class Upstream:
     server_name: str = ""
     max_message_bytes: int = -1
 
-    def open(self) -> grpc.aio.Channel:
+    def open(self, extra: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:
         options = [
+            *extra,
             *message_options(self.max_message_bytes),
             *client_keepalive(),
             ("grpc.use_local_subchannel_pool", 1),
@@ -102,6 +103,13 @@ class Channels:
                 self._pool[index] = None
 
 
+_FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class UpstreamProbe:
     """Whether Istiod is reachable, for `/readyz`: a channel of its own, checked periodically."""
 
@@ -112,7 +120,9 @@ class UpstreamProbe:
         self.last_error = "not probed yet"
 
     async def run(self) -> None:
-        channel = self.upstream.open()
+        # gRPC's default reconnect backoff grows to minutes: after an Istiod outage the probe
+        # would report unreachable long after the sidecars' own streams were back.
+        channel = self.upstream.open(_FAST_RECONNECT)
         try:
             while True:
                 try:
