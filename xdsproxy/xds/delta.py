@@ -115,14 +115,13 @@ def _without(base: M, names: tuple[str, ...]) -> M:
     return _updated(base, (), (), names)
 
 
-class DeltaStream:
+class DeltaStream(ordering.BoundedWait):
     def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
         self.view = view
         self.node: Node | None = None
         self.local_nacks = 0
         self._types: dict[str, _TypeState] = {}
         self._local_nonces = itertools.count(1)
-        self._patient = True  # False while `release` pushes what waits for cold clusters
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
@@ -228,19 +227,11 @@ class DeltaStream:
         acked_clusters = clusters.acked if clusters.status.accepted else ()
         return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
-    def held_back(self) -> bool:
-        """Something waits for its inputs or for clusters to warm (see `release`)."""
-        return any(state.deferred_nonce for state in self._types.values())
+    def _held_types(self) -> frozenset[str]:
+        return frozenset(t for t, s in self._types.items() if s.deferred_nonce)
 
-    def release(self) -> list[Event]:
-        """Push what waits for clusters that have not warmed in the time the caller allows
-        (an EDS answer that never comes must not hold routes back for ever); what waits for
-        its inputs keeps waiting."""
-        self._patient = False
-        try:
-            return self.refresh(frozenset(t for t, s in self._types.items() if s.deferred_nonce))
-        finally:
-            self._patient = True
+    def _push_types(self, type_urls: frozenset[str]) -> list[Event]:
+        return self.refresh(type_urls)
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
         nacked = record_answer(request, state.status, state.status.pushed_version)

@@ -103,3 +103,31 @@ def cold(
         for n in wanted
         if n not in have or (n not in endpoints and is_eds_cluster(upstream_clusters[n]))
     )
+
+
+class BoundedWait:
+    """What SotW and Delta share of the bounded wait for clusters to warm: a stream says which
+    types are held back (`_held_types`) and how to push them (`_push_types`); the shell calls
+    `release` once it has waited long enough (`server.ads.WARM_WAIT_SECONDS`)."""
+
+    _patient = True  # False while `release` pushes what waits for cold clusters
+
+    def _held_types(self) -> frozenset[str]:
+        raise NotImplementedError
+
+    def _push_types(self, type_urls: frozenset[str]) -> list:
+        raise NotImplementedError
+
+    def held_back(self) -> bool:
+        """Something waits for its inputs or for clusters to warm (see `release`)."""
+        return bool(self._held_types())
+
+    def release(self) -> list:
+        """Push what waits for clusters that have not warmed in the time the caller allows
+        (an EDS answer that never comes must not hold routes back for ever); what waits for
+        its inputs keeps waiting."""
+        self._patient = False
+        try:
+            return self._push_types(self._held_types())
+        finally:
+            self._patient = True

@@ -80,7 +80,7 @@ def _superseded_nack(request: DiscoveryRequest | lean.SotwRequestHead) -> list[E
     return [Nacked(request.type_url, request.response_nonce, message, relayed=True)]
 
 
-class SotwStream:
+class SotwStream(ordering.BoundedWait):
     def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
         self.view = view
         self.node: Node | None = None
@@ -88,7 +88,6 @@ class SotwStream:
         self._types: dict[str, _TypeState] = {}
         self._upstream: dict[str, Selection] = {}
         self._local_nonces = itertools.count(1)
-        self._patient = True  # False while `release` pushes what waits for cold clusters
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items()}
@@ -298,7 +297,7 @@ class SotwStream:
         """The selection names a cluster Envoy has not warmed (only once Envoy runs an ACKed
         CDS on this stream: a fresh or reconnecting Envoy takes Istiod's own order)."""
         clusters = self._types.get(typeurls.CLUSTER)
-        if self._patient is False or clusters is None or clusters.acked is None:
+        if not self._patient or clusters is None or clusters.acked is None:
             return False
         if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
             return False
@@ -315,19 +314,11 @@ class SotwStream:
         acked_clusters = clusters.acked[0] if clusters.status.accepted else ()
         return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
-    def held_back(self) -> bool:
-        """Something waits for its inputs or for clusters to warm (see `release`)."""
-        return any(state.deferred for state in self._types.values())
+    def _held_types(self) -> frozenset[str]:
+        return frozenset(t for t, s in self._types.items() if s.deferred)
 
-    def release(self) -> list[Event]:
-        """Push what waits for clusters that have not warmed in the time the caller allows
-        (an EDS answer that never comes must not hold routes back for ever); what waits for
-        its inputs keeps waiting."""
-        self._patient = False
-        try:
-            return self._refresh(frozenset(t for t, s in self._types.items() if s.deferred))
-        finally:
-            self._patient = True
+    def _push_types(self, type_urls: frozenset[str]) -> list[Event]:
+        return self._refresh(type_urls)
 
     def refresh(self) -> list[Event]:
         """Recompute every pushed type (after the scope changed); push what differs."""
