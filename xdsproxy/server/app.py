@@ -23,6 +23,7 @@ from xdsproxy.server.grpcio import ads_handler, message_options, server_keepaliv
 from xdsproxy.server.heap import HeapTrimmer
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.server.podwatch import PodWatch
+from xdsproxy.server.tlsfiles import WatchedFiles, server_credentials
 from xdsproxy.server.upstream import Channels, Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
 
@@ -80,8 +81,8 @@ class ServeConfig:
 class ProxyServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        root = config.upstream_ca.read_bytes() if config.upstream_ca else None
-        upstream = Upstream(config.upstream, root, config.upstream_sni, config.max_message_bytes)
+        ca = WatchedFiles(config.upstream_ca) if config.upstream_ca else None
+        upstream = Upstream(config.upstream, ca, config.upstream_sni, config.max_message_bytes)
         self.metrics = Metrics()
         self.probe = UpstreamProbe(upstream)
         self.runtime: LazyRuntime | None = None
@@ -195,9 +196,7 @@ class ProxyServer:
         self._server = server
         credentials = None
         if self.config.cert and self.config.key:
-            credentials = grpc.ssl_server_credentials(
-                [(self.config.key.read_bytes(), self.config.cert.read_bytes())]
-            )
+            credentials = server_credentials(self.config.cert, self.config.key)
         if credentials is not None and not self.config.listen_tls:
             self.port = _bind(server, "--listen", self.config.listen, credentials)
         else:

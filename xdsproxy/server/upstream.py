@@ -10,6 +10,7 @@ xdsproxy never presents a client certificate.
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import grpc
 
 from xdsproxy.server.grpcio import client_keepalive, message_options, method_path
+from xdsproxy.server.tlsfiles import WatchedFiles, verify_problem
+
+log = logging.getLogger("xdsproxy.upstream")
 
 # Metadata the pilot-agent sends that Istiod acts on: the JWT, the cluster id, XDS_HEADER_* ones.
 _FORWARDED = ("authorization", "clusterid")
@@ -37,7 +41,7 @@ def forwardable_metadata(
 @dataclass(frozen=True)
 class Upstream:
     target: str
-    root_certificates: bytes | None = None  # None: plaintext
+    ca: WatchedFiles | None = None  # the mesh root, re-read when it changes; None: plaintext
     server_name: str = ""
     max_message_bytes: int = -1
 
@@ -54,11 +58,11 @@ class Upstream:
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", UPSTREAM_WINDOW_BYTES),
         ]
-        if self.root_certificates is None:
+        if self.ca is None:
             return grpc.aio.insecure_channel(self.target, options=options)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.ca.contents()[0])
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
     @staticmethod
@@ -130,9 +134,29 @@ class UpstreamProbe:
                     self.reachable, self.last_error = True, ""
                 except TimeoutError:
                     self.reachable = False
-                    self.last_error = f"cannot connect to {self.upstream.target}"
+                    self._note(await self._why())
                 await asyncio.sleep(self.interval if self.reachable else 0.5)
                 if channel.get_state() != grpc.ChannelConnectivity.READY:
                     self.reachable = False
+                ca = self.upstream.ca
+                if ca is not None and ca.changed():  # a renewed mesh root: dial with it
+                    await channel.close()
+                    channel = self.upstream.open(_FAST_RECONNECT)
         finally:
             await channel.close()
+
+    async def _why(self) -> str:
+        """The reason Istiod cannot be reached: a certificate that does not verify is named."""
+        ca = self.upstream.ca
+        if ca is not None:
+            problem = await asyncio.to_thread(
+                verify_problem, self.upstream.target, ca.paths[0], self.upstream.server_name
+            )
+            if problem:
+                return problem
+        return f"cannot connect to {self.upstream.target}"
+
+    def _note(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("istiod not reachable", extra={"reason": reason})
+        self.last_error = reason
