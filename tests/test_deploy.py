@@ -203,6 +203,24 @@ def test_serve_check_fails_on_what_would_stop_the_container(mounted: Path) -> No
     assert result.returncode == 2 and "--no-such-flag" in result.stderr
 
 
+def test_plaintext_overlay_needs_no_secret_and_its_args_pass_serve_check(mounted: Path) -> None:
+    rendered = _kustomize(DEPLOY / "overlays" / "plaintext")
+    [deployment] = [
+        d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "xdsproxy"
+    ]
+    pod = deployment["spec"]["template"]["spec"]
+    assert all("secret" not in volume for volume in pod["volumes"])
+    args = _container_args(rendered)
+    assert not any(arg.startswith(("--cert", "--key", "--listen-tls")) for arg in args)
+    result = _check(args, mounted)
+    assert result.returncode == 0, result.stderr
+    for document in rendered:
+        if document["apiVersion"].startswith(("xdsproxy.io", "security.istio.io")):
+            continue
+        if document["kind"] != "CustomResourceDefinition":
+            kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
 def test_rendered_base_matches_the_kubernetes_schema() -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in RENDERED}
     assert ("Deployment", "xdsproxy") in names
