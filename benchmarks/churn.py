@@ -103,7 +103,7 @@ async def measure(
         proxy = spawn(
             "xdsproxy.cli", "--log-level", "warning", "serve", "--upstream",
             f"127.0.0.1:{sim.port}", "--upstream-plaintext", "--listen", f"127.0.0.1:{port}",
-            "--debug-listen", "127.0.0.1:0",
+            "--debug-listen", "127.0.0.1:0", "--admin-listen", "",
         )  # fmt: skip
         try:
             await asyncio.to_thread(wait_port, port)

@@ -166,6 +166,7 @@ def measure(
         proxy = _serve(
             "serve", "--upstream", f"127.0.0.1:{sim_port}", "--upstream-plaintext",
             "--listen", f"127.0.0.1:{proxy_port}", "--debug-listen", f"127.0.0.1:{debug_port}",
+            "--admin-listen", "",
             "--upstream-connections", str(connections), *(LAZY_ARGS if lazy else ()),
         )  # fmt: skip
         wait_port(proxy_port)

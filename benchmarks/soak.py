@@ -58,6 +58,8 @@ async def soak(
             f"127.0.0.1:{port}",
             "--debug-listen",
             f"127.0.0.1:{debug}",
+            "--admin-listen",
+            "",
         )
         loadgen = None
         try:

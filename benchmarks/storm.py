@@ -32,6 +32,8 @@ def _proxy(sim_port: int, port: int):
         f"127.0.0.1:{port}",
         "--debug-listen",
         "127.0.0.1:0",
+        "--admin-listen",
+        "",
     )
 
 

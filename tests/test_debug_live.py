@@ -44,8 +44,15 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
         assert reply.status == 200
         cluster = f"outbound|{mesh.port}|v2|{A}"
         await eventually(lambda: cluster in dynamic_config(sidecar.config_dump())["clusters"])
-        port = mesh.proxy.debug.port
+        port = mesh.proxy.admin.port
+        public = mesh.proxy.debug.port
         node_id = identity.node_id
+
+        # The endpoint the Service exposes serves no sidecar's config: only the loopback
+        # admin listener does.
+        for path in ("/debug/nodes", f"/debug/nodes/{node_id}", "/debug/workloads"):
+            assert (await asyncio.to_thread(_get, public, path))[0] == 404
+        assert (await asyncio.to_thread(_get, public, "/readyz"))[0] == 200
 
         code, nodes = await asyncio.to_thread(_get, port, "/debug/nodes")
         assert code == 200 and len(nodes) == 2

@@ -89,7 +89,7 @@ async def test_wrong_upstream_name_fails_the_stream_not_the_process(pki) -> None
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "xdsproxy.cli", *args],
+        [sys.executable, "-m", "xdsproxy.cli", *args, "--admin-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -215,7 +215,7 @@ def _serve_args(*extra: str) -> list[str]:
         sys.executable, "-m", "xdsproxy.cli", "serve",
         "--upstream", "127.0.0.1:1", "--upstream-plaintext",
         "--listen", "127.0.0.1:0", "--als-listen", "127.0.0.1:0", "--debug-listen", "127.0.0.1:0",
-        *extra,
+        "--admin-listen", "127.0.0.1:0", *extra,
     ]  # fmt: skip
 
 

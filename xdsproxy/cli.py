@@ -110,7 +110,15 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "--debug-listen",
         default="127.0.0.1:15014",
         metavar="HOST:PORT",
-        help="health, readiness and metrics (loopback unless set otherwise)",
+        help="health, readiness and metrics only (loopback unless set otherwise; the "
+        "Deployment exposes it for the kubelet and Prometheus)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default="127.0.0.1:15015",
+        metavar="HOST:PORT",
+        help="those plus every sidecar's status and config, read by `xdsproxy status`; keep "
+        "it on loopback (kubectl port-forward reaches it), or '' for none",
     )
     p.add_argument(
         "--store",
@@ -224,9 +232,9 @@ def _status_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     p.add_argument("node", nargs="?", help="one node id, for its detail")
     p.add_argument(
         "--debug",
-        default="127.0.0.1:15014",
+        default="127.0.0.1:15015",
         metavar="ADDR",
-        help="the debug endpoint of a running xdsproxy",
+        help="the admin endpoint (--admin-listen) of a running xdsproxy",
     )
     p.add_argument("--json", action="store_true", help="the raw JSON")
 
@@ -322,6 +330,7 @@ def _serve(args: argparse.Namespace) -> int:
             "--listen-tls": args.listen_tls,
             "--als-listen": args.als_listen,
             "--debug-listen": args.debug_listen,
+            "--admin-listen": args.admin_listen,
         }
         for flag, value in addresses.items():
             if value:
@@ -364,6 +373,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush_seconds=args.flush_interval,
         usage_sample_percent=args.usage_sample,
         debug_listen=args.debug_listen,
+        admin_listen=args.admin_listen,
     )
     try:
         asyncio.run(run(config))

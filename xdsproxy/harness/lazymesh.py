@@ -143,6 +143,7 @@ async def lazy_stack(
                 usage_sample_percent=usage_sample_percent,
                 usage_flush_seconds=1,
                 debug_listen="127.0.0.1:0",
+                admin_listen="127.0.0.1:0",
             )
         )
         identity = sidecar_identity(

@@ -22,6 +22,7 @@ class ProxyProcess:
         self.args = args
         self.env = env
         self.debug_port = free_port()
+        self.admin_port = free_port()
         self.port = port or free_port()
         self.log = Path(tempfile.mkstemp(prefix="xdsproxy-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
@@ -38,6 +39,8 @@ class ProxyProcess:
                     f"127.0.0.1:{self.port}",
                     "--debug-listen",
                     f"127.0.0.1:{self.debug_port}",
+                    "--admin-listen",
+                    f"127.0.0.1:{self.admin_port}",
                     *self.args,
                 ],
                 stdin=subprocess.DEVNULL,

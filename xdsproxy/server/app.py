@@ -74,7 +74,8 @@ class ServeConfig:
     flush_seconds: float = 10.0
     usage_sample_percent: float = 0.0
     usage_flush_seconds: int = 30
-    debug_listen: str = ""  # off unless set; the CLI defaults to 127.0.0.1:15014
+    debug_listen: str = ""  # health, readiness, metrics; off unless set (CLI: 127.0.0.1:15014)
+    admin_listen: str = ""  # those and every node's config; off unless set (CLI: 127.0.0.1:15015)
     kube_client: Any = None  # a kubernetes.client.ApiClient (tests); else in-cluster/kubeconfig
 
 
@@ -126,6 +127,7 @@ class ProxyServer:
         self.heap = HeapTrimmer()
         self._trimming: asyncio.Task[None] | None = None
         self.debug: DebugServer | None = None
+        self.admin: DebugServer | None = None
 
     def _readiness(self) -> Readiness:
         def store() -> tuple[bool, str]:
@@ -159,22 +161,12 @@ class ProxyServer:
         self._probing = asyncio.create_task(self.probe.run())
         self._trimming = asyncio.create_task(self.heap.run())
         if self.config.debug_listen:
-            self.debug = DebugServer(
-                self.config.debug_listen,
-                self.metrics.registry,
-                self._readiness(),
-                DebugModel(self.proxy, self.runtime),
-            )
-            try:
-                await self.debug.start()
-            except OSError as exc:
-                raise AddressInUse(
-                    f"--debug-listen {self.config.debug_listen}: {exc.strerror or exc}; "
-                    "choose another address"
-                ) from None
-            log.info(
-                "serving debug", extra={"listen": self.config.debug_listen, "port": self.debug.port}
-            )
+            # What the kubelet and Prometheus read; exposed by the Service.
+            self.debug = await self._debug_server("--debug-listen", self.config.debug_listen, None)
+        if self.config.admin_listen:
+            # Every sidecar's config as well: loopback unless the operator says otherwise.
+            model = DebugModel(self.proxy, self.runtime)
+            self.admin = await self._debug_server("--admin-listen", self.config.admin_listen, model)
         if self.runtime is not None:
             # The ALS endpoint first: the config pushed to Envoys names its port.
             als = grpc.aio.server(
@@ -215,6 +207,17 @@ class ProxyServer:
         )
         return self.port
 
+    async def _debug_server(self, flag: str, listen: str, model: DebugModel | None) -> DebugServer:
+        server = DebugServer(listen, self.metrics.registry, self._readiness(), model)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise AddressInUse(
+                f"{flag} {listen}: {exc.strerror or exc}; choose another address"
+            ) from None
+        log.info("serving debug", extra={"flag": flag, "listen": listen, "port": server.port})
+        return server
+
     async def stop(self) -> None:
         """Stop accepting, end every stream with UNAVAILABLE, then close. Safe after a start
         that failed part way."""
@@ -236,9 +239,10 @@ class ProxyServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._probing = self._trimming = None
-        if self.debug is not None:
-            await self.debug.stop()
-            self.debug = None
+        for server in (self.debug, self.admin):
+            if server is not None:
+                await server.stop()
+        self.debug = self.admin = None
 
 
 async def run(config: ServeConfig) -> None:
