@@ -156,6 +156,20 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         help="largest gRPC message accepted or sent; -1 for no limit",
     )
     p.add_argument(
+        "--fail-open",
+        choices=("never", "auto"),
+        default="never",
+        help="auto: serve scoped sidecars Istio's full config while the egress has no ready "
+        "endpoint (see docs/operations.md before turning it on)",
+    )
+    p.add_argument(
+        "--fail-open-hold-down",
+        type=_duration,
+        default="60s",
+        metavar="DURATION",
+        help="how long the egress must be ready again before sidecars are scoped again",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate every flag, file and URL, then exit (0 when all hold) without serving",
@@ -374,6 +388,8 @@ def _serve(args: argparse.Namespace) -> int:
         usage_sample_percent=args.usage_sample,
         debug_listen=args.debug_listen,
         admin_listen=args.admin_listen,
+        fail_open=args.fail_open,
+        fail_open_hold_down=args.fail_open_hold_down,
     )
     try:
         asyncio.run(run(config))
@@ -398,6 +414,7 @@ _LAZY_ONLY = {
     "ttl": _duration("168h"),
     "flush_interval": _duration("10s"),
     "egress_plaintext": False,
+    "fail_open": "never",
 }
 
 

@@ -52,6 +52,11 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.fail_open = Gauge(
+            "xdsproxy_fail_open",
+            "1 while scoped sidecars get full config because the egress has no ready endpoint",
+            registry=self.registry,
+        )
         self.egress_nodes = Gauge(
             "xdsproxy_egress_nodes",
             "Lazy egress nodes connected to this replica",

@@ -22,6 +22,7 @@ from cachetools import LRUCache
 
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
+from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
 from xdsproxy.scope.scope import Scope
@@ -47,8 +48,10 @@ class SidecarView:
         usage: EgressSettings | None = None,
         usage_sample_percent: float = 0.0,
         usage_flush_seconds: int = FLUSH_SECONDS,
+        fail_open: FailOpen | None = None,
     ) -> None:
         self.scope = scope
+        self.fail_open = fail_open
         self.egress_cluster = egress_cluster
         # Sampled usage logging (see `usage`): on when there is somewhere to log to.
         self.usage = usage if usage_sample_percent > 0 else None
@@ -60,6 +63,8 @@ class SidecarView:
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, _EMPTY)
+        if self.fail_open is not None and self.fail_open.active:
+            return current  # Istio's full config, as without xdsproxy (see `failopen`)
         if type_url == typeurls.CLUSTER:
             inputs = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_INPUTS)))
             return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))

@@ -16,6 +16,7 @@ from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.scope.egress import EgressSettings
+from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.rules import Rules
 from xdsproxy.server.ads import AdsProxy, Limits
 from xdsproxy.server.als import AlsService
@@ -76,6 +77,8 @@ class ServeConfig:
     usage_flush_seconds: int = 30
     debug_listen: str = ""  # health, readiness, metrics; off unless set (CLI: 127.0.0.1:15014)
     admin_listen: str = ""  # those and every node's config; off unless set (CLI: 127.0.0.1:15015)
+    fail_open: str = "never"  # or "auto": see scope/failopen.py
+    fail_open_hold_down: float = 60.0
     kube_client: Any = None  # a kubernetes.client.ApiClient (tests); else in-cluster/kubeconfig
 
 
@@ -108,6 +111,7 @@ class ProxyServer:
                 usage_flush_seconds=config.usage_flush_seconds,
                 metrics=self.metrics,
                 pods=pods,
+                fail_open=FailOpen(config.fail_open, config.fail_open_hold_down),
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(

@@ -21,6 +21,7 @@ from xdsproxy.learn.pending import PendingEntries
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
+from xdsproxy.scope.failopen import FailOpen, ready_endpoints
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.rules import Rules
 from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
@@ -51,6 +52,7 @@ class LazyRuntime:
         usage_sample_percent: float = 0.0,
         usage_flush_seconds: int = 30,
         pods: PodDirectory | None = None,
+        fail_open: FailOpen | None = None,
     ) -> None:
         self.egress = egress
         self.egress_cluster = cluster_name(egress)
@@ -64,6 +66,8 @@ class LazyRuntime:
         # Every pod of the cluster (with the Kubernetes store), so that entries for sidecars
         # connected to another replica are attributed here too; else connected nodes only.
         self.pods = pods
+        self.fail_open = fail_open or FailOpen()
+        self._fail_open_timer: asyncio.TimerHandle | None = None
         self.tables = MeshTables()
         self.known_services: set[ServicePort] = set()
         self.rejections: Counter[str] = Counter()  # mirrored in metrics.als_rejections
@@ -144,6 +148,7 @@ class LazyRuntime:
             self.settings,
             self.usage_sample_percent,
             self.usage_flush_seconds,
+            self.fail_open,
         )
 
     def opened(self, session: Session) -> None:
@@ -175,6 +180,8 @@ class LazyRuntime:
             return
         if type_url == typeurls.CLUSTER:
             self._note_services(session.stream.upstream(typeurls.CLUSTER)[0])
+        if type_url == typeurls.ENDPOINT and self.fail_open.mode != "never":
+            self._note_egress_endpoints(session.stream.upstream(typeurls.ENDPOINT))
         routes_changed = (
             type_url == typeurls.ROUTE
             and session not in self._egress
@@ -183,6 +190,36 @@ class LazyRuntime:
         if routes_changed:
             for egress in list(self._egress):
                 self.deliver(egress, egress.stream.refresh())
+
+    def _note_egress_endpoints(self, endpoints: tuple[tuple[str, ...], tuple[bytes, ...]]) -> None:
+        names, bodies = endpoints
+        try:
+            body = bodies[names.index(self.egress_cluster)]
+        except ValueError:
+            return  # this response left the egress's endpoints out
+        if self.fail_open.observe(ready_endpoints(body), self.monotonic()):
+            self._fail_open_switched()
+        elif self.fail_open.ready_since is not None and self._fail_open_timer is None:
+            self._fail_open_timer = asyncio.get_running_loop().call_later(
+                self.fail_open.hold_down, self._fail_open_hold_down_over
+            )
+
+    def _fail_open_hold_down_over(self) -> None:
+        self._fail_open_timer = None
+        if self.fail_open.tick(self.monotonic()):
+            self._fail_open_switched()
+
+    def _fail_open_switched(self) -> None:
+        active = self.fail_open.active
+        self.metrics.fail_open.set(1 if active else 0)
+        log.warning(
+            "fail-open: serving full config, the egress has no ready endpoint"
+            if active
+            else "fail-open over: scoping again, the egress has been ready for the hold-down",
+            extra={"egress": self.egress_cluster},
+        )
+        for workload in list(self._by_workload):
+            self._repush(workload)
 
     def _note_services(self, names: tuple[str, ...]) -> None:
         new = set()
@@ -359,6 +396,8 @@ class LazyRuntime:
         self._maintainer = asyncio.create_task(self._maintain())
 
     async def stop(self) -> None:
+        if self._fail_open_timer is not None:
+            self._fail_open_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._maintainer is not None:
