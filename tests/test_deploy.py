@@ -3,6 +3,7 @@
 kustomization's resource list against the files."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,18 @@ def test_egress_policies_select_the_egress_pods_strict_and_allow_nothing() -> No
     assert policies["PeerAuthentication"]["spec"]["mtls"] == {"mode": "STRICT"}
     allow_nothing = policies["AuthorizationPolicy"]["spec"]
     assert allow_nothing["action"] == "ALLOW" and "rules" not in allow_nothing
+
+
+def test_dockerfile_is_pinned_non_root_and_matches_the_deployment() -> None:
+    """No Docker engine runs here: what can be checked without building it is checked."""
+    lines = [line.strip() for line in (DEPLOY.parent / "Dockerfile").read_text().splitlines()]
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases and all(re.fullmatch(r"python:\d+\.\d+\.\d+-[a-z-]+", base) for base in bases)
+    [user] = [line.split()[1] for line in lines if line.startswith("USER ")]
+    [deployment] = [d for n, d in DOCUMENTS if n.startswith("base/deployment.yaml")]
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert user == f"{context['runAsUser']}:{context['runAsGroup']}"
+    assert 'ENTRYPOINT ["xdsproxy"]' in lines
+    exposed = {int(p) for line in lines if line.startswith("EXPOSE ") for p in line.split()[1:]}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in container["ports"]} <= exposed
