@@ -60,6 +60,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
             _validate(row, "node")
         mine = next(r for r in nodes if r["node"] == node_id)
         assert mine["workload"] == "ns-0/app" and mine["protocol"] == "SotW"
+        assert sorted(r["role"] for r in nodes) == ["egress", "sidecar"]
         cds = mine["types"]["CDS"]
         assert cds["pushed"]["resources"] < cds["upstream"]["resources"]
 
@@ -111,6 +112,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
         assert result.returncode == 0, result.stderr
         line = next(ln for ln in result.stdout.splitlines() if ln.startswith(node_id))
         assert "ns-0/app" in line and "SYNCED" in line and "%" in line
+        assert "lazy egress nodes connected here: 1" in result.stdout
         result = await asyncio.to_thread(
             subprocess.run,
             [

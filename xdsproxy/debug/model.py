@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.istio.node import NodeIdError, parse_node
+from xdsproxy.scope.egress import is_egress
 from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.server.ads import AdsProxy, Session
 from xdsproxy.server.lazy import LazyRuntime
@@ -24,6 +25,20 @@ class NotFound(LookupError):
 
 def _time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _role(session: Session) -> str:
+    """`egress` for the lazy egress, `gateway` for a router, `sidecar`, or `other`."""
+    node = session.stream.node
+    try:
+        istio = parse_node(node) if node is not None else None
+    except NodeIdError:
+        return "other"
+    if istio is None:
+        return "other"
+    if istio.proxy_type != "sidecar":
+        return "gateway"
+    return "egress" if is_egress(istio.labels) else "sidecar"
 
 
 def _workload(session: Session) -> WorkloadKey | None:
@@ -71,6 +86,7 @@ class DebugModel:
             }
         return {
             "node": session.node_id,
+            "role": _role(session),
             "workload": str(workload) if workload else None,
             "protocol": session.protocol,
             "connected_since": _time(session.connected_at),

@@ -72,7 +72,13 @@ def render_nodes(rows: list[dict[str, Any]]) -> str:
             ]
         )
     header = ["NODE", "WORKLOAD", "XDS", *TYPES, "CLUSTERS", "SAVED"]
-    return _table(header, body) if body else "no sidecars connected"
+    if not body:
+        return "no sidecars connected"
+    egress = sum(row.get("role") == "egress" for row in rows)
+    note = f"lazy egress nodes connected here: {egress}"
+    if not egress:
+        note += " (first requests to services out of scope fail unless another replica has one)"
+    return _table(header, body) + "\n\n" + note
 
 
 def render_node(row: dict[str, Any]) -> str:
