@@ -1,6 +1,7 @@
 """`xdsproxy serve` as a real process: TLS both ways, SIGTERM, command-line errors."""
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
 from xdsproxy.harness.pki import Authority
-from xdsproxy.harness.stack import running_proxy, running_sim
+from xdsproxy.harness.stack import eventually, running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire.codec import decode_sotw_response
 
@@ -326,3 +327,61 @@ def test_help_shows_defaults() -> None:
         timeout=30,
     )
     assert "(default: 0.0.0.0:15010)" in result.stdout and "(default: 168h)" in result.stdout
+
+
+async def test_rules_reload_on_sighup_and_on_change_and_a_bad_file_keeps_the_old(tmp_path) -> None:
+    import json
+    import urllib.request
+
+    from xdsproxy.harness.http import free_port
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("default:\n  - a.ns-1.svc.cluster.local\n")
+    admin = free_port()
+
+    def static() -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/debug/workloads", timeout=5) as r:
+            rows = json.loads(r.read())
+        return next(row["static"] for row in rows if row["workload"] == "ns-0/app")
+
+    def replace(text: str) -> None:
+        staged = tmp_path / "rules.new"
+        staged.write_text(text)
+        os.replace(staged, rules)
+
+    async with running_sim(generate(10)) as sim:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "xdsproxy.cli", "serve",
+                "--upstream", f"127.0.0.1:{sim.port}", "--upstream-plaintext",
+                "--listen", "127.0.0.1:0", "--debug-listen", "", "--admin-listen",
+                f"127.0.0.1:{admin}", "--mode", "lazy", "--egress", "e.ns.svc.cluster.local:80",
+                "--store", "memory://", "--als-listen", "127.0.0.1:0", "--rules", str(rules),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            port = await _port_from_log(process)
+            client = AdsClient(port)
+            await client.send(sotw_request(with_node=True))
+            await client.recv()
+            first = await eventually(lambda: static(), timeout=10)
+            rules.write_text("default:\n  - b.ns-2.svc.cluster.local\n")
+            process.send_signal(signal.SIGHUP)
+            second = await eventually(lambda: (s := static()) != first and s, timeout=10)
+            rules.write_text("default: [[[\n")
+            process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(1.0)
+            assert process.poll() is None and static() == second
+            replace("default:\n  - c.ns-3.svc.cluster.local\n")  # no signal: a ConfigMap update
+            third = await eventually(
+                lambda: (s := static()) not in (first, second) and s, timeout=10
+            )
+            assert len({str(first), str(second), str(third)}) == 3
+            await client.close()
+        finally:
+            process.terminate()
+            _, stderr = await asyncio.to_thread(process.communicate, timeout=15)
+        assert "keeping the previous rules" in stderr and str(rules) in stderr

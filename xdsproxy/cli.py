@@ -382,6 +382,7 @@ def _serve(args: argparse.Namespace) -> int:
         als_listen=args.als_listen,
         als_allow=tuple(args.als_allow),
         rules=rules,
+        rules_file=args.rules,
         store=args.store,
         ttl_seconds=args.ttl,
         flush_seconds=args.flush_interval,

@@ -17,7 +17,7 @@ from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.failopen import FailOpen
-from xdsproxy.scope.rules import Rules
+from xdsproxy.scope.rules import Rules, RulesError, load_rules
 from xdsproxy.server.ads import AdsProxy, Limits
 from xdsproxy.server.als import AlsService
 from xdsproxy.server.grpcio import ads_handler, message_options, server_keepalive
@@ -70,6 +70,7 @@ class ServeConfig:
     als_listen: str = "127.0.0.1:15020"
     als_allow: tuple[str, ...] = ()
     rules: Rules | None = None
+    rules_file: Path | None = None  # re-read on SIGHUP and when it changes
     store: str = "memory://"
     ttl_seconds: float = 0.0
     flush_seconds: float = 10.0
@@ -128,6 +129,7 @@ class ProxyServer:
         self._server: grpc.aio.Server | None = None
         self._als: grpc.aio.Server | None = None
         self._probing: asyncio.Task[None] | None = None
+        self._rules_watch: asyncio.Task[None] | None = None
         self.heap = HeapTrimmer()
         self._trimming: asyncio.Task[None] | None = None
         self.debug: DebugServer | None = None
@@ -162,6 +164,8 @@ class ProxyServer:
             await self.runtime.start()  # scopes come back before anything is served
         if self.pod_watch is not None:
             await self.pod_watch.start()
+        if self.runtime is not None and self.config.rules_file is not None:
+            self._rules_watch = asyncio.create_task(self._watch_rules(self.config.rules_file))
         self._probing = asyncio.create_task(self.probe.run())
         self._trimming = asyncio.create_task(self.heap.run())
         if self.config.debug_listen:
@@ -211,6 +215,29 @@ class ProxyServer:
         )
         return self.port
 
+    def reload_rules(self) -> None:
+        """Re-read `--rules` (SIGHUP, or the file changed); a bad file keeps the rules in
+        force and says why in one line."""
+        path = self.config.rules_file
+        if self.runtime is None or path is None:
+            return
+        try:
+            rules = load_rules(path)
+        except RulesError as exc:
+            log.warning("keeping the previous rules", extra={"error": str(exc)})
+            return
+        self.runtime.set_rules(rules)
+        log.info("rules reloaded", extra={"file": str(path)})
+
+    async def _watch_rules(self, path: Path, interval: float = 2.0) -> None:
+        """A mounted ConfigMap is updated by a symlink swap: poll for it."""
+        files = WatchedFiles(path)
+        files.changed()
+        while True:
+            await asyncio.sleep(interval)
+            if files.changed():
+                self.reload_rules()
+
     async def _debug_server(self, flag: str, listen: str, model: DebugModel | None) -> DebugServer:
         server = DebugServer(listen, self.metrics.registry, self._readiness(), model)
         try:
@@ -237,12 +264,12 @@ class ProxyServer:
             await self.pod_watch.stop()
         if self.runtime is not None:
             await self.runtime.stop()
-        for task in (self._probing, self._trimming):
+        for task in (self._probing, self._trimming, self._rules_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._probing = self._trimming = None
+        self._probing = self._trimming = self._rules_watch = None
         for server in (self.debug, self.admin):
             if server is not None:
                 await server.stop()
@@ -256,6 +283,7 @@ async def run(config: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_rules)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

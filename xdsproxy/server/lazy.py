@@ -111,6 +111,16 @@ class LazyRuntime:
         from_rules = self.rules.patterns_for(scope.key.namespace, self._labels.get(scope.key, {}))
         scope.set_static(tuple(dict.fromkeys(from_rules + self._stored_static.get(scope.key, ()))))
 
+    def set_rules(self, rules: Rules) -> None:
+        """New static rules (the rules file changed): every scope they change is re-pushed;
+        a scope they narrow loses those hosts unless learned."""
+        self.rules = rules
+        for scope in list(self.scopes.values()):
+            before = scope.version
+            self._set_static(scope)
+            if scope.version != before:
+                self._repush(scope.key)
+
     def apply_static(self, workload: WorkloadKey, hosts: tuple[str, ...]) -> None:
         """Static hosts from the store (a LazyScope's spec.hosts); bad entries are skipped."""
         patterns = []
