@@ -218,6 +218,11 @@ class LazyRuntime:
         self._fail_open_timer = None
         if self.fail_open.tick(self.monotonic()):
             self._fail_open_switched()
+        elif self.fail_open.ready_since is not None:  # the egress flapped: the wait restarted
+            remaining = self.fail_open.ready_since + self.fail_open.hold_down - self.monotonic()
+            self._fail_open_timer = asyncio.get_running_loop().call_later(
+                max(0.0, remaining), self._fail_open_hold_down_over
+            )
 
     def _fail_open_switched(self) -> None:
         active = self.fail_open.active
