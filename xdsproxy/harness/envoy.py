@@ -35,6 +35,10 @@ class SidecarIdentity:
     proxy_config: dict[str, Any] = field(default_factory=dict)
     # gRPC metadata on the ADS stream, as pilot-agent sends it (authorization, clusterid).
     grpc_metadata: dict[str, str] = field(default_factory=dict)
+    # Istio's sidecar bootstrap enables the internal-listener extension since 1.18; empty
+    # leaves ISTIO_VERSION out of the node metadata.
+    istio_version: str = "1.24.0"
+    internal_listener: bool = True
 
     @property
     def node_id(self) -> str:
@@ -49,10 +53,10 @@ class SidecarIdentity:
                 "WORKLOAD_NAME": self.workload,
                 "INSTANCE_IPS": self.ip,
                 "SERVICE_ACCOUNT": "default",
-                "ISTIO_VERSION": "1.24.0",
                 "LABELS": {"app": self.workload, **self.labels},
                 "PROXY_CONFIG": self.proxy_config,
-            },
+            }
+            | ({"ISTIO_VERSION": self.istio_version} if self.istio_version else {}),
         }
 
 
@@ -87,7 +91,7 @@ def bootstrap(
     clusters = [grpc_cluster("xds-grpc", ads_port)]
     if sds_port is not None:
         clusters.append(grpc_cluster("sds-grpc", sds_port))
-    return {
+    config: dict[str, Any] = {
         "node": identity.node(),
         "dynamic_resources": {
             "ads_config": {
@@ -118,6 +122,17 @@ def bootstrap(
             "upstream_bind_config": {"source_address": {"address": identity.ip, "port_value": 0}}
         },
     }
+    if identity.internal_listener:
+        config["bootstrap_extensions"] = [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ]
+    return config
 
 
 def terminate(process: subprocess.Popen | None, grace: float = 10.0) -> None:
@@ -141,8 +156,12 @@ class Envoy:
         identity: SidecarIdentity | None = None,
         delta: bool = False,
         sds_port: int | None = None,
+        drain_seconds: int | None = None,
     ) -> None:
         self.identity = identity or SidecarIdentity()
+        # pilot-agent runs Envoy with `--drain-time-s 45 --drain-strategy immediate`; tests
+        # shorten the drain to watch what it closes.
+        self.drain_seconds = drain_seconds
         self.delta = delta
         self.sds_port = sds_port
         self.ads_port = ads_port
@@ -171,6 +190,11 @@ class Envoy:
                 "warning",
                 "--log-path",
                 str(self.log_path),
+                *(
+                    ["--drain-time-s", str(self.drain_seconds), "--drain-strategy", "immediate"]
+                    if self.drain_seconds is not None
+                    else []
+                ),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -98,9 +98,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class EchoServer:
     """A TCP server on loopback that echoes what it reads: a stand-in for a TCP service
-    (database, cache) behind a tcp_proxy listener."""
+    (database, cache) behind a tcp_proxy listener.
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    With a `greeting` it speaks first, as MySQL, SMTP or Redis-compatible servers do; with a
+    `name` it also answers an HTTP request (one per connection) with that name, as a service
+    on a protocol-sniffed port may be called either way."""
+
+    def __init__(self, host: str = "127.0.0.1", greeting: bytes = b"", name: str = "") -> None:
+        self.greeting = greeting
+        self.name = name
         self.sock = socket.create_server((host, 0))
         self.host, self.port = self.sock.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -113,11 +119,24 @@ class EchoServer:
                 return
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+            try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
+                data = conn.recv(65536)
+                if self.name and data.startswith((b"GET ", b"POST ", b"HEAD ")):
+                    body = json.dumps({"backend": self.name}).encode()
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                    return
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
+            except OSError:
+                return
 
     def __enter__(self) -> "EchoServer":
         self._thread.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.envoy import Envoy, SidecarIdentity
-from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.http import Backend, EchoServer, free_port, request_via_sidecar
 from xdsproxy.harness.pki import Authority
 from xdsproxy.harness.sds import SdsServer
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
@@ -50,13 +50,17 @@ class LazyMesh:
     stack: AsyncExitStack
     mesh_ca: "MeshCa | None" = None
     sidecars: list[Envoy] = field(default_factory=list)
+    # TCP and sniffed services with a live backend (realistic profile), by role.
+    tcp: dict[str, tuple[Service, EchoServer]] = field(default_factory=dict)
 
-    async def add_sidecar(self, identity: SidecarIdentity, delta: bool) -> Envoy:
+    async def add_sidecar(
+        self, identity: SidecarIdentity, delta: bool, drain_seconds: int | None = None
+    ) -> Envoy:
         sds_port = None
         if self.mesh_ca is not None:
             sds_port = await asyncio.to_thread(self.mesh_ca.enrol, identity)
         envoy = await self.stack.enter_async_context(
-            running_envoy(self.proxy.port, delta, identity, sds_port)
+            running_envoy(self.proxy.port, delta, identity, sds_port, drain_seconds)
         )
         self.sidecars.append(envoy)
         await eventually(lambda: str(self.port) in dynamic_config(envoy.config_dump())["routes"])
@@ -192,6 +196,37 @@ async def lazy_mesh(delta: bool, mtls: bool = False) -> AsyncIterator[LazyMesh]:
             lazy_stack(mesh, egress_port, port, delta, 100.0, mesh_ca)
         )
         yield LazyMesh(sim, proxy, egress, port, backends, stack, mesh_ca)
+
+
+# Roles of the realistic mesh's services with a live backend: (service index, greeting).
+# `generate` gives index % 10 < 6 a sniffed port, 6..8 a TCP port; namespaces alternate.
+REALISTIC_ROLES = {
+    "tcp": (7, b""),  # client-first TCP, ns-1
+    "server-first": (8, b"220 ready\r\n"),  # TCP, ns-0: the server greets first
+    "sniffed": (5, b""),  # a sniffed port called with HTTP and raw TCP, ns-1
+}
+
+
+@asynccontextmanager
+async def realistic_lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+    """A lazy mesh on the simulator's realistic profile (sniffed, TCP and HTTP ports, as Istio
+    sends them), with live backends for the services in `REALISTIC_ROLES`."""
+    async with AsyncExitStack() as stack:
+        backends = {"outside": stack.enter_context(Backend("outside", host="127.0.0.50"))}
+        port = backends["outside"].port
+        egress_port = free_port()
+        mesh = generate(20, namespaces=2, http_ports=(port,), profile="realistic")
+        tcp: dict[str, tuple[Service, EchoServer]] = {}
+        for role, (index, greeting) in REALISTIC_ROLES.items():
+            server = stack.enter_context(EchoServer(greeting=greeting, name=role))
+            fqdn = next(f for f, s in mesh.services.items() if s.name == f"svc-{index}")
+            mesh.set_endpoints(fqdn, [Endpoint("127.0.0.1", server.port)])
+            tcp[role] = (mesh.services[fqdn], server)
+        mesh.add(egress_service(port, egress_port))
+        sim, proxy, egress = await stack.enter_async_context(
+            lazy_stack(mesh, egress_port, port, delta)
+        )
+        yield LazyMesh(sim, proxy, egress, port, backends, stack, tcp=tcp)
 
 
 @asynccontextmanager

@@ -47,8 +47,9 @@ async def running_envoy(
     delta: bool = False,
     identity: SidecarIdentity | None = None,
     sds_port: int | None = None,
+    drain_seconds: int | None = None,
 ) -> AsyncIterator[Envoy]:
-    envoy = Envoy(ads_port, identity, delta, sds_port)
+    envoy = Envoy(ads_port, identity, delta, sds_port, drain_seconds)
     await asyncio.to_thread(envoy.start)
     try:
         yield envoy

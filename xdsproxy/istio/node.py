@@ -26,6 +26,7 @@ class IstioNode:
     service_account: str = ""
     cluster_id: str = ""
     proxy_config: dict[str, Any] = field(default_factory=dict)
+    istio_version: str = ""
 
 
 def parse_node(node: Node) -> IstioNode:
@@ -55,6 +56,7 @@ def parse_node(node: Node) -> IstioNode:
         service_account=str(metadata.get("SERVICE_ACCOUNT", "")),
         cluster_id=str(metadata.get("CLUSTER_ID", "")),
         proxy_config=metadata.get("PROXY_CONFIG") or {},
+        istio_version=str(metadata.get("ISTIO_VERSION", "")),
     )
 
 

@@ -5,9 +5,12 @@
   the socket (`use_remote_address`), moves the `x-xdsproxy-*` headers into dynamic metadata
   (so backends never see them but the access log does), and streams one access log entry per
   request to xdsproxy's ALS endpoint without buffering.
-- Scoped route configurations (served by xdsproxy only), one per (namespace, HTTP port) of the
+- Scoped route configurations (served by xdsproxy only), one per (namespace, port) of the
   mesh, each with the caller namespace's own table inline; a namespace whose tables this
-  replica does not hold falls back to the egress's own table for that port.
+  replica does not hold falls back to the egress's own table for that port. TCP and sniffed
+  services (no vhost in a port table) get a vhost there that terminates the CONNECT of a
+  sidecar's tunnel (see `tunnel`); the listener keeps tunnels open however idle, and logs each
+  at establishment, so a TCP dependency is learned at connect.
 - A cluster for the ALS endpoint and an ORIGINAL_DST cluster that reads the original
   destination the sidecar recorded, for hosts that are not mesh services.
 """
@@ -123,6 +126,11 @@ def grpc_access_log(log_name: str, flush_seconds: int = 0) -> HttpGrpcAccessLogC
 def synthesized_listener(settings: EgressSettings) -> bytes:
     manager = hcm.HttpConnectionManager(stat_prefix=EGRESS_LISTENER)
     manager.use_remote_address.value = True
+    # Tunnels carry database and queue connections that idle for minutes: Envoy's default
+    # stream idle timeout (300 s) would reset them.
+    manager.stream_idle_timeout.SetInParent()
+    manager.upgrade_configs.add(upgrade_type="CONNECT")
+    manager.access_log_options.flush_log_on_tunnel_successfully_established = True
     scoped = manager.scoped_routes
     scoped.name = "xdsproxy-lazy-scopes"
     for header in (SOURCE_NAMESPACE, ORIGINAL_PORT):
@@ -176,10 +184,12 @@ def istio_mtls() -> DownstreamTlsContext:
 
 
 @lru_cache(maxsize=16384)
-def scoped_route(table_any: bytes, namespace: str, port: int) -> bytes:
+def scoped_route(
+    table_any: bytes | None, namespace: str, port: int, tunnelled: tuple[str, ...]
+) -> bytes:
     name = f"{namespace}/{port}"
     scope = ScopedRouteConfiguration(name=name)
-    scope.route_configuration.CopyFrom(egress_table(table_any, name))
+    scope.route_configuration.CopyFrom(egress_table(table_any, name, namespace, tunnelled))
     scope.key.fragments.add(string_key=namespace)
     scope.key.fragments.add(string_key=str(port))
     return pack(scope)
@@ -224,25 +234,44 @@ class EgressView:
             for name, body in zip(*upstream.get(typeurls.ROUTE, ((), ())), strict=True)
             if is_port(name)
         }
+        clusters = upstream.get(typeurls.CLUSTER, ((), ()))[0]
         namespaces = set(self.tables.namespaces())
-        for cluster in upstream.get(typeurls.CLUSTER, ((), ()))[0]:
+        by_port: dict[int, list[str]] = {}
+        for cluster in clusters:
             parsed = outbound_cluster(cluster)
-            if parsed and (namespace := service_namespace(parsed[0].host)):
+            if parsed is None:
+                continue
+            service, subset = parsed
+            if namespace := service_namespace(service.host):
                 namespaces.add(namespace)
-        held = frozenset(upstream.get(typeurls.CLUSTER, ((), ()))[0]) | {PASSTHROUGH}
+            if not subset:
+                by_port.setdefault(service.port, []).append(cluster)
+        held = frozenset(clusters) | {PASSTHROUGH}
         names: list[str] = []
         bodies: list[bytes] = []
         for namespace in sorted(namespaces):
-            for port in sorted(own):
+            for port in sorted(by_port.keys() | own.keys()):
                 table = self.tables.table(namespace, port)
                 if table is None or not parse_table(table).referenced <= held:
                     # A caller's table can name a service whose CDS has not reached the egress
                     # yet: routing to it would 503. The egress's own table is consistent with
                     # its own CDS (Istiod pushes CDS first on each stream).
-                    table = own[port]
+                    table = own.get(port)
                 names.append(f"{namespace}/{port}")
-                bodies.append(scoped_route(table, namespace, port))
+                bodies.append(
+                    scoped_route(table, namespace, port, _tunnelled(table, by_port.get(port)))
+                )
         return tuple(names), tuple(bodies)
+
+
+def _tunnelled(table: bytes | None, clusters: list[str] | None) -> tuple[str, ...]:
+    """The port's services that have no vhost in its table: TCP and sniffed ones."""
+    if not clusters:
+        return ()
+    if table is None:
+        return tuple(clusters)
+    routed = set(parse_table(table).services)
+    return tuple(c for c in clusters if (p := outbound_cluster(c)) and p[0] not in routed)
 
 
 def is_egress(labels: dict[str, str]) -> bool:

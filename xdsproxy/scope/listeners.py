@@ -19,19 +19,22 @@ _HCM = "type.googleapis.com/" + hcm.HttpConnectionManager.DESCRIPTOR.full_name
 
 @dataclass(frozen=True, slots=True)
 class ListenerRefs:
-    clusters: frozenset[str]
+    clusters: frozenset[str]  # every cluster the listener can send to
     route_tables: frozenset[str]
+    tcp_clusters: frozenset[str]  # those its TCP proxies send to (placeholder candidates)
 
 
-def _chain_refs(chain: FilterChain, clusters: set[str], tables: set[str]) -> None:
+def _chain_refs(
+    chain: FilterChain, clusters: set[str], tables: set[str], tcp: set[str]
+) -> None:
     for network_filter in chain.filters:
         config = network_filter.typed_config
         if config.type_url == _TCP_PROXY:
             proxy = TcpProxy()
             config.Unpack(proxy)
             if proxy.cluster:
-                clusters.add(proxy.cluster)
-            clusters.update(entry.name for entry in proxy.weighted_clusters.clusters)
+                tcp.add(proxy.cluster)
+            tcp.update(entry.name for entry in proxy.weighted_clusters.clusters)
         elif config.type_url == _HCM:
             manager = hcm.HttpConnectionManager()
             config.Unpack(manager)
@@ -48,9 +51,10 @@ def listener_refs(any_bytes: bytes) -> ListenerRefs:
     Any.FromString(any_bytes).Unpack(listener)
     clusters: set[str] = set()
     tables: set[str] = set()
+    tcp: set[str] = set()
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
     for chain in chains:
-        _chain_refs(chain, clusters, tables)
-    return ListenerRefs(frozenset(clusters), frozenset(tables))
+        _chain_refs(chain, clusters, tables, tcp)
+    return ListenerRefs(frozenset(clusters | tcp), frozenset(tables), frozenset(tcp))

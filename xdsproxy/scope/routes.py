@@ -156,12 +156,45 @@ def sidecar_table(
     return pack(table)
 
 
+def _short_domains(service: ServicePort, caller_namespace: str) -> list[str]:
+    """The host forms a caller in `caller_namespace` can use for a Kubernetes service, each
+    bare and with the port (Istio's own vhosts list the same forms)."""
+    hosts = [service.host]
+    parts = service.host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        hosts += [f"{parts[0]}.{parts[1]}", f"{parts[0]}.{parts[1]}.svc"]
+        if parts[1] == caller_namespace:
+            hosts.append(parts[0])
+    return [form for host in hosts for form in (host, f"{host}:{service.port}")]
+
+
+def _tunnel_vhost(cluster: str, service: ServicePort, caller_namespace: str) -> VirtualHost:
+    """A TCP or sniffed service at the egress: CONNECT from a sidecar's tunnel is terminated
+    and its bytes go to the service; HTTP (a sniffed port's catch-all) goes there too."""
+    vhost = VirtualHost(name=str(service), domains=_short_domains(service, caller_namespace))
+    tunnel = vhost.routes.add(name="tunnel")
+    tunnel.match.connect_matcher.SetInParent()
+    tunnel.route.cluster = cluster
+    tunnel.route.upgrade_configs.add(upgrade_type="CONNECT").connect_config.SetInParent()
+    http = vhost.routes.add(name="http")
+    http.match.prefix = "/"
+    http.route.cluster = cluster
+    http.route.timeout.SetInParent()  # 0s: no limit, as Istio's own routes
+    return vhost
+
+
 @lru_cache(maxsize=1024)
-def egress_table(any_bytes: bytes, name: str) -> RouteConfiguration:
-    """The egress's copy of a namespace's table: renamed, with passthrough routes sent to the
-    ORIGINAL_DST cluster that reads the original destination the sidecar recorded."""
+def egress_table(
+    any_bytes: bytes | None, name: str, caller_namespace: str, tunnelled: tuple[str, ...] = ()
+) -> RouteConfiguration:
+    """The egress's copy of a namespace's table for one port: renamed, with passthrough routes
+    sent to the ORIGINAL_DST cluster that reads the original destination the sidecar recorded,
+    plus a vhost for each `tunnelled` cluster (a TCP or sniffed service on that port, which has
+    no vhost in Istio's port table). Only those vhosts accept CONNECT: the catch-all is no
+    relay to arbitrary addresses."""
     table = RouteConfiguration()
-    table.CopyFrom(_decode(any_bytes))
+    if any_bytes is not None:
+        table.CopyFrom(_decode(any_bytes))
     table.name = name
     for vhost in table.virtual_hosts:
         for route in vhost.routes:
@@ -172,4 +205,9 @@ def egress_table(any_bytes: bytes, name: str) -> RouteConfiguration:
             for entry in route.route.weighted_clusters.clusters:
                 if entry.name == PASSTHROUGH:
                     entry.name = ORIGINAL_DST_CLUSTER
+    table.virtual_hosts.extend(
+        _tunnel_vhost(cluster, parsed[0], caller_namespace)
+        for cluster in tunnelled
+        if (parsed := outbound_cluster(cluster))
+    )
     return table

@@ -3,11 +3,14 @@
 Per type:
 - CDS: every cluster that is not `outbound|...` (inbound, Passthrough, BlackHole, ...), the
   egress cluster, the outbound clusters (all subsets) of in-scope services, and the closure of
-  clusters that kept listeners and kept route vhosts reference. TCP services are therefore in
-  scope by default: their listeners reference their clusters.
-- EDS: as Envoy asks; it only asks for clusters it holds.
-- LDS: unchanged, so every HTTP port still reaches the catch-all (plus, when usage logging is
-  on, a sampled access logger on outbound HTTP listeners: see `usage`).
+  clusters that kept route vhosts and listeners' inline routes reference. An out-of-scope
+  cluster that only listeners' TCP proxies name (a TCP port, a sniffed port's default chain)
+  becomes a same-name placeholder into the tunnel to the egress (see `tunnel`); on a sidecar
+  without the tunnel (Istio before 1.18) it stays as Istio sent it.
+- EDS: as Envoy asks; it only asks for clusters it holds (placeholders are STATIC).
+- LDS: Istio's listeners unchanged, so every port still reaches the catch-all or the tunnel,
+  plus the tunnel's internal listener (and, when usage logging is on, a sampled access logger
+  on outbound HTTP listeners: see `usage`).
 - RDS: each table keeps its in-scope vhosts and ends with a catch-all to the egress.
 Unchanged resources keep their exact upstream bytes; only route tables are re-encoded.
 
@@ -26,6 +29,7 @@ from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
 from xdsproxy.scope.scope import Scope
+from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
 from xdsproxy.scope.usage import FLUSH_SECONDS, with_usage_logger
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.view import Selection, UpstreamView
@@ -49,8 +53,12 @@ class SidecarView:
         usage_sample_percent: float = 0.0,
         usage_flush_seconds: int = FLUSH_SECONDS,
         fail_open: FailOpen | None = None,
+        tunnel: bool = False,
     ) -> None:
         self.scope = scope
+        # Out-of-scope TCP goes through the egress tunnel; off for a sidecar whose bootstrap
+        # lacks the internal-listener extension (then its TCP services stay in scope).
+        self.tunnel = tunnel
         self.fail_open = fail_open
         self.egress_cluster = egress_cluster
         # Sampled usage logging (see `usage`): on when there is somewhere to log to.
@@ -70,18 +78,27 @@ class SidecarView:
             return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))
         if type_url == typeurls.ROUTE:
             return self._memo(type_url, (current,), lambda: self._routes(current))
-        if type_url == typeurls.LISTENER and self.usage is not None:
-            names, bodies = current
-            sample, flush = self.usage_sample_percent, self.usage_flush_seconds
-            return names, tuple(with_usage_logger(body, sample, flush) for body in bodies)
+        if type_url == typeurls.LISTENER:
+            return self._memo(type_url, (current,), lambda: self._listeners(current))
         return current
+
+    def _listeners(self, current: Selection) -> Selection:
+        names, bodies = current
+        if self.usage is not None:
+            sample, flush = self.usage_sample_percent, self.usage_flush_seconds
+            bodies = tuple(with_usage_logger(body, sample, flush) for body in bodies)
+        if self.tunnel:
+            key = self.scope.key
+            names = (*names, TUNNEL_LISTENER)
+            bodies = (*bodies, tunnel_listener(self.egress_cluster, key.namespace, key.workload))
+        return names, bodies
 
     def _memo(
         self, type_url: str, inputs: tuple[Selection, ...], compute: Callable[[], Selection]
     ) -> Selection:
         """A selection is a function of the scope's state, this view's settings and the
         upstream resources it reads: key on exactly those."""
-        settings = (self.egress_cluster, self.usage, self.usage_sample_percent)
+        settings = (self.egress_cluster, self.usage, self.usage_sample_percent, self.tunnel)
         key = (self.scope.version, settings, inputs)
         slot = (self.scope.uid, type_url)
         found = _SELECTIONS.get(slot)
@@ -113,31 +130,32 @@ class SidecarView:
             return frozenset().union(*(parse_table(body).referenced for body in selection[1]))
         return frozenset()
 
-    def referenced_clusters(self, upstream: UpstreamView) -> set[str]:
-        """Clusters the pushed listeners and route tables can send to."""
-        referenced: set[str] = set()
-        for body in upstream.get(typeurls.LISTENER, ((), ()))[1]:
-            referenced |= listener_refs(body).clusters
-        for body in upstream.get(typeurls.ROUTE, ((), ()))[1]:
-            parsed = parse_table(body)
-            for index in kept_vhosts(parsed, self.scope.covers):
-                referenced |= parsed.clusters[index]
-        return referenced
-
     def _clusters(self, current: Selection, upstream: UpstreamView) -> Selection:
         names, bodies = current
-        referenced = self.referenced_clusters(upstream)
-        referenced.add(self.egress_cluster)
         covers = self.scope.covers
-        keep = []
-        for index, name in enumerate(names):
+        direct = {self.egress_cluster}
+        tcp: set[str] = set()
+        for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
+            refs = listener_refs(body)
+            direct |= refs.clusters - refs.tcp_clusters
+            tcp |= refs.tcp_clusters
+        for body in upstream.get(typeurls.ROUTE, _EMPTY)[1]:
+            parsed = parse_table(body)
+            for index in kept_vhosts(parsed, covers):
+                direct |= parsed.clusters[index]
+        kept_names: list[str] = []
+        kept_bodies: list[bytes] = []
+        for name, body in zip(names, bodies, strict=True):
             parsed = outbound_cluster(name)
-            if parsed is None or name in referenced or covers(parsed[0]):
-                keep.append(index)
+            if parsed is None or name in direct or covers(parsed[0]):
+                kept_names.append(name)
+                kept_bodies.append(body)
+            elif name in tcp:
+                kept_names.append(name)
+                kept_bodies.append(placeholder_cluster(name, parsed[0]) if self.tunnel else body)
         if self.usage is not None:
-            kept_names = [names[i] for i in keep] + [ALS_CLUSTER]
-            kept_bodies = [bodies[i] for i in keep] + [als_cluster(self.usage)]
-            return tuple(kept_names), tuple(kept_bodies)
-        if len(keep) == len(names):
+            kept_names.append(ALS_CLUSTER)
+            kept_bodies.append(als_cluster(self.usage))
+        if kept_bodies == list(bodies):
             return current
-        return tuple(names[i] for i in keep), tuple(bodies[i] for i in keep)
+        return tuple(kept_names), tuple(kept_bodies)

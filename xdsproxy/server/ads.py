@@ -118,6 +118,8 @@ class Runtime(Protocol):
 
     def upstream_applied(self, session: "Session", type_url: str) -> None: ...
 
+    def nacked(self, session: "Session", nack: Nacked) -> None: ...
+
 
 class Passthrough:
     def view_for(self, node: Node) -> ResourceView:
@@ -130,6 +132,9 @@ class Passthrough:
         pass
 
     def upstream_applied(self, session: "Session", type_url: str) -> None:
+        pass
+
+    def nacked(self, session: "Session", nack: Nacked) -> None:
         pass
 
 
@@ -370,3 +375,4 @@ class AdsProxy:
                         "error": event.message[:500],
                     },
                 )
+                self.runtime.nacked(session, event)

@@ -11,6 +11,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
+from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import Node
 
 from xdsproxy.debug.metrics import Metrics
@@ -26,11 +27,12 @@ from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.rules import Rules
 from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
+from xdsproxy.scope.tunnel import TUNNEL_UNSUPPORTED, supports_tunnel
 from xdsproxy.server.ads import Session
 from xdsproxy.store.base import Edges, Store, StoreError, Touch
 from xdsproxy.store.memory import MemoryStore
 from xdsproxy.wire import typeurls
-from xdsproxy.xds.events import Event
+from xdsproxy.xds.events import Event, Nacked
 from xdsproxy.xds.view import PASS_THROUGH, ResourceView
 
 log = logging.getLogger("xdsproxy.lazy")
@@ -94,6 +96,9 @@ class LazyRuntime:
         self._warn = RateLimitedLog(log)
         self._tasks: set[asyncio.Task] = set()
         self._expired_counted = 0
+        # Nodes that NACKed the tunnel listener (no internal-listener extension), so that a
+        # reconnect does not offer it again. Bounded: a node id names one pod.
+        self._no_tunnel: LRUCache[str, bool] = LRUCache(maxsize=65536)
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -159,6 +164,8 @@ class LazyRuntime:
             self.usage_sample_percent,
             self.usage_flush_seconds,
             self.fail_open,
+            tunnel=supports_tunnel(istio.istio_version) is not False
+            and istio.id not in self._no_tunnel,
         )
 
     def opened(self, session: Session) -> None:
@@ -183,6 +190,31 @@ class LazyRuntime:
         self._egress.discard(session)
         self.metrics.egress_nodes.set(len(self._egress))
         self._by_workload[WorkloadKey(istio.namespace, istio.workload)].discard(session)
+
+    def nacked(self, session: Session, nack: Nacked) -> None:
+        """A sidecar whose bootstrap lacks the internal-listener extension rejects the tunnel
+        listener: give it Istio's TCP clusters instead, once (the NACK does not repeat)."""
+        view = session.stream.view
+        if (
+            nack.type_url != typeurls.LISTENER
+            or TUNNEL_UNSUPPORTED not in nack.message
+            or not isinstance(view, SidecarView)
+            or not view.tunnel
+        ):
+            return
+        self._no_tunnel[session.node_id] = True
+        view.tunnel = False
+        log.warning(
+            "sidecar cannot tunnel TCP (no internal-listener bootstrap extension, Istio < "
+            "1.18): its TCP services stay in scope",
+            extra={"node": session.node_id},
+        )
+        # After the events of this answer are handled, not in the middle of them.
+        asyncio.get_running_loop().call_soon(self._refresh_open, session)
+
+    def _refresh_open(self, session: Session) -> None:
+        if session.id in self._nodes:
+            self.deliver(session, session.stream.refresh())
 
     def upstream_applied(self, session: Session, type_url: str) -> None:
         istio = self._nodes.get(session.id)

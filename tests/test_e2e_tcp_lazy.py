@@ -1,0 +1,159 @@
+"""Every protocol lazy, with real Envoys on the realistic profile: out-of-scope TCP and sniffed
+services reach their backend through the egress tunnel, are learned at connect, and switch to
+direct without breaking what is open."""
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from xdsproxy.harness.dump import dynamic_config
+from xdsproxy.harness.http import connect_via_sidecar, echoes, request_via_sidecar
+from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
+from xdsproxy.harness.stack import eventually
+from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
+from xdsproxy.scope.tunnel import TUNNEL_LISTENER
+
+pytestmark = pytest.mark.envoy
+
+EGRESS_REQUESTS = "http.xdsproxy_lazy_egress.downstream_rq_total"
+DRAIN_SECONDS = 2
+REJECTED = (
+    "cluster_manager.cds.update_rejected",
+    "listener_manager.lds.update_rejected",
+)
+
+
+def _clusters(envoy) -> dict[str, dict]:
+    clusters = dynamic_config(envoy.config_dump(include_eds=False))["clusters"]
+    return {name: body for name, (_, body) in clusters.items()}
+
+
+def _is_placeholder(cluster: dict) -> bool:
+    endpoints = cluster.get("load_assignment", {}).get("endpoints", [])
+    return any(
+        "envoy_internal_address" in lb["endpoint"]["address"]
+        for group in endpoints
+        for lb in group.get("lb_endpoints", [])
+    )
+
+
+def _is_real(cluster: dict) -> bool:
+    return cluster.get("type") == "EDS"
+
+
+def _cluster(service) -> str:
+    return cluster_name(ServicePort(service.fqdn, service.ports[0].number))
+
+
+def _greeting(conn: socket.socket) -> bytes:
+    return conn.recv(64)
+
+
+def _named_clusters(node: object) -> set[str]:
+    """Every `cluster` a piece of Envoy's config dump names (tcp_proxy, inline routes)."""
+    if isinstance(node, dict):
+        found = {node["cluster"]} if isinstance(node.get("cluster"), str) else set()
+        return found.union(*(_named_clusters(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_named_clusters(v) for v in node))
+    return set()
+
+
+def _rejected(envoy) -> int:
+    return sum(envoy.stat(name) for name in REJECTED)
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking(
+    delta: bool,
+) -> None:
+    async with realistic_lazy_mesh(delta) as mesh:
+        identity = sidecar_identity("app-0", "127.0.0.2")
+        sidecar = await mesh.add_sidecar(identity, delta, drain_seconds=DRAIN_SECONDS)
+        listen = identity.proxy_config["proxyListenPort"]
+        egress_cluster = mesh.proxy.runtime.egress_cluster
+
+        listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
+        assert TUNNEL_LISTENER in listeners
+        clusters = _clusters(sidecar)
+        outbound = {n: c for n, c in clusters.items() if outbound_cluster(n)}
+        real = sorted(n for n, c in outbound.items() if not _is_placeholder(c))
+        assert real == [egress_cluster], "before learning only the egress is a real cluster"
+        assert sum(map(_is_placeholder, outbound.values())) >= 10
+
+        service, echo = mesh.tcp["tcp"]
+        vip = (service.cluster_ip, service.ports[0].number)
+        name = _cluster(service)
+        tunnelled_before = mesh.egress.stat(EGRESS_REQUESTS)
+        # A connection opened while the service is out of scope: through the tunnel.
+        held = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
+        try:
+            assert await asyncio.to_thread(echoes, held)
+            assert mesh.egress.stat(EGRESS_REQUESTS) == tunnelled_before + 1
+            await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+            await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
+            switched = time.monotonic()
+
+            # The next connection goes direct: the egress sees no new tunnel.
+            direct = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
+            with direct:
+                assert await asyncio.to_thread(echoes, direct)
+            assert sidecar.stat(f"cluster.{name}.upstream_cx_total") >= 1
+            assert mesh.egress.stat(EGRESS_REQUESTS) == tunnelled_before + 1
+
+            # The tunnelled connection outlives twice the drain time after the switch.
+            while time.monotonic() - switched < 2 * DRAIN_SECONDS + 1:
+                assert await asyncio.to_thread(echoes, held), "tunnel closed after the switch"
+                await asyncio.sleep(0.1)
+        finally:
+            held.close()
+
+        # A server-first service: the greeting arrives through the tunnel before any write.
+        service, _ = mesh.tcp["server-first"]
+        vip = (service.cluster_ip, service.ports[0].number)
+        name = _cluster(service)
+        conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
+        with conn:
+            assert await asyncio.to_thread(_greeting, conn) == b"220 ready\r\n"
+            assert await asyncio.to_thread(echoes, conn)
+        await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+        await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
+        conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
+        with conn:
+            assert await asyncio.to_thread(_greeting, conn) == b"220 ready\r\n"
+        assert sidecar.stat(f"cluster.{name}.upstream_cx_total") >= 1
+
+        # A sniffed port: HTTP keeps L7 through the table's catch-all, raw TCP tunnels.
+        service, _ = mesh.tcp["sniffed"]
+        port = service.ports[0].number
+        vip = (service.cluster_ip, port)
+        name = _cluster(service)
+        before = mesh.egress.stat(EGRESS_REQUESTS)
+        reply = await asyncio.to_thread(
+            request_via_sidecar, listen, vip, f"{service.name}.{service.namespace}", "127.0.0.2"
+        )
+        assert reply.status == 200 and reply.json()["backend"] == "sniffed", reply.body
+        assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1
+        await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+        await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
+        reply = await asyncio.to_thread(
+            request_via_sidecar, listen, vip, f"{service.name}.{service.namespace}", "127.0.0.2"
+        )
+        assert reply.status == 200 and reply.json()["backend"] == "sniffed"
+        conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
+        with conn:
+            assert await asyncio.to_thread(echoes, conn)
+        assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1, "in scope: both go direct"
+
+        runtime = mesh.proxy.runtime
+        assert runtime.learns == 3
+        for envoy in (sidecar, mesh.egress):
+            assert _rejected(envoy) == 0
+            assert envoy.stat("cluster_manager.warming_clusters") == 0
+            assert envoy.stat("listener_manager.total_listeners_warming") == 0
+        # Nothing dangling: every cluster a listener of the sidecar names, it holds.
+        listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
+        named = set().union(*(_named_clusters(body) for _, body in listeners.values()))
+        assert named and named <= set(_clusters(sidecar))
