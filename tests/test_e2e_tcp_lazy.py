@@ -4,8 +4,10 @@ direct without breaking what is open."""
 
 import asyncio
 import socket
+import ssl
 import time
 
+import grpc
 import pytest
 
 from xdsproxy.harness.dump import dynamic_config
@@ -13,6 +15,7 @@ from xdsproxy.harness.http import connect_via_sidecar, echoes, request_via_sidec
 from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
+from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER
 
 pytestmark = pytest.mark.envoy
@@ -157,3 +160,126 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
         named = set().union(*(_named_clusters(body) for _, body in listeners.values()))
         assert named and named <= set(_clusters(sidecar))
+
+
+def _connect(
+    egress_port: int, authority: str, port: int, tls: ssl.SSLContext | None
+) -> str:
+    """An HTTP/1.1 CONNECT straight to the egress (not through a sidecar). Its outcome."""
+    try:
+        raw = socket.create_connection(("127.0.0.1", egress_port), timeout=5)
+        conn: socket.socket = tls.wrap_socket(raw) if tls else raw
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {exc}"
+    with conn:
+        request = (
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"{SOURCE_NAMESPACE}: ns-0\r\n{ORIGINAL_PORT}: {port}\r\n"
+            f"{ORIGINAL_DST}: {authority}\r\n\r\n"
+        )
+        try:
+            conn.sendall(request.encode())
+            head = conn.recv(4096)
+        except (ssl.SSLError, OSError) as exc:
+            return f"refused: {exc!r}"
+        if not head:
+            return "refused: closed"
+        return f"status {head.split(b' ', 2)[1].decode()}"
+
+
+def _client_tls(cert=None, key=None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers() -> None:
+    async with realistic_lazy_mesh(delta=False, mtls=True) as mesh:
+        assert mesh.mesh_ca is not None
+        identity = sidecar_identity("app-0", "127.0.0.2")
+        sidecar = await mesh.add_sidecar(identity, delta=False)
+        listen = identity.proxy_config["proxyListenPort"]
+        egress_port = mesh.proxy.config.egress_settings.port
+        service, _ = mesh.tcp["tcp"]
+        port = service.ports[0].number
+
+        # Through the sidecar, over mesh mTLS, attributed by the sidecar's SPIFFE identity.
+        conn = await asyncio.to_thread(
+            connect_via_sidecar, listen, (service.cluster_ip, port), "127.0.0.2"
+        )
+        with conn:
+            assert await asyncio.to_thread(echoes, conn)
+        await eventually(lambda: _is_real(_clusters(sidecar)[_cluster(service)]), timeout=10)
+        assert mesh.proxy.runtime.learns == 1
+
+        mesh_cert = mesh.mesh_ca.sds.workloads[identity.node_id]
+        with_cert = _client_tls(mesh_cert.cert, mesh_cert.key)
+        admin = mesh.egress.admin
+        outside = mesh.backends["outside"]
+        # A mesh certificate is not enough to CONNECT anywhere but to a mesh service: not the
+        # egress's own admin, not an address outside the mesh, in a TCP or an HTTP port's scope.
+        for target, scope_port in (
+            (admin, port),
+            (admin, mesh.port),
+            (f"{outside.host}:{outside.port}", mesh.port),
+            (f"{outside.host}:{outside.port}", port),
+        ):
+            outcome = await asyncio.to_thread(_connect, egress_port, target, scope_port, with_cert)
+            assert outcome == "status 404", f"CONNECT {target} in scope {scope_port}: {outcome}"
+        # The control: the same client reaches a mesh service, so the 404s are the target.
+        outcome = await asyncio.to_thread(
+            _connect, egress_port, f"{service.fqdn}:{port}", port, with_cert
+        )
+        assert outcome == "status 200"
+        # Without a mesh certificate nothing is tunnelled at all.
+        for tls in (None, _client_tls()):
+            outcome = await asyncio.to_thread(
+                _connect, egress_port, f"{service.fqdn}:{port}", port, tls
+            )
+            assert outcome.startswith("refused"), outcome
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+@pytest.mark.parametrize("version", ["1.9.1", ""], ids=["old-istio", "unknown-version"])
+async def test_a_sidecar_without_the_internal_listener_keeps_its_tcp_services(
+    delta: bool, version: str
+) -> None:
+    """Istio before 1.18 has no internal-listener bootstrap extension: known from the node's
+    ISTIO_VERSION, or else from the one NACK of the tunnel listener, never repeated."""
+    async with realistic_lazy_mesh(delta) as mesh:
+        identity = sidecar_identity("app-0", "127.0.0.2")
+        identity.istio_version, identity.internal_listener = version, False
+        sidecar = await mesh.add_sidecar(identity, delta)
+        listen = identity.proxy_config["proxyListenPort"]
+        service, _ = mesh.tcp["tcp"]
+
+        await eventually(lambda: _is_real(_clusters(sidecar)[_cluster(service)]), timeout=10)
+        clusters = _clusters(sidecar)
+        assert not any(map(_is_placeholder, clusters.values()))
+        listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
+        assert TUNNEL_LISTENER not in listeners
+        conn = await asyncio.to_thread(
+            connect_via_sidecar, listen, (service.cluster_ip, service.ports[0].number), "127.0.0.2"
+        )
+        with conn:
+            assert await asyncio.to_thread(echoes, conn)
+        nacks = sidecar.stat("listener_manager.lds.update_rejected")
+        assert nacks == (1 if not version else 0)
+        # No NACK loop: nothing more is rejected, not even after the stream reconnects.
+        session = next(
+            s for s in mesh.proxy.proxy.sessions.values() if identity.node_id == s.node_id
+        )
+        session.end(grpc.StatusCode.UNAVAILABLE, "test: reconnect")
+        await eventually(
+            lambda: sum(
+                s.node_id == identity.node_id and s.id != session.id
+                for s in mesh.proxy.proxy.sessions.values()
+            ),
+            timeout=15,
+        )
+        await asyncio.sleep(1)
+        assert sidecar.stat("listener_manager.lds.update_rejected") == nacks
+        assert not any(map(_is_placeholder, _clusters(sidecar).values()))

@@ -208,25 +208,31 @@ REALISTIC_ROLES = {
 
 
 @asynccontextmanager
-async def realistic_lazy_mesh(delta: bool) -> AsyncIterator[LazyMesh]:
+async def realistic_lazy_mesh(delta: bool, mtls: bool = False) -> AsyncIterator[LazyMesh]:
     """A lazy mesh on the simulator's realistic profile (sniffed, TCP and HTTP ports, as Istio
-    sends them), with live backends for the services in `REALISTIC_ROLES`."""
+    sends them), with live backends for the services in `REALISTIC_ROLES`; `mtls` as for
+    `lazy_mesh`."""
     async with AsyncExitStack() as stack:
+        mesh_ca = None
+        if mtls:
+            mesh_ca = await asyncio.to_thread(MeshCa)
+            await stack.enter_async_context(mesh_ca.sds)
         backends = {"outside": stack.enter_context(Backend("outside", host="127.0.0.50"))}
         port = backends["outside"].port
         egress_port = free_port()
         mesh = generate(20, namespaces=2, http_ports=(port,), profile="realistic")
+        mesh.auto_mtls = mtls
         tcp: dict[str, tuple[Service, EchoServer]] = {}
         for role, (index, greeting) in REALISTIC_ROLES.items():
             server = stack.enter_context(EchoServer(greeting=greeting, name=role))
             fqdn = next(f for f, s in mesh.services.items() if s.name == f"svc-{index}")
             mesh.set_endpoints(fqdn, [Endpoint("127.0.0.1", server.port)])
             tcp[role] = (mesh.services[fqdn], server)
-        mesh.add(egress_service(port, egress_port))
+        mesh.add(egress_service(port, egress_port, mtls))
         sim, proxy, egress = await stack.enter_async_context(
-            lazy_stack(mesh, egress_port, port, delta)
+            lazy_stack(mesh, egress_port, port, delta, mesh_ca=mesh_ca)
         )
-        yield LazyMesh(sim, proxy, egress, port, backends, stack, tcp=tcp)
+        yield LazyMesh(sim, proxy, egress, port, backends, stack, mesh_ca, tcp=tcp)
 
 
 @asynccontextmanager
