@@ -86,7 +86,7 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         assert real == [egress_cluster], "before learning only the egress is a real cluster"
         assert sum(map(_is_placeholder, outbound.values())) >= 10
 
-        service, echo = mesh.tcp["tcp"]
+        service, _ = mesh.tcp["tcp"]
         vip = (service.cluster_ip, service.ports[0].number)
         name = _cluster(service)
         tunnelled_before = mesh.egress.stat(EGRESS_REQUESTS)
@@ -162,9 +162,7 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         assert named and named <= set(_clusters(sidecar))
 
 
-def _connect(
-    egress_port: int, authority: str, port: int, tls: ssl.SSLContext | None
-) -> str:
+def _connect(egress_port: int, authority: str, port: int, tls: ssl.SSLContext | None) -> str:
     """An HTTP/1.1 CONNECT straight to the egress (not through a sidecar). Its outcome."""
     try:
         raw = socket.create_connection(("127.0.0.1", egress_port), timeout=5)
