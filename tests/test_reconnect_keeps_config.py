@@ -1,7 +1,8 @@
 """Never remove what Envoy should keep: on a fresh upstream stream (xdsproxy restarted, Istiod
 restarted) Istiod sends CDS before LDS, and a scoped sidecar's clusters depend on its
-listeners (TCP services). Real Envoy, both protocols: no cluster is removed across either
-restart, and a TCP connection open through the sidecar stays open."""
+listeners (TCP services: their placeholders, or Istio's clusters on a sidecar that cannot
+tunnel). Real Envoy, both protocols: no cluster or listener is removed across either restart,
+and a TCP connection open through the sidecar stays open."""
 
 import asyncio
 
@@ -37,8 +38,13 @@ async def _start_sim(mesh, port: int = 0) -> SimServer:
     return sim
 
 
+@pytest.mark.parametrize("tunnel", [True, False], ids=["placeholders", "istio-1.9"])
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(delta: bool, tmp_path) -> None:
+async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(
+    delta: bool, tunnel: bool, tmp_path
+) -> None:
+    """With placeholders (no egress runs here) the check is that nothing is removed; on a
+    sidecar that cannot tunnel, also that a connection to its TCP service stays open."""
     with EchoServer() as echo:
         mesh = generate(20, tcp_every=0)
         tcp = _tcp_services(echo)
@@ -56,6 +62,8 @@ async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(delta: bool, tm
         )  # fmt: skip
         await asyncio.to_thread(proxy.start)
         identity = sidecar_identity("app-0", "127.0.0.2")
+        if not tunnel:
+            identity.istio_version, identity.internal_listener = "1.9.1", False
         listen = identity.proxy_config["proxyListenPort"]
         conn = None
         try:
@@ -63,12 +71,18 @@ async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(delta: bool, tm
                 await eventually(
                     lambda: set(clusters) <= set(dynamic_config(envoy.config_dump())["clusters"])
                 )
-                await eventually(
-                    lambda: envoy.stat(f"cluster.{clusters[0]}.membership_healthy") > 0
-                )
-                conn = await asyncio.to_thread(connect_via_sidecar, listen, ("10.97.1.1", 3306))
-                assert await asyncio.to_thread(echoes, conn)
+                if not tunnel:
+                    await eventually(
+                        lambda: envoy.stat(f"cluster.{clusters[0]}.membership_healthy") > 0
+                    )
+                    conn = await asyncio.to_thread(connect_via_sidecar, listen, ("10.97.1.1", 3306))
+                    assert await asyncio.to_thread(echoes, conn)
+
+                def still_open() -> bool:
+                    return conn is None or echoes(conn)
+
                 removed = envoy.stat("cluster_manager.cluster_removed")
+                listeners_removed = envoy.stat("listener_manager.listener_removed")
 
                 async def reconnected(restart) -> None:
                     updates = envoy.stat("cluster_manager.cds.update_attempt")
@@ -98,12 +112,11 @@ async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(delta: bool, tm
                     )
                     sim = await _start_sim(mesh, sim_port)
 
-                await reconnected(restart_xdsproxy)
-                assert envoy.stat("cluster_manager.cluster_removed") == removed
-                assert await asyncio.to_thread(echoes, conn)
-                await reconnected(restart_istiod)
-                assert envoy.stat("cluster_manager.cluster_removed") == removed
-                assert await asyncio.to_thread(echoes, conn)
+                for restart in (restart_xdsproxy, restart_istiod):
+                    await reconnected(restart)
+                    assert envoy.stat("cluster_manager.cluster_removed") == removed
+                    assert envoy.stat("listener_manager.listener_removed") == listeners_removed
+                    assert await asyncio.to_thread(still_open)
                 assert set(clusters) <= set(dynamic_config(envoy.config_dump())["clusters"])
         finally:
             if conn is not None:

@@ -24,9 +24,7 @@ class ListenerRefs:
     tcp_clusters: frozenset[str]  # those its TCP proxies send to (placeholder candidates)
 
 
-def _chain_refs(
-    chain: FilterChain, clusters: set[str], tables: set[str], tcp: set[str]
-) -> None:
+def _chain_refs(chain: FilterChain, clusters: set[str], tables: set[str], tcp: set[str]) -> None:
     for network_filter in chain.filters:
         config = network_filter.typed_config
         if config.type_url == _TCP_PROXY:
