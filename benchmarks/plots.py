@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from benchmarks.lazy import mix
 from benchmarks.report import load_json, results_dir
 
 CASES = ("full", "lazy", "ideal")
@@ -13,9 +14,8 @@ CASES = ("full", "lazy", "ideal")
 
 def lazy_plot(points: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for tcp_every, style in ((0, "-"), (10, "--")):
-        share = "no TCP" if tcp_every == 0 else f"1/{tcp_every} TCP"
-        mine = [p for p in points if p["tcp_every"] == tcp_every]
+    for share, style in (("no TCP", "-"), ("1/10 TCP", "--"), ("realistic", ":")):
+        mine = [p for p in points if mix(p) == share]
         for n, k in enumerate(sorted({p["k"] for p in mine})):
             chosen = sorted((p for p in mine if p["k"] == k), key=lambda p: p["services"])
             sizes = [p["services"] for p in chosen]

@@ -13,6 +13,7 @@ import pytest
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import connect_via_sidecar, echoes, request_via_sidecar
 from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
+from xdsproxy.harness.pki import Authority
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
@@ -194,7 +195,7 @@ def _client_tls(cert=None, key=None) -> ssl.SSLContext:
     return context
 
 
-async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers() -> None:
+async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp_path) -> None:
     async with realistic_lazy_mesh(delta=False, mtls=True) as mesh:
         assert mesh.mesh_ca is not None
         identity = sidecar_identity("app-0", "127.0.0.2")
@@ -233,7 +234,9 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers() -
         )
         assert outcome == "status 200"
         # Without a mesh certificate nothing is tunnelled at all.
-        for tls in (None, _client_tls()):
+        foreign = await asyncio.to_thread(Authority, tmp_path, "foreign")
+        impostor = await asyncio.to_thread(foreign.workload, "ns-0", "default")
+        for tls in (None, _client_tls(), _client_tls(impostor.cert, impostor.key)):
             outcome = await asyncio.to_thread(
                 _connect, egress_port, f"{service.fqdn}:{port}", port, tls
             )

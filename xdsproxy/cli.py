@@ -258,7 +258,12 @@ def _demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         "demo", help="what lazy loading saves, end to end with real Envoys", parents=[common]
     )
     p.add_argument("--services", type=int, default=2000, help="mesh size (default 2000)")
-    p.add_argument("--calls", type=int, default=5, help="services the workload calls")
+    p.add_argument(
+        "--calls",
+        type=int,
+        default=6,
+        help="services the workload calls (a third each HTTP, protocol-sniffed and TCP)",
+    )
     p.add_argument(
         "--output", type=Path, default=Path("demo-output"), help="where the PNG plot goes"
     )

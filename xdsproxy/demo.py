@@ -1,10 +1,12 @@
 """`xdsproxy demo`: what lazy loading saves, end to end on loopback, with real Envoys.
 
-It starts the simulated Istiod (a stand-in for Istiod) with a mesh of `services` services,
-xdsproxy in lazy mode, the lazy egress Envoy, a backend, and two sidecar Envoys of the same
+It starts the simulated Istiod (a stand-in for Istiod) with a mesh of `services` services on
+the realistic profile (6 in 10 ports protocol-sniffed, 3 TCP, 1 HTTP, as Istio sends them),
+xdsproxy in lazy mode, the lazy egress Envoy, backends, and two sidecar Envoys of the same
 kind: one connected straight to the simulator (full push, today's Istio) and one through
-xdsproxy (lazy). It sends the lazy sidecar's first requests to a few services (through the
-egress; xdsproxy learns them), then compares the two sidecars and writes a PNG plot.
+xdsproxy (lazy). The lazy sidecar's first calls, HTTP requests and TCP connections, go through
+the egress and xdsproxy learns each; then the demo compares the two sidecars and writes a PNG
+plot.
 """
 
 import asyncio
@@ -18,16 +20,20 @@ from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.json_format import ParseDict
 
 from xdsproxy.harness.envoy import Envoy
-from xdsproxy.harness.http import Backend, free_port
+from xdsproxy.harness.http import Backend, EchoServer, free_port
 from xdsproxy.harness.lazymesh import (
+    ALL_PROTOCOLS,
     egress_service,
     lazy_stack,
+    learn_tcp_through_egress,
     learn_through_egress,
     pick_services,
     sidecar_identity,
 )
 from xdsproxy.harness.stack import eventually, running_envoy, session_of, settled
+from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.istio.node import parse_node
+from xdsproxy.scope.tunnel import placeholder_cluster
 from xdsproxy.sim.mesh import Endpoint, generate
 from xdsproxy.wire import typeurls
 
@@ -43,6 +49,7 @@ TYPES = {
 @dataclass
 class Side:
     clusters: int
+    placeholders: int
     bytes_by_type: dict[str, int]
     allocated_mb: float
     rss_mb: float
@@ -64,14 +71,21 @@ async def _demo(services: int, calls: int, output: Path) -> int:
     steps = 7
     async with AsyncExitStack() as stack:
         backend = stack.enter_context(Backend("backend"))
-        mesh = generate(services, tcp_every=0)
-        targets = pick_services(mesh, calls)
+        # A server-first TCP service (it greets before the client writes), as databases do.
+        database = stack.enter_context(EchoServer(greeting=b"220 ready\r\n"))
+        mesh = generate(services, profile="realistic", http_ports=(EGRESS_SERVICE_PORT,))
+        # The workload calls services of each protocol: a third HTTP, sniffed and TCP each.
+        targets = [
+            target
+            for n, kind in enumerate(ALL_PROTOCOLS)
+            for target in pick_services(mesh, (calls + 2 - n) // 3, (kind,))
+        ]
+        protocols = {t: mesh.services[t.host].ports[0].protocol for t in targets}
         for target in targets:
             service = mesh.services[target.host]
             subsets = [name for name, _ in service.subsets] or [""]
-            mesh.set_endpoints(
-                target.host, [Endpoint("127.0.0.1", backend.port, s) for s in subsets]
-            )
+            port = database.port if protocols[target] == "TCP" else backend.port
+            mesh.set_endpoints(target.host, [Endpoint("127.0.0.1", port, s) for s in subsets])
         egress_port = free_port()
         mesh.add(egress_service(EGRESS_SERVICE_PORT, egress_port))
         _say(
@@ -117,16 +131,23 @@ async def _demo(services: int, calls: int, output: Path) -> int:
         )
 
         listen = lazy_id.proxy_config["proxyListenPort"]
-        latencies = [
-            await learn_through_egress(lazy, listen, mesh, target, "127.0.0.2")
-            for target in targets
-        ]
+        latencies = []
+        for target in targets:
+            learn = learn_tcp_through_egress if protocols[target] == "TCP" else learn_through_egress
+            latencies.append(await learn(lazy, listen, mesh, target, "127.0.0.2"))
+            print(
+                f"      {protocols[target]:>7} {target}: learned in {latencies[-1]:.0f} ms",
+                flush=True,
+            )
+        mix = ", ".join(
+            f"{sum(p == kind for p in protocols.values())} {kind}" for kind in ALL_PROTOCOLS
+        )
         _say(
             5,
             steps,
-            f"{calls} first requests went through the egress; xdsproxy learned each "
-            f"(median {statistics.median(latencies):.0f} ms from request to cluster on the "
-            "sidecar)",
+            f"{len(targets)} first calls ({mix}) went through the egress; xdsproxy learned "
+            f"each (median {statistics.median(latencies):.0f} ms from the call to Istio's "
+            "cluster on the sidecar)",
         )
 
         await settled(lazy, proxy, "app-0")
@@ -137,11 +158,23 @@ async def _demo(services: int, calls: int, output: Path) -> int:
             k: sum(map(len, sim.snapshot.resources(t, node).values())) for k, t in TYPES.items()
         }
         lazy_bytes = {k: status[t].pushed_bytes for k, t in TYPES.items() if t in status}
+        pushed = session_of(proxy, "app-0").stream.pushed(typeurls.CLUSTER)
+        placeholders = sum(
+            body == placeholder_cluster(name, parsed[0])
+            for name, body in zip(*pushed, strict=True)
+            if (parsed := outbound_cluster(name))
+        )
         before = Side(
-            full.stat("cluster_manager.active_clusters") - 1, full_bytes, *(await _memory(full))
+            full.stat("cluster_manager.active_clusters") - 1,
+            0,
+            full_bytes,
+            *(await _memory(full)),
         )
         after = Side(
-            lazy.stat("cluster_manager.active_clusters") - 1, lazy_bytes, *(await _memory(lazy))
+            lazy.stat("cluster_manager.active_clusters") - 1 - placeholders,
+            placeholders,
+            lazy_bytes,
+            *(await _memory(lazy)),
         )
         _say(6, steps, "measured both sidecars")
         _print_table(before, after, latencies)
@@ -160,6 +193,12 @@ def _print_table(before: Side, after: Side, latencies: list[float]) -> None:
             f"{before.clusters}",
             f"{after.clusters}",
             ratio(before.clusters, after.clusters),
+        ),
+        (
+            "placeholder clusters (TCP, sniffed)",
+            f"{before.placeholders}",
+            f"{after.placeholders}",
+            "",
         ),
         (
             "config bytes (CDS+EDS+LDS+RDS)",
@@ -230,7 +269,7 @@ def _plot(before: Side, after: Side, services: int, output: Path) -> Path:
     return path.resolve()
 
 
-def run_demo(services: int = 2000, calls: int = 5, output: Path = Path("demo-output")) -> int:
+def run_demo(services: int = 2000, calls: int = 6, output: Path = Path("demo-output")) -> int:
     try:
         return asyncio.run(_demo(services, calls, output))
     except KeyboardInterrupt:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.envoy import Envoy, SidecarIdentity
-from xdsproxy.harness.http import Backend, EchoServer, free_port, request_via_sidecar
+from xdsproxy.harness.http import (
+    Backend,
+    EchoServer,
+    connect_via_sidecar,
+    echoes,
+    free_port,
+    request_via_sidecar,
+)
 from xdsproxy.harness.pki import Authority
 from xdsproxy.harness.sds import SdsServer
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
@@ -245,12 +252,16 @@ async def running_sim_with(mesh: Mesh) -> AsyncIterator[SimServer]:
         await sim.stop()
 
 
-def pick_services(mesh: Mesh, k: int) -> list[ServicePort]:
-    """k HTTP services spread over the mesh's namespaces (the egress's own excluded)."""
+ALL_PROTOCOLS = ("HTTP", "SNIFFED", "TCP")
+
+
+def pick_services(mesh: Mesh, k: int, protocols: tuple[str, ...] = ("HTTP",)) -> list[ServicePort]:
+    """k services whose port is of one of `protocols`, spread over the mesh's namespaces
+    (the egress's own excluded)."""
     candidates = [
         s
         for s in mesh.services.values()
-        if s.kind == "eds" and s.ports[0].protocol == "HTTP" and s.namespace != "istio-system"
+        if s.kind == "eds" and s.ports[0].protocol in protocols and s.namespace != "istio-system"
     ]
     step = max(1, len(candidates) // k)
     return [ServicePort(s.fqdn, s.ports[0].number) for s in candidates[::step][:k]]
@@ -272,4 +283,32 @@ async def learn_through_egress(
     await eventually(
         lambda: sidecar.stat(f"cluster.{name}.membership_total") > 0, timeout=10, interval=0.002
     )
+    return (time.perf_counter() - start) * 1000
+
+
+def runs_istio_cluster(sidecar: Envoy, name: str) -> bool:
+    """The sidecar runs Istio's EDS cluster `name`, warmed (not the placeholder of that name,
+    which is STATIC: it never counts an EDS update)."""
+    return (
+        sidecar.stat(f"cluster.{name}.update_success") > 0
+        and sidecar.stat(f"cluster.{name}.membership_healthy") > 0
+    )
+
+
+async def learn_tcp_through_egress(
+    sidecar: Envoy, listen: int, mesh: Mesh, target: ServicePort, source: str
+) -> float:
+    """Open a first connection to the TCP service `target` through the sidecar (it goes
+    through the egress tunnel), check it echoes, and wait until the sidecar runs the service's
+    own cluster. Milliseconds from connect."""
+    service = mesh.services[target.host]
+    start = time.perf_counter()
+    conn = await asyncio.to_thread(
+        connect_via_sidecar, listen, (service.cluster_ip, target.port), source
+    )
+    with conn:
+        if not await asyncio.to_thread(echoes, conn):
+            raise RuntimeError(f"connection to {target} through the tunnel did not echo")
+    name = cluster_name(target)
+    await eventually(lambda: runs_istio_cluster(sidecar, name), timeout=10, interval=0.002)
     return (time.perf_counter() - start) * 1000
