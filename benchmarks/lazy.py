@@ -101,7 +101,7 @@ async def config_points(
             "full": full,
         }
         out["lazy"] = await _lazy(mesh, deps, identity)
-        ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps})
+        ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps}, profile=profile)
         ideal.add(egress_service(EGRESS_PORT, 15081))
         async with running_sim(ideal) as sim, running_proxy(sim.port) as proxy:
             async with running_envoy(proxy.port, identity=identity) as envoy:

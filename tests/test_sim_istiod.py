@@ -338,8 +338,8 @@ def _listener_shape(listener: dict) -> dict:
 
 
 def test_realistic_profile_emits_the_listener_shapes_of_the_real_dump() -> None:
-    """Each VIP listener shape the simulator emits is one Istio 1.18 sent (DeathStarBench dump),
-    so the simulator cannot drift from Istio again."""
+    """Each listener shape the simulator emits (sniffed and TCP `VIP_PORT`, HTTP `0.0.0.0_PORT`)
+    is one Istio 1.18 sent (DeathStarBench dump), so the simulator cannot drift from Istio."""
     import json as jsonlib
 
     from envoy.config.listener.v3.listener_pb2 import Listener
@@ -355,20 +355,18 @@ def test_realistic_profile_emits_the_listener_shapes_of_the_real_dump() -> None:
     real = [
         e["active_state"]["listener"] for e in section["dynamic_listeners"] if "active_state" in e
     ]
-    real_vip = [
-        _listener_shape(x) for x in real if not x["name"].startswith(("0.0.0.0", "virtual"))
-    ]
+    real_shapes = [_listener_shape(x) for x in real if not x["name"].startswith("virtual")]
     emitted = Snapshot(generate(40, profile="realistic"), "v", None).resources(
         typeurls.LISTENER, _istio_node("ns-0")
     )
     shapes = []
     for name, body in emitted.items():
-        if name.startswith(("0.0.0.0", "virtual")):
+        if name.startswith("virtual"):
             continue
         listener = Listener()
         Any.FromString(body).Unpack(listener)
         shapes.append(_listener_shape(MessageToDict(listener, preserving_proto_field_name=True)))
-    kinds = {("sniffed" if s["default"] else "tcp") for s in shapes}
-    assert kinds == {"sniffed", "tcp"}
+    kinds = {"http" if s["rds"] == [0] else "sniffed" if s["default"] else "tcp" for s in shapes}
+    assert kinds == {"sniffed", "tcp", "http"}
     for shape in shapes:
-        assert shape in real_vip, shape
+        assert shape in real_shapes, shape

@@ -185,7 +185,7 @@ async def _demo(services: int, calls: int, output: Path) -> int:
 
 def _print_table(before: Side, after: Side, latencies: list[float]) -> None:
     def ratio(a: float, b: float) -> str:
-        return f"{a / b:.0f}x less" if b else "-"
+        return f"{a / b:.1f}x less" if b else "-"
 
     rows = [
         (

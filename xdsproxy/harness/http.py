@@ -170,3 +170,12 @@ def echoes(conn: socket.socket, payload: bytes = b"ping\n") -> bool:
         return received == payload
     except OSError:
         return False
+
+
+def answers(conn: socket.socket) -> bool:
+    """The service at the other end says something: its greeting, or the echo of a ping."""
+    try:
+        conn.sendall(b"ping\n")
+        return bool(conn.recv(65536))
+    except OSError:
+        return False

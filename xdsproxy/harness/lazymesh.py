@@ -13,8 +13,8 @@ from xdsproxy.harness.envoy import Envoy, SidecarIdentity
 from xdsproxy.harness.http import (
     Backend,
     EchoServer,
+    answers,
     connect_via_sidecar,
-    echoes,
     free_port,
     request_via_sidecar,
 )
@@ -299,16 +299,16 @@ async def learn_tcp_through_egress(
     sidecar: Envoy, listen: int, mesh: Mesh, target: ServicePort, source: str
 ) -> float:
     """Open a first connection to the TCP service `target` through the sidecar (it goes
-    through the egress tunnel), check it echoes, and wait until the sidecar runs the service's
-    own cluster. Milliseconds from connect."""
+    through the egress tunnel), check the service answers (a greeting or an echo), and wait
+    until the sidecar runs the service's own cluster. Milliseconds from connect."""
     service = mesh.services[target.host]
     start = time.perf_counter()
     conn = await asyncio.to_thread(
         connect_via_sidecar, listen, (service.cluster_ip, target.port), source
     )
     with conn:
-        if not await asyncio.to_thread(echoes, conn):
-            raise RuntimeError(f"connection to {target} through the tunnel did not echo")
+        if not await asyncio.to_thread(answers, conn):
+            raise RuntimeError(f"no answer from {target} through the tunnel")
     name = cluster_name(target)
     await eventually(lambda: runs_istio_cluster(sidecar, name), timeout=10, interval=0.002)
     return (time.perf_counter() - start) * 1000

@@ -203,6 +203,15 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
         outbound.listener_filters.add(
             name="envoy.filters.listener.proxy_protocol", typed_config=typed(ProxyProtocol())
         )
+    realistic = mesh.profile == "realistic"
+    if realistic:
+        # Istio's guard against a loop: traffic to 15001 itself goes nowhere.
+        blackhole = outbound.filter_chains.add(name="virtualOutbound-blackhole")
+        blackhole.filter_chain_match.destination_port.value = ports.outbound
+        blackhole.filters.add(
+            name="envoy.filters.network.tcp_proxy",
+            typed_config=typed(_tcp_proxy(BLACKHOLE, BLACKHOLE)),
+        )
     outbound.filter_chains.add(name="virtualOutbound-catchall-tcp").filters.add(
         name="envoy.filters.network.tcp_proxy",
         typed_config=typed(_tcp_proxy(PASSTHROUGH, PASSTHROUGH)),
@@ -218,10 +227,20 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
     )
     for port in http_ports:
         listener = _listener(f"0.0.0.0_{port}", "0.0.0.0", port, False)
-        listener.filter_chains.add().filters.add(
-            name="envoy.filters.network.http_connection_manager",
-            typed_config=typed(_http_manager(f"outbound_0.0.0.0_{port}", str(port))),
-        )
+        manager = _http_manager(f"outbound_0.0.0.0_{port}", str(port))
+        if realistic:
+            # Istio sniffs HTTP ports too: plaintext HTTP to the port's table, anything else
+            # to its original destination.
+            _sniff(listener, manager)
+            listener.default_filter_chain.name = "PassthroughFilterChain"
+            listener.default_filter_chain.filters.add(
+                name="envoy.filters.network.tcp_proxy",
+                typed_config=typed(_tcp_proxy(PASSTHROUGH, PASSTHROUGH)),
+            )
+        else:
+            listener.filter_chains.add().filters.add(
+                name="envoy.filters.network.http_connection_manager", typed_config=typed(manager)
+            )
         listeners.append(listener)
     for service in mesh.services.values():
         for port in service.ports:
@@ -233,7 +252,8 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
             if port.protocol == "TCP":
                 chain = listener.filter_chains.add()
             else:
-                _sniff(listener, f"outbound_{name}", f"{service.fqdn}:{port.number}")
+                table = f"{service.fqdn}:{port.number}"
+                _sniff(listener, _http_manager(f"outbound_{name}", table))
                 chain = listener.default_filter_chain
             chain.filters.add(
                 name="envoy.filters.network.tcp_proxy",
@@ -243,9 +263,10 @@ def build_listeners(mesh: Mesh, ports: ListenerPorts) -> list[Listener]:
     return listeners
 
 
-def _sniff(listener: Listener, stat_prefix: str, route_name: str) -> None:
-    """Istio's protocol sniffing: inspectors, and plaintext HTTP to the per-service table;
-    whatever else arrives takes the default chain."""
+def _sniff(listener: Listener, manager: hcm.HttpConnectionManager) -> None:
+    """Istio's protocol sniffing: inspectors, and plaintext HTTP to `manager` (the
+    per-service table of a sniffed port, the port table of an HTTP port); whatever else
+    arrives takes the default chain."""
     listener.listener_filters.add(
         name="envoy.filters.listener.tls_inspector", typed_config=typed(TlsInspector())
     )
@@ -259,7 +280,7 @@ def _sniff(listener: Listener, stat_prefix: str, route_name: str) -> None:
     chain.filter_chain_match.application_protocols.extend(["http/1.1", "h2c"])
     chain.filters.add(
         name="envoy.filters.network.http_connection_manager",
-        typed_config=typed(_http_manager(stat_prefix, route_name)),
+        typed_config=typed(manager),
     )
 
 

@@ -64,6 +64,9 @@ class Mesh:
     # Istio's auto mTLS: outbound clusters carry its transport socket matches (they need an
     # `sds-grpc` cluster in every Envoy's bootstrap, as Istio's has).
     auto_mtls: bool = False
+    # Which listener shapes to emit (see PROFILES): `realistic` adds Istio's inspectors and
+    # PassthroughFilterChain to HTTP port listeners and the 15001 blackhole chain.
+    profile: str = "named-ports"
 
     def add(self, service: Service) -> None:
         self.services[service.fqdn] = service
@@ -118,7 +121,7 @@ def generate(
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: one of {', '.join(PROFILES)}")
     count = namespaces or max(2, min(10, services // 100))
-    mesh = Mesh(registry_only=registry_only)
+    mesh = Mesh(registry_only=registry_only, profile=profile)
     for i in range(services):
         namespace = f"ns-{i % count}"
         if profile == "realistic":
