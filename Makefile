@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick bench-forward bench-lazy bench-usage soak lint format clean
+.PHONY: install test demo bench bench-quick bench-forward bench-lazy bench-tunnel bench-usage soak lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # Every benchmark at full size; figures in benchmarks/results/*.json and benchmarks/RESULTS.md.
 # About an hour on two cores.
-bench: bench-forward bench-lazy bench-usage
+bench: bench-forward bench-lazy bench-tunnel bench-usage
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.churn
 	$(BIN)/python -m benchmarks.storm
@@ -38,6 +38,7 @@ bench-quick: $(STAMP)
 	rm -rf build/bench-quick
 	$(QUICK) $(BIN)/python -m benchmarks.forward --sizes 1000
 	$(QUICK) $(BIN)/python -m benchmarks.lazy --sizes 100 500 --k 5 20 --tcp-every 10 --learns 5 --learn-services 100
+	$(QUICK) $(BIN)/python -m benchmarks.tunnel --per-kind 200 --learns 3 --learn-services 100 --transfer-mib 8
 	$(QUICK) $(BIN)/python -m benchmarks.usage
 	$(QUICK) $(BIN)/python -m benchmarks.scale --services 200 --clients 10 20 --cds-only-clients 10 --lazy-clients 10 --settle 1
 	$(QUICK) $(BIN)/python -m benchmarks.churn --services 200 --runs sotw:10 delta:10 --seconds 3 --trace 5
@@ -53,6 +54,9 @@ bench-forward: $(STAMP)
 
 bench-lazy: $(STAMP)
 	$(BIN)/python -m benchmarks.lazy
+
+bench-tunnel: $(STAMP)
+	$(BIN)/python -m benchmarks.tunnel
 
 bench-usage: $(STAMP)
 	$(BIN)/python -m benchmarks.usage

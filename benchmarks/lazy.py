@@ -85,7 +85,7 @@ async def config_points(
     are of every protocol; on named ports they are HTTP services."""
     mesh = generate(n, tcp_every=tcp_every, profile=profile)
     mesh.add(egress_service(EGRESS_PORT, 15081))
-    identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app")
+    identity = sidecar_identity("app-0", "127.0.0.1", "ns-0", "app", istio_stats=True)
     async with running_sim(mesh) as sim, running_proxy(sim.port) as proxy:
         async with running_envoy(proxy.port, identity=identity) as envoy:
             full = await _measure(envoy, proxy)
@@ -186,11 +186,17 @@ def _percentiles(label: str, values: list[float]) -> dict:
     }
 
 
+def _key(point: dict) -> tuple:
+    return (point.get("profile", "named-ports"), point["tcp_every"], point["services"], point["k"])
+
+
 def write_results(points: list[dict], latency: dict | None) -> None:
-    """Write what ran; a part not run this time (no --sizes, or --learns 0) keeps its last
-    figures from results/lazy.json."""
+    """Write what ran; what did not run this time (another size or profile, or --learns 0)
+    keeps its last figures from results/lazy.json."""
     previous = load_json("lazy") or {}
-    points = points or previous.get("config", [])
+    merged = {_key(p): p for p in previous.get("config", [])}
+    merged.update({_key(p): p for p in points})
+    points = sorted(merged.values(), key=lambda p: (p["services"], str(_key(p)[:2]), p["k"]))
     latency = latency or previous.get("learn_latency")
     save_json("lazy", {"config": points, "learn_latency": latency})
     lines = [

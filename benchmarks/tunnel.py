@@ -79,7 +79,7 @@ class StaticAds:
 async def _allocated(resources: dict[str, dict[str, bytes]]) -> float:
     ads = StaticAds(resources)
     port = await ads.upstream.start()
-    identity = sidecar_identity("bench-0", "127.0.0.1")
+    identity = sidecar_identity("bench-0", "127.0.0.1", istio_stats=True)
     try:
         async with running_envoy(port, identity=identity) as envoy:
             expected = len(resources.get(typeurls.CLUSTER, {})) + 1  # + xds-grpc

@@ -103,7 +103,7 @@ async def _demo(services: int, calls: int, output: Path) -> int:
             f"with {egress.stat('cluster_manager.active_clusters')} clusters",
         )
 
-        full_id = sidecar_identity("full-0", "127.0.0.3", "ns-0", "full")
+        full_id = sidecar_identity("full-0", "127.0.0.3", "ns-0", "full", istio_stats=True)
         full = await stack.enter_async_context(running_envoy(sim.port, identity=full_id))
         await eventually(
             lambda: (
@@ -120,7 +120,7 @@ async def _demo(services: int, calls: int, output: Path) -> int:
             f"{full.stat('cluster_manager.active_clusters') - 1} clusters",
         )
 
-        lazy_id = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app")
+        lazy_id = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app", istio_stats=True)
         lazy = await stack.enter_async_context(running_envoy(proxy.port, identity=lazy_id))
         await settled(lazy, proxy, "app-0")
         _say(

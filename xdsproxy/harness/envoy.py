@@ -5,11 +5,13 @@ through `--admin-address-path`, and loopback only, so several can run side by si
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,10 @@ class SidecarIdentity:
     # leaves ISTIO_VERSION out of the node metadata.
     istio_version: str = "1.24.0"
     internal_listener: bool = True
+    # Istio's default stats matcher (no proxyStatsMatcher): a real sidecar creates no stats for
+    # outbound clusters and listeners, which halves Envoy's memory per cluster (55 KB to 29 KB,
+    # measured). Memory measurements set it; tests reading per-cluster stats leave it off.
+    istio_stats: bool = False
 
     @property
     def node_id(self) -> str:
@@ -58,6 +64,27 @@ class SidecarIdentity:
             }
             | ({"ISTIO_VERSION": self.istio_version} if self.istio_version else {}),
         }
+
+
+# Istio's sidecar bootstrap stats inclusion list when proxyStatsMatcher is unset, as in the
+# real 1.20 and 1.22 dumps in tests/fixtures/istio-config-dumps.
+ISTIO_STATS_INCLUSION = {
+    "patterns": [
+        {"prefix": "reporter="},
+        {"prefix": "cluster_manager"},
+        {"prefix": "listener_manager"},
+        {"prefix": "server"},
+        {"prefix": "cluster.xds-grpc"},
+        {"prefix": "wasm"},
+        {"suffix": "rbac.allowed"},
+        {"suffix": "rbac.denied"},
+        {"suffix": "shadow_allowed"},
+        {"suffix": "shadow_denied"},
+        {"safe_regex": {"regex": "vhost\\.*\\.route\\.*"}},
+        {"prefix": "component"},
+        {"prefix": "istio"},
+    ]
+}
 
 
 def grpc_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
@@ -122,6 +149,8 @@ def bootstrap(
             "upstream_bind_config": {"source_address": {"address": identity.ip, "port_value": 0}}
         },
     }
+    if identity.istio_stats:
+        config["stats_config"] = {"stats_matcher": {"inclusion_list": ISTIO_STATS_INCLUSION}}
     if identity.internal_listener:
         config["bootstrap_extensions"] = [
             {
@@ -229,6 +258,16 @@ class Envoy:
 
     def config_dump(self, include_eds: bool = True) -> dict[str, Any]:
         return json.loads(self.get("/config_dump" + ("?include_eds" if include_eds else "")))
+
+    def active_cluster(self, name: str) -> dict[str, Any] | None:
+        """The dynamic cluster `name` once warmed, as JSON; None while absent or warming.
+        Envoy filters the dump by full match of `name_regex`, so this stays cheap with many
+        clusters."""
+        query = urllib.parse.urlencode(
+            {"resource": "dynamic_active_clusters", "name_regex": re.escape(name)}
+        )
+        configs = json.loads(self.get(f"/config_dump?{query}")).get("configs", [])
+        return configs[0]["cluster"] if configs else None
 
     def stat(self, name: str) -> int:
         """One counter or gauge, exact name; 0 when absent."""

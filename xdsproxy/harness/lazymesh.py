@@ -1,6 +1,7 @@
 """A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
 
 import asyncio
+import json
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ def sidecar_identity(
     namespace: str = "ns-0",
     workload: str = "app",
     labels: dict[str, str] | None = None,
+    istio_stats: bool = False,
 ) -> SidecarIdentity:
     return SidecarIdentity(
         pod=pod,
@@ -44,6 +46,7 @@ def sidecar_identity(
         ip=ip,
         labels=labels or {},
         proxy_config={"proxyListenPort": free_port(), "proxyInboundListenPort": free_port()},
+        istio_stats=istio_stats,
     )
 
 
@@ -280,19 +283,16 @@ async def learn_through_egress(
     if reply.status != 200:
         raise RuntimeError(f"request to {target} failed: {reply.status} {reply.body[:200]!r}")
     name = cluster_name(target)
-    await eventually(
-        lambda: sidecar.stat(f"cluster.{name}.membership_total") > 0, timeout=10, interval=0.002
-    )
+    await eventually(lambda: runs_istio_cluster(sidecar, name), timeout=10, interval=0.002)
     return (time.perf_counter() - start) * 1000
 
 
 def runs_istio_cluster(sidecar: Envoy, name: str) -> bool:
-    """The sidecar runs Istio's EDS cluster `name`, warmed (not the placeholder of that name,
-    which is STATIC: it never counts an EDS update)."""
-    return (
-        sidecar.stat(f"cluster.{name}.update_success") > 0
-        and sidecar.stat(f"cluster.{name}.membership_healthy") > 0
-    )
+    """The sidecar runs Istio's cluster `name`, warmed (active), and not the placeholder of that
+    name. Read from the config dump, not from cluster stats, which Istio's default stats
+    matcher does not create."""
+    cluster = sidecar.active_cluster(name)
+    return cluster is not None and "envoy_internal_address" not in json.dumps(cluster)
 
 
 async def learn_tcp_through_egress(

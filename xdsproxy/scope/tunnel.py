@@ -92,10 +92,6 @@ def placeholder_cluster(name: str, service: ServicePort) -> bytes:
     return pack(cluster)
 
 
-def is_placeholder(any_bytes: bytes, name: str, service: ServicePort) -> bool:
-    return any_bytes == placeholder_cluster(name, service)
-
-
 def supports_tunnel(istio_version: str) -> bool | None:
     """From the node's ISTIO_VERSION: None when absent or unreadable (then the NACK decides)."""
     parts = istio_version.lstrip("v").split(".")
