@@ -102,3 +102,24 @@ def test_an_egress_reconnect_keeps_every_scope(delta: bool) -> None:
         [srds] = [e for e in events if isinstance(e, SendDownstream) and e.type_url == SRDS]
         names = [r.value.name for r in lean.SotwNames.FromString(srds.payload).resources]
         assert len(names) == len(expected)
+
+
+def test_connect_goes_only_to_services_the_egress_can_reach() -> None:
+    """A TCP or sniffed service gets a CONNECT vhost in its port's scopes; a headless one does
+    not: its ORIGINAL_DST cluster would connect to the egress's own address."""
+    mesh = generate(20, profile="realistic")
+    view = EgressView(EgressSettings(), MeshTables())
+    _, bodies = view.select(SRDS, _upstream(mesh))
+    tunnelled = set().union(*map(_scope_clusters, bodies))
+    headless = [s for s in mesh.services.values() if s.kind == "headless"]
+    assert headless, "the profile has a headless service"
+    for service in headless:
+        assert f"outbound|{service.ports[0].number}||{service.fqdn}" not in tunnelled
+    sniffed_or_tcp = [
+        s
+        for s in mesh.services.values()
+        if s.kind == "eds" and s.ports[0].protocol != "HTTP" and not s.subsets
+    ]
+    assert sniffed_or_tcp
+    for service in sniffed_or_tcp:
+        assert f"outbound|{service.ports[0].number}||{service.fqdn}" in tunnelled

@@ -49,6 +49,7 @@ from xdsproxy.scope.routes import (
     parse_table,
 )
 from xdsproxy.wire import typeurls
+from xdsproxy.xds.ordering import is_original_dst
 from xdsproxy.xds.view import Selection, UpstreamView
 
 EGRESS_LISTENER = "xdsproxy_lazy_egress"
@@ -234,17 +235,18 @@ class EgressView:
             for name, body in zip(*upstream.get(typeurls.ROUTE, ((), ())), strict=True)
             if is_port(name)
         }
-        clusters = upstream.get(typeurls.CLUSTER, ((), ()))[0]
+        clusters, cluster_bodies = upstream.get(typeurls.CLUSTER, ((), ()))
         namespaces = set(self.tables.namespaces())
         by_port: dict[int, list[str]] = {}
-        for cluster in clusters:
+        for cluster, body in zip(clusters, cluster_bodies, strict=True):
             parsed = outbound_cluster(cluster)
             if parsed is None:
                 continue
             service, subset = parsed
             if namespace := service_namespace(service.host):
                 namespaces.add(namespace)
-            if not subset:
+            # A headless service's ORIGINAL_DST cluster would connect back to the egress itself.
+            if not subset and not is_original_dst(body):
                 by_port.setdefault(service.port, []).append(cluster)
         held = frozenset(clusters) | {PASSTHROUGH}
         names: list[str] = []

@@ -6,7 +6,8 @@ Per type:
   clusters that kept route vhosts and listeners' inline routes reference. An out-of-scope
   cluster that only listeners' TCP proxies name (a TCP port, a sniffed port's default chain)
   becomes a same-name placeholder into the tunnel to the egress (see `tunnel`); on a sidecar
-  without the tunnel (Istio before 1.18) it stays as Istio sent it.
+  without the tunnel (Istio before 1.18), and for a headless service (an ORIGINAL_DST cluster:
+  only the caller knows the pod address), it stays as Istio sent it.
 - EDS: as Envoy asks; it only asks for clusters it holds (placeholders are STATIC).
 - LDS: Istio's listeners unchanged, so every port still reaches the catch-all or the tunnel,
   plus the tunnel's internal listener (and, when usage logging is on, a sampled access logger
@@ -32,6 +33,7 @@ from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
 from xdsproxy.scope.usage import FLUSH_SECONDS, with_usage_logger
 from xdsproxy.wire import typeurls
+from xdsproxy.xds.ordering import is_original_dst
 from xdsproxy.xds.view import Selection, UpstreamView
 
 _CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
@@ -151,8 +153,9 @@ class SidecarView:
                 kept_names.append(name)
                 kept_bodies.append(body)
             elif name in tcp:
+                tunnelled = self.tunnel and not is_original_dst(body)
                 kept_names.append(name)
-                kept_bodies.append(placeholder_cluster(name, parsed[0]) if self.tunnel else body)
+                kept_bodies.append(placeholder_cluster(name, parsed[0]) if tunnelled else body)
         if self.usage is not None:
             kept_names.append(ALS_CLUSTER)
             kept_bodies.append(als_cluster(self.usage))

@@ -31,15 +31,28 @@ from xdsproxy.xds.view import Selection
 References = Callable[[str, Selection], frozenset[str]]
 
 
-@lru_cache(maxsize=8192)
-def is_eds_cluster(any_bytes: bytes) -> bool:
-    """A cluster that warms only once its endpoints arrive over EDS."""
+@lru_cache(maxsize=16384)
+def cluster_type(any_bytes: bytes) -> int:
+    """The cluster's discovery type (`Cluster.EDS`, `Cluster.ORIGINAL_DST`, ...); -1 if the
+    bytes are no cluster."""
     cluster = Cluster()
     try:
         Any.FromString(any_bytes).Unpack(cluster)
     except DecodeError:
-        return False
-    return cluster.type == Cluster.EDS
+        return -1
+    return cluster.type
+
+
+def is_eds_cluster(any_bytes: bytes) -> bool:
+    """A cluster that warms only once its endpoints arrive over EDS."""
+    return cluster_type(any_bytes) == Cluster.EDS
+
+
+def is_original_dst(any_bytes: bytes) -> bool:
+    """A cluster that connects to the connection's own destination: Istio's for a headless
+    service, whose listeners are per pod IP. Only the caller's sidecar knows that address, so
+    such a service cannot go through the egress."""
+    return cluster_type(any_bytes) == Cluster.ORIGINAL_DST
 
 
 # What a selection names, by the selection's identity: selections are shared by every stream
