@@ -107,6 +107,21 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     p.add_argument("--rules", type=Path, metavar="FILE", help="static scope rules (YAML)")
     p.add_argument(
+        "--lazy-tcp",
+        choices=("placeholders", "compact"),
+        default="placeholders",
+        help="out-of-scope TCP and sniffed services: keep Istio's listener with a placeholder "
+        "cluster each, or drop both and tunnel the mesh's service ranges (see docs/lazy.md)",
+    )
+    p.add_argument(
+        "--service-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="the mesh's service address range, for --lazy-tcp compact (repeatable; default: "
+        "derived once from the first VIPs Istiod sends)",
+    )
+    p.add_argument(
         "--debug-listen",
         default="127.0.0.1:15014",
         metavar="HOST:PORT",
@@ -355,6 +370,7 @@ def _serve(args: argparse.Namespace) -> int:
             if value:
                 preflight.check_address(flag, value)
         preflight.check_cidrs("--als-allow", tuple(args.als_allow))
+        preflight.check_cidrs("--service-cidr", tuple(args.service_cidr))
         if args.upstream_ca:
             preflight.check_ca("--upstream-ca", args.upstream_ca)
         if args.cert:
@@ -388,6 +404,8 @@ def _serve(args: argparse.Namespace) -> int:
         als_allow=tuple(args.als_allow),
         rules=rules,
         rules_file=args.rules,
+        lazy_tcp=args.lazy_tcp,
+        service_cidrs=tuple(args.service_cidr),
         store=args.store,
         ttl_seconds=args.ttl,
         flush_seconds=args.flush_interval,
@@ -417,6 +435,8 @@ _LAZY_ONLY = {
     "egress": "",
     "rules": None,
     "als_allow": [],
+    "lazy_tcp": "placeholders",
+    "service_cidr": [],
     "ttl": _duration("168h"),
     "flush_interval": _duration("10s"),
     "egress_plaintext": False,

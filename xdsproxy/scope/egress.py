@@ -37,6 +37,7 @@ from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpPro
 
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
+from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
     LAZY_HEADERS,
@@ -186,7 +187,7 @@ def istio_mtls() -> DownstreamTlsContext:
 
 @lru_cache(maxsize=16384)
 def scoped_route(
-    table_any: bytes | None, namespace: str, port: int, tunnelled: tuple[str, ...]
+    table_any: bytes | None, namespace: str, port: int, tunnelled: tuple[tuple[str, str], ...]
 ) -> bytes:
     name = f"{namespace}/{port}"
     scope = ScopedRouteConfiguration(name=name)
@@ -206,7 +207,7 @@ class EgressView:
 
     def depends_on(self, type_url: str) -> frozenset[str]:
         if type_url == typeurls.SCOPED_ROUTE:
-            return frozenset({typeurls.CLUSTER, typeurls.ROUTE})
+            return frozenset({typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER})
         return frozenset()
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:
@@ -248,6 +249,7 @@ class EgressView:
             # A headless service's ORIGINAL_DST cluster would connect back to the egress itself.
             if not subset and not is_original_dst(body):
                 by_port.setdefault(service.port, []).append(cluster)
+        vips = _vips(upstream.get(typeurls.LISTENER, ((), ()))[1])
         held = frozenset(clusters) | {PASSTHROUGH}
         names: list[str] = []
         bodies: list[bytes] = []
@@ -261,19 +263,33 @@ class EgressView:
                     table = own.get(port)
                 names.append(f"{namespace}/{port}")
                 bodies.append(
-                    scoped_route(table, namespace, port, _tunnelled(table, by_port.get(port)))
+                    scoped_route(table, namespace, port, _tunnelled(table, by_port.get(port), vips))
                 )
         return tuple(names), tuple(bodies)
 
 
-def _tunnelled(table: bytes | None, clusters: list[str] | None) -> tuple[str, ...]:
-    """The port's services that have no vhost in its table: TCP and sniffed ones."""
+def _vips(listeners: tuple[bytes, ...]) -> dict[str, str]:
+    """Each TCP or sniffed service's VIP, by cluster, from Istio's `VIP_PORT` listeners: the
+    egress routes a compact sidecar's CONNECT `VIP:PORT` by it."""
+    vips: dict[str, str] = {}
+    for body in listeners:
+        refs = listener_refs(body)
+        if refs.address not in ("", "0.0.0.0", "::"):
+            vips.update(dict.fromkeys(refs.tcp_clusters, refs.address))
+    return vips
+
+
+def _tunnelled(
+    table: bytes | None, clusters: list[str] | None, vips: dict[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """The port's services that have no vhost in its table (TCP and sniffed ones), each with
+    its VIP ("" if none)."""
     if not clusters:
         return ()
-    if table is None:
-        return tuple(clusters)
-    routed = set(parse_table(table).services)
-    return tuple(c for c in clusters if (p := outbound_cluster(c)) and p[0] not in routed)
+    routed = set(parse_table(table).services) if table is not None else set()
+    return tuple(
+        (c, vips.get(c, "")) for c in clusters if (p := outbound_cluster(c)) and p[0] not in routed
+    )
 
 
 def is_egress(labels: dict[str, str]) -> bool:

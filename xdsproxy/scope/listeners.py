@@ -22,6 +22,8 @@ class ListenerRefs:
     clusters: frozenset[str]  # every cluster the listener can send to
     route_tables: frozenset[str]
     tcp_clusters: frozenset[str]  # those its TCP proxies send to (placeholder candidates)
+    address: str  # the listener's IP: a service VIP for Istio's `VIP_PORT` listeners
+    port: int
 
 
 def _chain_refs(chain: FilterChain, clusters: set[str], tables: set[str], tcp: set[str]) -> None:
@@ -55,4 +57,11 @@ def listener_refs(any_bytes: bytes) -> ListenerRefs:
         chains.append(listener.default_filter_chain)
     for chain in chains:
         _chain_refs(chain, clusters, tables, tcp)
-    return ListenerRefs(frozenset(clusters | tcp), frozenset(tables), frozenset(tcp))
+    socket = listener.address.socket_address
+    return ListenerRefs(
+        frozenset(clusters | tcp),
+        frozenset(tables),
+        frozenset(tcp),
+        socket.address,
+        socket.port_value,
+    )

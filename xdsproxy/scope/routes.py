@@ -168,10 +168,16 @@ def _short_domains(service: ServicePort, caller_namespace: str) -> list[str]:
     return [form for host in hosts for form in (host, f"{host}:{service.port}")]
 
 
-def _tunnel_vhost(cluster: str, service: ServicePort, caller_namespace: str) -> VirtualHost:
-    """A TCP or sniffed service at the egress: CONNECT from a sidecar's tunnel is terminated
-    and its bytes go to the service; HTTP (a sniffed port's catch-all) goes there too."""
-    vhost = VirtualHost(name=str(service), domains=_short_domains(service, caller_namespace))
+def _tunnel_vhost(
+    cluster: str, vip: str, service: ServicePort, caller_namespace: str
+) -> VirtualHost:
+    """A TCP or sniffed service at the egress: CONNECT from a sidecar's tunnel (to `FQDN:PORT`
+    from a placeholder, to `VIP:PORT` from a compact sidecar's mesh chain) is terminated and its
+    bytes go to the service; HTTP (a sniffed port's catch-all) goes there too."""
+    domains = _short_domains(service, caller_namespace)
+    if vip:
+        domains += [vip, f"{vip}:{service.port}"]
+    vhost = VirtualHost(name=str(service), domains=domains)
     tunnel = vhost.routes.add(name="tunnel")
     tunnel.match.connect_matcher.SetInParent()
     tunnel.route.cluster = cluster
@@ -185,12 +191,15 @@ def _tunnel_vhost(cluster: str, service: ServicePort, caller_namespace: str) -> 
 
 @lru_cache(maxsize=1024)
 def egress_table(
-    any_bytes: bytes | None, name: str, caller_namespace: str, tunnelled: tuple[str, ...] = ()
+    any_bytes: bytes | None,
+    name: str,
+    caller_namespace: str,
+    tunnelled: tuple[tuple[str, str], ...] = (),
 ) -> RouteConfiguration:
     """The egress's copy of a namespace's table for one port: renamed, with passthrough routes
     sent to the ORIGINAL_DST cluster that reads the original destination the sidecar recorded,
-    plus a vhost for each `tunnelled` cluster (a TCP or sniffed service on that port, which has
-    no vhost in Istio's port table). Only those vhosts accept CONNECT: the catch-all is no
+    plus a vhost for each `tunnelled` (cluster, VIP) (a TCP or sniffed service on that port,
+    which has no vhost in Istio's port table). Only those vhosts accept CONNECT: the catch-all is no
     relay to arbitrary addresses."""
     table = RouteConfiguration()
     if any_bytes is not None:
@@ -206,8 +215,8 @@ def egress_table(
                 if entry.name == PASSTHROUGH:
                     entry.name = ORIGINAL_DST_CLUSTER
     table.virtual_hosts.extend(
-        _tunnel_vhost(cluster, parsed[0], caller_namespace)
-        for cluster in tunnelled
+        _tunnel_vhost(cluster, vip, parsed[0], caller_namespace)
+        for cluster, vip in tunnelled
         if (parsed := outbound_cluster(cluster))
     )
     return table

@@ -11,7 +11,9 @@ Per type:
 - EDS: as Envoy asks; it only asks for clusters it holds (placeholders are STATIC).
 - LDS: Istio's listeners unchanged, so every port still reaches the catch-all or the tunnel,
   plus the tunnel's internal listener (and, when usage logging is on, a sampled access logger
-  on outbound HTTP listeners: see `usage`).
+  on outbound HTTP listeners: see `usage`). In compact mode (see `compact`), the `VIP_PORT`
+  listeners of out-of-scope services are left out, with their clusters, and `virtualOutbound`
+  and the `0.0.0.0_PORT` HTTP listeners tunnel the mesh's service ranges to the egress.
 - RDS: each table keeps its in-scope vhosts and ends with a catch-all to the egress.
 Unchanged resources keep their exact upstream bytes; only route tables are re-encoded.
 
@@ -24,10 +26,11 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
-from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.istio.names import outbound_cluster, service_namespace
+from xdsproxy.scope.compact import MeshRanges, takes_mesh_chains, with_mesh_chains
 from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
 from xdsproxy.scope.failopen import FailOpen
-from xdsproxy.scope.listeners import listener_refs
+from xdsproxy.scope.listeners import ListenerRefs, listener_refs
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
 from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
@@ -43,6 +46,19 @@ _EMPTY: Selection = ((), ())
 _SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = LRUCache(maxsize=8192)
 
 
+def _service_vips(listeners: tuple[bytes, ...]) -> list[str]:
+    """The VIPs of Kubernetes services' listeners (not ServiceEntry addresses, which may be
+    anything, the node network included)."""
+    return [
+        refs.address
+        for refs in map(listener_refs, listeners)
+        if any(
+            (parsed := outbound_cluster(cluster)) and service_namespace(parsed[0].host)
+            for cluster in refs.tcp_clusters
+        )
+    ]
+
+
 class SidecarView:
     transparent = False
     local_types: frozenset[str] = frozenset()
@@ -56,8 +72,11 @@ class SidecarView:
         usage_flush_seconds: int = FLUSH_SECONDS,
         fail_open: FailOpen | None = None,
         tunnel: bool = False,
+        compact: MeshRanges | None = None,
     ) -> None:
         self.scope = scope
+        # Compact mode: out-of-scope services' listeners are left out (None: kept, as Istio's).
+        self.compact = compact
         # Out-of-scope TCP goes through the egress tunnel; off for a sidecar whose bootstrap
         # lacks the internal-listener extension (then its TCP services stay in scope).
         self.tunnel = tunnel
@@ -75,6 +94,8 @@ class SidecarView:
         current = upstream.get(type_url, _EMPTY)
         if self.fail_open is not None and self.fail_open.active:
             return current  # Istio's full config, as without xdsproxy (see `failopen`)
+        if self.compact is not None and not self.compact.networks:
+            self.compact.settle(_service_vips(upstream.get(typeurls.LISTENER, _EMPTY)[1]))
         if type_url == typeurls.CLUSTER:
             inputs = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_INPUTS)))
             return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))
@@ -86,6 +107,8 @@ class SidecarView:
 
     def _listeners(self, current: Selection) -> Selection:
         names, bodies = current
+        if self._networks():
+            names, bodies = self._compact(names, bodies)
         if self.usage is not None:
             sample, flush = self.usage_sample_percent, self.usage_flush_seconds
             bodies = tuple(with_usage_logger(body, sample, flush) for body in bodies)
@@ -95,12 +118,45 @@ class SidecarView:
             bodies = (*bodies, tunnel_listener(self.egress_cluster, key.namespace, key.workload))
         return names, bodies
 
+    def _compact(self, names: tuple, bodies: tuple) -> Selection:
+        key = self.scope.key
+        chains = (self.egress_cluster, key.namespace, key.workload, self._networks())
+        kept_names: list[str] = []
+        kept_bodies: list[bytes] = []
+        for name, body in zip(names, bodies, strict=True):
+            refs = listener_refs(body)
+            if not self._kept(refs):
+                continue
+            kept_names.append(name)
+            if takes_mesh_chains(name, refs.address):
+                body = with_mesh_chains(body, *chains)
+            kept_bodies.append(body)
+        return tuple(kept_names), tuple(kept_bodies)
+
+    def _networks(self) -> tuple:
+        return self.compact.networks if self.compact is not None else ()
+
+    def _kept(self, refs: ListenerRefs) -> bool:
+        """In compact mode, a service listener (a mesh VIP) only while its service is in scope."""
+        if not refs.tcp_clusters or not self._networks() or not self.compact.contains(refs.address):
+            return True
+        return any(
+            (parsed := outbound_cluster(cluster)) is None or self.scope.covers(parsed[0])
+            for cluster in refs.tcp_clusters
+        )
+
     def _memo(
         self, type_url: str, inputs: tuple[Selection, ...], compute: Callable[[], Selection]
     ) -> Selection:
         """A selection is a function of the scope's state, this view's settings and the
         upstream resources it reads: key on exactly those."""
-        settings = (self.egress_cluster, self.usage, self.usage_sample_percent, self.tunnel)
+        settings = (
+            self.egress_cluster,
+            self.usage,
+            self.usage_sample_percent,
+            self.tunnel,
+            self._networks(),
+        )
         key = (self.scope.version, settings, inputs)
         slot = (self.scope.uid, type_url)
         found = _SELECTIONS.get(slot)
@@ -139,6 +195,8 @@ class SidecarView:
         tcp: set[str] = set()
         for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
             refs = listener_refs(body)
+            if not self._kept(refs):
+                continue  # compact mode: its service has neither listener nor cluster
             direct |= refs.clusters - refs.tcp_clusters
             tcp |= refs.tcp_clusters
         for body in upstream.get(typeurls.ROUTE, _EMPTY)[1]:

@@ -45,20 +45,35 @@ def _header(key: str, value: str) -> HeaderValueOption:
     return option
 
 
-@lru_cache(maxsize=4096)
-def tunnel_listener(egress_cluster: str, namespace: str, workload: str) -> bytes:
-    """The sidecar's internal listener: every placeholder's connection becomes a CONNECT to the
-    egress naming the service (`FQDN:PORT`) and the caller (namespace, workload, port), which
-    selects the caller's scope at the egress, as the HTTP catch-all's headers do."""
+def tunnel_proxy(
+    egress_cluster: str, namespace: str, workload: str, hostname: str, port: str
+) -> TcpProxy:
+    """A tcp_proxy that carries each connection to the egress as an HTTP CONNECT to
+    `hostname`, naming the caller (namespace, workload, port): the headers select the caller's
+    scope at the egress, as the HTTP catch-all's do."""
     proxy = TcpProxy(stat_prefix=TUNNEL_LISTENER, cluster=egress_cluster)
     tunnel = proxy.tunneling_config
-    tunnel.hostname = f"%DYNAMIC_METADATA({TUNNEL_METADATA}:host)%"
+    tunnel.hostname = hostname
     tunnel.headers_to_add.extend(
         [
             _header(SOURCE_NAMESPACE, namespace),
             _header(SOURCE_WORKLOAD, workload),
-            _header(ORIGINAL_PORT, f"%DYNAMIC_METADATA({TUNNEL_METADATA}:port)%"),
+            _header(ORIGINAL_PORT, port),
         ]
+    )
+    return proxy
+
+
+@lru_cache(maxsize=4096)
+def tunnel_listener(egress_cluster: str, namespace: str, workload: str) -> bytes:
+    """The sidecar's internal listener: every placeholder's connection becomes a CONNECT to the
+    egress naming the service (`FQDN:PORT`, from the placeholder's metadata)."""
+    proxy = tunnel_proxy(
+        egress_cluster,
+        namespace,
+        workload,
+        f"%DYNAMIC_METADATA({TUNNEL_METADATA}:host)%",
+        f"%DYNAMIC_METADATA({TUNNEL_METADATA}:port)%",
     )
     listener = Listener(name=TUNNEL_LISTENER)
     listener.internal_listener.SetInParent()

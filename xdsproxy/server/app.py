@@ -15,6 +15,7 @@ from xdsproxy.debug.metrics import Metrics
 from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.pods import PodDirectory
+from xdsproxy.scope.compact import MeshRanges
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.rules import Rules, RulesError, load_rules
@@ -71,6 +72,8 @@ class ServeConfig:
     als_allow: tuple[str, ...] = ()
     rules: Rules | None = None
     rules_file: Path | None = None  # re-read on SIGHUP and when it changes
+    lazy_tcp: str = "placeholders"  # or "compact": see scope/compact.py
+    service_cidrs: tuple[str, ...] = ()  # compact mode's mesh ranges; else derived
     store: str = "memory://"
     ttl_seconds: float = 0.0
     flush_seconds: float = 10.0
@@ -113,6 +116,7 @@ class ProxyServer:
                 metrics=self.metrics,
                 pods=pods,
                 fail_open=FailOpen(config.fail_open, config.fail_open_hold_down),
+                compact=MeshRanges(config.service_cidrs) if config.lazy_tcp == "compact" else None,
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(

@@ -21,6 +21,7 @@ from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.learn.pending import PendingEntries
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
+from xdsproxy.scope.compact import MeshRanges
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.failopen import FailOpen, ready_endpoints
 from xdsproxy.scope.mesh import MeshTables
@@ -55,6 +56,7 @@ class LazyRuntime:
         usage_flush_seconds: int = 30,
         pods: PodDirectory | None = None,
         fail_open: FailOpen | None = None,
+        compact: MeshRanges | None = None,
     ) -> None:
         self.egress = egress
         self.egress_cluster = cluster_name(egress)
@@ -69,6 +71,8 @@ class LazyRuntime:
         # connected to another replica are attributed here too; else connected nodes only.
         self.pods = pods
         self.fail_open = fail_open or FailOpen()
+        # Compact lazy sidecars (see scope/compact.py): one set of mesh ranges for every view.
+        self.compact = compact
         self._fail_open_timer: asyncio.TimerHandle | None = None
         self.tables = MeshTables()
         self.known_services: set[ServicePort] = set()
@@ -166,6 +170,7 @@ class LazyRuntime:
             self.fail_open,
             tunnel=supports_tunnel(istio.istio_version) is not False
             and istio.id not in self._no_tunnel,
+            compact=self.compact,
         )
 
     def opened(self, session: Session) -> None:
