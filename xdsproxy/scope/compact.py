@@ -21,7 +21,7 @@ Istio's HTTP chain and a tunnel chain, both for the ranges, the TCP one for `raw
 """
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from envoy.config.listener.v3.listener_components_pb2 import FilterChain
@@ -29,7 +29,10 @@ from envoy.config.listener.v3.listener_pb2 import Listener
 from google.protobuf.any_pb2 import Any
 
 from xdsproxy.istio.envoyconfig import pack, typed
+from xdsproxy.istio.names import ServicePort, outbound_cluster, service_namespace
+from xdsproxy.scope.listeners import ListenerRefs
 from xdsproxy.scope.tunnel import tunnel_proxy
+from xdsproxy.xds.ordering import is_eds_cluster
 
 VIRTUAL_OUTBOUND = "virtualOutbound"
 MESH_CHAIN = "xdsproxy_lazy_mesh"
@@ -66,6 +69,25 @@ class MeshRanges:
     def contains(self, ip: str) -> bool:
         address = _address(ip)
         return address is not None and any(address in network for network in self.networks)
+
+
+def service_listener(refs: ListenerRefs, clusters: Mapping[str, bytes]) -> ServicePort | None:
+    """The Kubernetes service whose VIP listener this is: every TCP proxy of it names an EDS
+    cluster of that one service. None for anything else: `0.0.0.0_PORT` and virtual listeners,
+    a headless service's per-pod listeners (ORIGINAL_DST), ServiceEntry addresses, or a
+    cluster not received."""
+    if not refs.tcp_clusters or refs.address in ("", "0.0.0.0", "::"):
+        return None
+    services = set()
+    for cluster in refs.tcp_clusters:
+        parsed = outbound_cluster(cluster)
+        body = clusters.get(cluster)
+        if parsed is None or body is None or not is_eds_cluster(body):
+            return None
+        if not service_namespace(parsed[0].host):
+            return None
+        services.add(parsed[0])
+    return services.pop() if len(services) == 1 else None
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

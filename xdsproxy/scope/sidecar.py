@@ -26,11 +26,16 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
-from xdsproxy.istio.names import outbound_cluster, service_namespace
-from xdsproxy.scope.compact import MeshRanges, takes_mesh_chains, with_mesh_chains
+from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.scope.compact import (
+    MeshRanges,
+    service_listener,
+    takes_mesh_chains,
+    with_mesh_chains,
+)
 from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
 from xdsproxy.scope.failopen import FailOpen
-from xdsproxy.scope.listeners import ListenerRefs, listener_refs
+from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
 from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
@@ -40,23 +45,12 @@ from xdsproxy.xds.ordering import is_original_dst
 from xdsproxy.xds.view import Selection, UpstreamView
 
 _CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
+# In compact mode a listener is left out only if it is a service VIP's (an EDS cluster).
+_COMPACT_LDS_INPUTS = frozenset({typeurls.CLUSTER})
 _EMPTY: Selection = ((), ())
 # The newest selection per (scope, type): replicas ask for the same one within a push, and an
 # older generation is replaced rather than kept (under churn every push is a new generation).
 _SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = LRUCache(maxsize=8192)
-
-
-def _service_vips(listeners: tuple[bytes, ...]) -> list[str]:
-    """The VIPs of Kubernetes services' listeners (not ServiceEntry addresses, which may be
-    anything, the node network included)."""
-    return [
-        refs.address
-        for refs in map(listener_refs, listeners)
-        if any(
-            (parsed := outbound_cluster(cluster)) and service_namespace(parsed[0].host)
-            for cluster in refs.tcp_clusters
-        )
-    ]
 
 
 class SidecarView:
@@ -88,27 +82,37 @@ class SidecarView:
         self.usage_flush_seconds = usage_flush_seconds
 
     def depends_on(self, type_url: str) -> frozenset[str]:
-        return _CDS_INPUTS if type_url == typeurls.CLUSTER else frozenset()
+        if type_url == typeurls.CLUSTER:
+            return _CDS_INPUTS
+        if type_url == typeurls.LISTENER and self.compact is not None:
+            return _COMPACT_LDS_INPUTS
+        return frozenset()
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, _EMPTY)
         if self.fail_open is not None and self.fail_open.active:
             return current  # Istio's full config, as without xdsproxy (see `failopen`)
         if self.compact is not None and not self.compact.networks:
-            self.compact.settle(_service_vips(upstream.get(typeurls.LISTENER, _EMPTY)[1]))
+            clusters = dict(zip(*upstream.get(typeurls.CLUSTER, _EMPTY), strict=True))
+            self.compact.settle(
+                refs.address
+                for refs in map(listener_refs, upstream.get(typeurls.LISTENER, _EMPTY)[1])
+                if service_listener(refs, clusters)
+            )
         if type_url == typeurls.CLUSTER:
             inputs = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_INPUTS)))
             return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))
         if type_url == typeurls.ROUTE:
             return self._memo(type_url, (current,), lambda: self._routes(current))
         if type_url == typeurls.LISTENER:
-            return self._memo(type_url, (current,), lambda: self._listeners(current))
+            inputs = (current, *(upstream.get(t, _EMPTY) for t in self.depends_on(type_url)))
+            return self._memo(type_url, inputs, lambda: self._listeners(current, upstream))
         return current
 
-    def _listeners(self, current: Selection) -> Selection:
+    def _listeners(self, current: Selection, upstream: UpstreamView) -> Selection:
         names, bodies = current
         if self._networks():
-            names, bodies = self._compact(names, bodies)
+            names, bodies = self._compact(names, bodies, self._left_out(upstream))
         if self.usage is not None:
             sample, flush = self.usage_sample_percent, self.usage_flush_seconds
             bodies = tuple(with_usage_logger(body, sample, flush) for body in bodies)
@@ -118,15 +122,15 @@ class SidecarView:
             bodies = (*bodies, tunnel_listener(self.egress_cluster, key.namespace, key.workload))
         return names, bodies
 
-    def _compact(self, names: tuple, bodies: tuple) -> Selection:
+    def _compact(self, names: tuple, bodies: tuple, left_out: frozenset[bytes]) -> Selection:
         key = self.scope.key
         chains = (self.egress_cluster, key.namespace, key.workload, self._networks())
         kept_names: list[str] = []
         kept_bodies: list[bytes] = []
         for name, body in zip(names, bodies, strict=True):
-            refs = listener_refs(body)
-            if not self._kept(refs):
+            if body in left_out:
                 continue
+            refs = listener_refs(body)
             kept_names.append(name)
             if takes_mesh_chains(name, refs.address):
                 body = with_mesh_chains(body, *chains)
@@ -136,14 +140,18 @@ class SidecarView:
     def _networks(self) -> tuple:
         return self.compact.networks if self.compact is not None else ()
 
-    def _kept(self, refs: ListenerRefs) -> bool:
-        """In compact mode, a service listener (a mesh VIP) only while its service is in scope."""
-        if not refs.tcp_clusters or not self._networks() or not self.compact.contains(refs.address):
-            return True
-        return any(
-            (parsed := outbound_cluster(cluster)) is None or self.scope.covers(parsed[0])
-            for cluster in refs.tcp_clusters
-        )
+    def _left_out(self, upstream: UpstreamView) -> frozenset[bytes]:
+        """Compact mode: the listeners of out-of-scope services' VIPs in the mesh ranges."""
+        if not self._networks():
+            return frozenset()
+        clusters = dict(zip(*upstream.get(typeurls.CLUSTER, _EMPTY), strict=True))
+        left_out = set()
+        for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
+            refs = listener_refs(body)
+            service = service_listener(refs, clusters)
+            if service and self.compact.contains(refs.address) and not self.scope.covers(service):
+                left_out.add(body)
+        return frozenset(left_out)
 
     def _memo(
         self, type_url: str, inputs: tuple[Selection, ...], compute: Callable[[], Selection]
@@ -193,10 +201,11 @@ class SidecarView:
         covers = self.scope.covers
         direct = {self.egress_cluster}
         tcp: set[str] = set()
+        left_out = self._left_out(upstream)
         for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
-            refs = listener_refs(body)
-            if not self._kept(refs):
+            if body in left_out:
                 continue  # compact mode: its service has neither listener nor cluster
+            refs = listener_refs(body)
             direct |= refs.clusters - refs.tcp_clusters
             tcp |= refs.tcp_clusters
         for body in upstream.get(typeurls.ROUTE, _EMPTY)[1]:

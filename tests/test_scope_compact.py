@@ -1,0 +1,144 @@
+"""Compact lazy sidecars on the real Istio dumps and the realistic simulator profile: an
+out-of-scope service's VIP listener and cluster are left out, mesh-range chains tunnel to the
+egress, and one CONNECT entry brings back Istio's exact listener and cluster while the chains
+stay byte for byte. Pure: no Envoy (tests/test_e2e_compact.py runs it on Envoy)."""
+
+import ipaddress
+
+import pytest
+from envoy.config.listener.v3.listener_pb2 import Listener
+from google.protobuf.any_pb2 import Any
+
+from tests.test_scope_tunnel import APP, APP_IP, EGRESS, UPSTREAMS, _Directory
+from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
+from xdsproxy.scope.compact import (
+    MESH_CHAIN,
+    MESH_HTTP_CHAIN,
+    VIRTUAL_OUTBOUND,
+    MeshRanges,
+    service_listener,
+)
+from xdsproxy.scope.listeners import listener_refs
+from xdsproxy.scope.scope import Scope
+from xdsproxy.scope.sidecar import SidecarView
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.ordering import is_original_dst
+
+CDS, LDS = typeurls.CLUSTER, typeurls.LISTENER
+# The ranges derived from each upstream's Kubernetes service VIPs (a /16 each, collapsed).
+DERIVED = {
+    "istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json": ["10.68.0.0/16"],
+    "istio-1.20.8-ossm_sidecar_hello-openshift.json": ["172.30.0.0/16"],
+    "istio-1.9.1_sidecar_productpage_slime-lazyload.json": [
+        "10.96.0.0/15",
+        "10.98.0.0/16",
+        "10.104.0.0/15",
+    ],
+    "simulator, realistic profile": ["10.96.0.0/16"],
+}
+
+
+def _decode(body: bytes) -> Listener:
+    listener = Listener()
+    Any.FromString(body).Unpack(listener)
+    return listener
+
+
+def _service_listeners(upstream: dict) -> dict[str, tuple]:
+    """Listener name -> (service, body) for every Kubernetes service VIP listener."""
+    clusters = dict(zip(*upstream[CDS], strict=True))
+    found = {}
+    for name, body in zip(*upstream[LDS], strict=True):
+        service = service_listener(listener_refs(body), clusters)
+        if service is not None:
+            found[name] = (service, body)
+    return found
+
+
+def _view(scope: Scope, ranges: MeshRanges) -> SidecarView:
+    return SidecarView(scope, EGRESS, tunnel=True, compact=ranges)
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAMS))
+def test_before_learning_no_listener_or_cluster_of_an_out_of_scope_service(name: str) -> None:
+    upstream = UPSTREAMS[name]
+    ranges = MeshRanges()
+    view = _view(Scope(APP), ranges)
+    cluster_names, _ = view.select(CDS, upstream)
+    listener_names, listeners = view.select(LDS, upstream)
+    if name in DERIVED:
+        assert [str(n) for n in ranges.networks] == DERIVED[name]
+
+    vip_listeners = _service_listeners(upstream)
+    assert vip_listeners, "the upstream has service VIP listeners"
+    assert not set(vip_listeners) & set(listener_names)
+    services = {service for service, _ in vip_listeners.values()}
+    for cluster in cluster_names:
+        parsed = outbound_cluster(cluster)
+        assert parsed is None or parsed[0] not in services, cluster
+    # What stays is Istio's, byte for byte, but for the listeners that carry the mesh chains.
+    istio = dict(zip(*upstream[LDS], strict=True))
+    for listener_name, body in zip(listener_names, listeners, strict=True):
+        if listener_name in istio and body != istio[listener_name]:
+            decoded, original = _decode(body), _decode(istio[listener_name])
+            added = [c.name for c in decoded.filter_chains[: -len(original.filter_chains)]]
+            assert added in ([MESH_CHAIN], [MESH_HTTP_CHAIN, MESH_CHAIN]), listener_name
+            assert list(decoded.filter_chains[len(added) :]) == list(original.filter_chains)
+    assert VIRTUAL_OUTBOUND in listener_names
+    # A headless service's per-pod listeners stay: the egress cannot reach a pod address.
+    clusters = dict(zip(*upstream[CDS], strict=True))
+    for listener_name, body in zip(*upstream[LDS], strict=True):
+        if any(is_original_dst(clusters.get(c, b"")) for c in listener_refs(body).tcp_clusters):
+            assert listener_name in listener_names
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAMS))
+def test_one_connect_to_a_vip_brings_back_istios_listener_and_cluster(name: str) -> None:
+    upstream = UPSTREAMS[name]
+    scope = Scope(APP)
+    view = _view(scope, MeshRanges())
+    before = dict(zip(*view.select(LDS, upstream), strict=True))
+    listener_name, (service, body) = sorted(_service_listeners(upstream).items())[0]
+    refs = listener_refs(body)
+    cluster = sorted(refs.tcp_clusters)[0]
+    entry = AccessRecord(
+        remote_ip=APP_IP,
+        claimed_namespace=APP.namespace,
+        claimed_workload=APP.workload,
+        upstream_cluster=cluster,
+        authority=f"{refs.address}:{refs.port}",
+        original_port=str(refs.port),
+    )
+    outcome = attribute(entry, _Directory(), lambda s: True)
+    assert outcome == Learned(APP, service)
+    scope.learn(service, 1.0)
+
+    after = dict(zip(*view.select(LDS, upstream), strict=True))
+    assert after[listener_name] is body, "Istio's exact listener"
+    assert set(after) - set(before) == {listener_name}
+    for kept, kept_body in before.items():
+        assert after[kept] == kept_body, f"{kept} changed: its chains would drain"
+    clusters = dict(zip(*view.select(CDS, upstream), strict=True))
+    istio = dict(zip(*upstream[CDS], strict=True))
+    assert clusters[cluster] is istio[cluster]
+
+
+def test_configured_ranges_win_and_never_change() -> None:
+    upstream = UPSTREAMS["simulator, realistic profile"]
+    ranges = MeshRanges(["10.96.0.0/12"])
+    view = _view(Scope(APP), ranges)
+    view.select(LDS, upstream)
+    assert ranges.networks == (ipaddress.ip_network("10.96.0.0/12"),)
+    assert ranges.source == "--service-cidr"
+    derived = MeshRanges()
+    derived.settle(["10.96.0.10", "10.97.3.4"])
+    derived.settle(["192.168.1.1"])  # once set, later VIPs change nothing
+    assert [str(n) for n in derived.networks] == ["10.96.0.0/15"]
+
+
+def test_a_vip_outside_the_ranges_keeps_its_listener_and_a_placeholder() -> None:
+    upstream = UPSTREAMS["simulator, realistic profile"]
+    view = _view(Scope(APP), MeshRanges(["10.200.0.0/16"]))
+    listener_names, _ = view.select(LDS, upstream)
+    assert set(_service_listeners(upstream)) <= set(listener_names)
