@@ -135,10 +135,12 @@ async def lazy_stack(
     delta: bool = False,
     usage_sample_percent: float = 0.0,
     mesh_ca: MeshCa | None = None,
+    lazy_tcp: str = "placeholders",
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
     """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress.
 
-    With `mesh_ca`, the egress's lazy listener requires Istio mTLS, as in a cluster."""
+    With `mesh_ca`, the egress's lazy listener requires Istio mTLS, as in a cluster;
+    `lazy_tcp` is xdsproxy's `--lazy-tcp` (its mesh ranges derived from the VIPs)."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(running_sim_with(mesh))
         proxy = await stack.enter_async_context(
@@ -158,6 +160,7 @@ async def lazy_stack(
                 usage_flush_seconds=1,
                 debug_listen="127.0.0.1:0",
                 admin_listen="127.0.0.1:0",
+                lazy_tcp=lazy_tcp,
             )
         )
         identity = sidecar_identity(
@@ -218,10 +221,12 @@ REALISTIC_ROLES = {
 
 
 @asynccontextmanager
-async def realistic_lazy_mesh(delta: bool, mtls: bool = False) -> AsyncIterator[LazyMesh]:
+async def realistic_lazy_mesh(
+    delta: bool, mtls: bool = False, lazy_tcp: str = "placeholders"
+) -> AsyncIterator[LazyMesh]:
     """A lazy mesh on the simulator's realistic profile (sniffed, TCP and HTTP ports, as Istio
     sends them), with live backends for the services in `REALISTIC_ROLES`; `mtls` as for
-    `lazy_mesh`."""
+    `lazy_mesh`; `lazy_tcp` as for `lazy_stack`."""
     async with AsyncExitStack() as stack:
         mesh_ca = None
         if mtls:
@@ -240,7 +245,7 @@ async def realistic_lazy_mesh(delta: bool, mtls: bool = False) -> AsyncIterator[
             tcp[role] = (mesh.services[fqdn], server)
         mesh.add(egress_service(port, egress_port, mtls))
         sim, proxy, egress = await stack.enter_async_context(
-            lazy_stack(mesh, egress_port, port, delta, mesh_ca=mesh_ca)
+            lazy_stack(mesh, egress_port, port, delta, mesh_ca=mesh_ca, lazy_tcp=lazy_tcp)
         )
         yield LazyMesh(sim, proxy, egress, port, backends, stack, mesh_ca, tcp=tcp)
 
