@@ -70,6 +70,11 @@ async def _measure(envoy: Envoy, proxy, pod: str = "app-0") -> dict:
     return row
 
 
+# Per point: Istio's full push, lazy with placeholders, lazy compact (realistic profile only),
+# and the ideal sidecar.
+CASES = ("full", "lazy", "compact", "ideal")
+
+
 def mix(point: dict) -> str:
     """The protocol mix of a point's mesh, for tables and plots."""
     if point.get("profile") == "realistic":
@@ -101,25 +106,31 @@ async def config_points(
             "full": full,
         }
         out["lazy"] = await _lazy(mesh, deps, identity)
+        if profile == "realistic":
+            out["compact"] = await _lazy(mesh, deps, identity, lazy="compact")
         ideal = Mesh(services={d.host: mesh.services[d.host] for d in deps}, profile=profile)
         ideal.add(egress_service(EGRESS_PORT, 15081))
         async with running_sim(ideal) as sim, running_proxy(sim.port) as proxy:
             async with running_envoy(proxy.port, identity=identity) as envoy:
                 out["ideal"] = await _measure(envoy, proxy)
-        for case in ("full", "lazy", "ideal"):
-            row = out[case]
-            row["cds_eds_rds_bytes"] = row["CDS_bytes"] + row["EDS_bytes"] + row["RDS_bytes"]
+        for case in CASES:
+            if row := out.get(case):
+                row["cds_eds_rds_bytes"] = row["CDS_bytes"] + row["EDS_bytes"] + row["RDS_bytes"]
         lazy, full_row, ideal_row = out["lazy"], out["full"], out["ideal"]
         out["lazy_vs_full_bytes"] = lazy["cds_eds_rds_bytes"] / full_row["cds_eds_rds_bytes"]
         out["full_vs_lazy_allocated"] = full_row["allocated_mb"] / lazy["allocated_mb"]
         out["lazy_vs_ideal_allocated"] = lazy["allocated_mb"] / ideal_row["allocated_mb"]
+        if compact := out.get("compact"):
+            out["full_vs_compact_allocated"] = full_row["allocated_mb"] / compact["allocated_mb"]
+            out["compact_vs_ideal_allocated"] = compact["allocated_mb"] / ideal_row["allocated_mb"]
         print(json.dumps(out), flush=True)
         points.append(out)
     return points
 
 
-async def _lazy(mesh: Mesh, deps: list[ServicePort], identity) -> dict:
-    """A lazy sidecar whose workload has learned exactly `deps`."""
+async def _lazy(mesh: Mesh, deps: list[ServicePort], identity, lazy: str = "placeholders") -> dict:
+    """A lazy sidecar whose workload has learned exactly `deps` (`lazy`: xdsproxy's
+    `--lazy-tcp` and `--lazy-sniffed`, compact mode's ranges derived from the VIPs)."""
     egress = ServicePort(EGRESS_HOST, EGRESS_PORT)
     async with (
         running_sim(mesh) as sim,
@@ -129,6 +140,8 @@ async def _lazy(mesh: Mesh, deps: list[ServicePort], identity) -> dict:
             egress=egress,
             als_listen="127.0.0.1:0",
             egress_settings=EgressSettings(als_host="127.0.0.1", als_port=0),
+            lazy_tcp=lazy,
+            lazy_sniffed=lazy,
         ) as proxy,
     ):
         scope = proxy.runtime.scope(WorkloadKey("ns-0", "app"))
@@ -211,8 +224,9 @@ def write_results(points: list[dict], latency: dict | None) -> None:
     ]
     for p in points:
         share = mix(p)
-        for case in ("full", "lazy", "ideal"):
-            r = p[case]
+        for case in CASES:
+            if (r := p.get(case)) is None:
+                continue
             lines.append(
                 f"| {p['services']} | {share} | {p['k']} | {case} | {r['clusters']} | "
                 f"{r['CDS_bytes']:,} | "
@@ -222,14 +236,20 @@ def write_results(points: list[dict], latency: dict | None) -> None:
     lines += [
         "",
         "| services | protocols | k | lazy/full CDS+EDS+RDS bytes | full/lazy allocated | "
-        "lazy/ideal allocated |",
-        "|---:|---|---:|---:|---:|---:|",
+        "lazy/ideal allocated | full/compact allocated | compact/ideal allocated |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         share = mix(p)
+        compact = (
+            f"{p['full_vs_compact_allocated']:.1f}x | {p['compact_vs_ideal_allocated']:.2f}x"
+            if "compact" in p
+            else "- | -"
+        )
         lines.append(
             f"| {p['services']} | {share} | {p['k']} | {p['lazy_vs_full_bytes']:.2%} | "
-            f"{p['full_vs_lazy_allocated']:.1f}x | {p['lazy_vs_ideal_allocated']:.2f}x |"
+            f"{p['full_vs_lazy_allocated']:.1f}x | {p['lazy_vs_ideal_allocated']:.2f}x | "
+            f"{compact} |"
         )
     lines += [
         "",
@@ -237,10 +257,12 @@ def write_results(points: list[dict], latency: dict | None) -> None:
         "resource would). Protocols: `realistic` is the simulator's Istio-realistic profile "
         "(6 in 10 ports protocol-sniffed, 3 TCP, 1 HTTP, as in the DeathStarBench dump; the k "
         "dependencies are of every protocol); `1/10 TCP` and `no TCP` have named ports only. "
-        "A lazy sidecar keeps Istio's listeners for every TCP and sniffed service and a "
-        "placeholder cluster for each out-of-scope one (see docs/lazy.md): what remains "
-        "between lazy and ideal is those listeners and placeholders, per-resource costs in "
-        "the `make bench-tunnel` section.",
+        "A lazy sidecar (`--lazy-tcp placeholders`) keeps Istio's listeners for every TCP "
+        "and sniffed service and a placeholder cluster for each out-of-scope one: what "
+        "remains between lazy and ideal is those listeners and placeholders, per-resource "
+        "costs in the `make bench-tunnel` section. A compact one (`--lazy-tcp compact`, "
+        "measured on the realistic profile, its mesh ranges derived from the VIPs) holds "
+        "neither (see docs/lazy.md).",
     ]
     if latency:
         lines += [

@@ -36,7 +36,7 @@ def _listeners(envoy) -> set[str]:
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool) -> None:
-    async with realistic_lazy_mesh(delta, lazy_tcp="compact") as mesh:
+    async with realistic_lazy_mesh(delta, lazy="compact") as mesh:
         identity = sidecar_identity("app-0", "127.0.0.2")
         sidecar = await mesh.add_sidecar(identity, delta, drain_seconds=DRAIN_SECONDS)
         listen = identity.proxy_config["proxyListenPort"]

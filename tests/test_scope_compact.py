@@ -9,13 +9,14 @@ import pytest
 from envoy.config.listener.v3.listener_pb2 import Listener
 from google.protobuf.any_pb2 import Any
 
-from tests.test_scope_tunnel import APP, APP_IP, EGRESS, UPSTREAMS, _Directory
+from tests.test_scope_tunnel import APP, APP_IP, EGRESS, UPSTREAMS, _Directory, _is_placeholder
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.scope.compact import (
     MESH_CHAIN,
     MESH_HTTP_CHAIN,
     VIRTUAL_OUTBOUND,
+    CompactMode,
     MeshRanges,
     service_listener,
 )
@@ -57,7 +58,7 @@ def _service_listeners(upstream: dict) -> dict[str, tuple]:
 
 
 def _view(scope: Scope, ranges: MeshRanges) -> SidecarView:
-    return SidecarView(scope, EGRESS, tunnel=True, compact=ranges)
+    return SidecarView(scope, EGRESS, tunnel=True, compact=CompactMode(ranges, sniffed=True))
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAMS))
@@ -142,3 +143,22 @@ def test_a_vip_outside_the_ranges_keeps_its_listener_and_a_placeholder() -> None
     view = _view(Scope(APP), MeshRanges(["10.200.0.0/16"]))
     listener_names, _ = view.select(LDS, upstream)
     assert set(_service_listeners(upstream)) <= set(listener_names)
+
+
+def test_compact_for_tcp_only_keeps_sniffed_listeners_with_placeholders() -> None:
+    upstream = UPSTREAMS["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"]
+    view = SidecarView(Scope(APP), EGRESS, tunnel=True, compact=CompactMode(MeshRanges()))
+    listener_names, _ = view.select(LDS, upstream)
+    clusters = dict(zip(*view.select(CDS, upstream), strict=True))
+    sniffed = tcp = 0
+    for name, (_, body) in _service_listeners(upstream).items():
+        refs = listener_refs(body)
+        if refs.route_tables:
+            sniffed += 1
+            assert name in listener_names
+            assert all(_is_placeholder(c, clusters[c]) for c in refs.tcp_clusters)
+        else:
+            tcp += 1
+            assert name not in listener_names
+            assert not refs.tcp_clusters & set(clusters)
+    assert sniffed and tcp

@@ -110,16 +110,23 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "--lazy-tcp",
         choices=("placeholders", "compact"),
         default="placeholders",
-        help="out-of-scope TCP and sniffed services: keep Istio's listener with a placeholder "
-        "cluster each, or drop both and tunnel the mesh's service ranges (see docs/lazy.md)",
+        help="out-of-scope TCP services: keep Istio's listener with a placeholder cluster "
+        "each, or neither, the mesh's service ranges tunnelled to the egress (see docs/lazy.md)",
+    )
+    p.add_argument(
+        "--lazy-sniffed",
+        choices=("placeholders", "compact"),
+        default="placeholders",
+        help="the same for protocol-sniffed ports (compact: first-contact HTTP is tunnelled at "
+        "L4 where no HTTP listener of its port exists)",
     )
     p.add_argument(
         "--service-cidr",
         action="append",
         default=[],
         metavar="CIDR",
-        help="the mesh's service address range, for --lazy-tcp compact (repeatable; default: "
-        "derived once from the first VIPs Istiod sends)",
+        help="the mesh's service address range, for compact mode (repeatable; default: "
+        "derived once from the first service VIPs Istiod sends)",
     )
     p.add_argument(
         "--debug-listen",
@@ -405,6 +412,7 @@ def _serve(args: argparse.Namespace) -> int:
         rules=rules,
         rules_file=args.rules,
         lazy_tcp=args.lazy_tcp,
+        lazy_sniffed=args.lazy_sniffed,
         service_cidrs=tuple(args.service_cidr),
         store=args.store,
         ttl_seconds=args.ttl,
@@ -436,6 +444,7 @@ _LAZY_ONLY = {
     "rules": None,
     "als_allow": [],
     "lazy_tcp": "placeholders",
+    "lazy_sniffed": "placeholders",
     "service_cidr": [],
     "ttl": _duration("168h"),
     "flush_interval": _duration("10s"),

@@ -136,11 +136,13 @@ async def lazy_stack(
     usage_sample_percent: float = 0.0,
     mesh_ca: MeshCa | None = None,
     lazy_tcp: str = "placeholders",
+    lazy_sniffed: str = "placeholders",
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
     """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress.
 
     With `mesh_ca`, the egress's lazy listener requires Istio mTLS, as in a cluster;
-    `lazy_tcp` is xdsproxy's `--lazy-tcp` (its mesh ranges derived from the VIPs)."""
+    `lazy_tcp` and `lazy_sniffed` are xdsproxy's flags (compact mode's mesh ranges derived from
+    the VIPs)."""
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(running_sim_with(mesh))
         proxy = await stack.enter_async_context(
@@ -161,6 +163,7 @@ async def lazy_stack(
                 debug_listen="127.0.0.1:0",
                 admin_listen="127.0.0.1:0",
                 lazy_tcp=lazy_tcp,
+                lazy_sniffed=lazy_sniffed,
             )
         )
         identity = sidecar_identity(
@@ -222,11 +225,11 @@ REALISTIC_ROLES = {
 
 @asynccontextmanager
 async def realistic_lazy_mesh(
-    delta: bool, mtls: bool = False, lazy_tcp: str = "placeholders"
+    delta: bool, mtls: bool = False, lazy: str = "placeholders"
 ) -> AsyncIterator[LazyMesh]:
     """A lazy mesh on the simulator's realistic profile (sniffed, TCP and HTTP ports, as Istio
     sends them), with live backends for the services in `REALISTIC_ROLES`; `mtls` as for
-    `lazy_mesh`; `lazy_tcp` as for `lazy_stack`."""
+    `lazy_mesh`; `lazy` is both `lazy_tcp` and `lazy_sniffed` of `lazy_stack`."""
     async with AsyncExitStack() as stack:
         mesh_ca = None
         if mtls:
@@ -245,7 +248,9 @@ async def realistic_lazy_mesh(
             tcp[role] = (mesh.services[fqdn], server)
         mesh.add(egress_service(port, egress_port, mtls))
         sim, proxy, egress = await stack.enter_async_context(
-            lazy_stack(mesh, egress_port, port, delta, mesh_ca=mesh_ca, lazy_tcp=lazy_tcp)
+            lazy_stack(
+                mesh, egress_port, port, delta, mesh_ca=mesh_ca, lazy_tcp=lazy, lazy_sniffed=lazy
+            )
         )
         yield LazyMesh(sim, proxy, egress, port, backends, stack, mesh_ca, tcp=tcp)
 

@@ -22,6 +22,7 @@ Istio's HTTP chain and a tunnel chain, both for the ranges, the TCP one for `raw
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 from envoy.config.listener.v3.listener_components_pb2 import FilterChain
@@ -69,6 +70,22 @@ class MeshRanges:
     def contains(self, ip: str) -> bool:
         address = _address(ip)
         return address is not None and any(address in network for network in self.networks)
+
+
+@dataclass(frozen=True)
+class CompactMode:
+    """Which out-of-scope service listeners a sidecar goes without, and the ranges that reach
+    the egress instead. Pure TCP ones lose nothing; a sniffed port's first-contact HTTP is then
+    tunnelled at L4 unless a `0.0.0.0_PORT` HTTP listener of its port exists (see docs)."""
+
+    ranges: MeshRanges
+    tcp: bool = True
+    sniffed: bool = False
+
+    def leaves_out(self, refs: ListenerRefs) -> bool:
+        """Whether a service listener of this kind, at this address, may be left out."""
+        kind_on = self.sniffed if refs.route_tables else self.tcp
+        return kind_on and self.ranges.contains(refs.address)
 
 
 def service_listener(refs: ListenerRefs, clusters: Mapping[str, bytes]) -> ServicePort | None:

@@ -28,7 +28,7 @@ from cachetools import LRUCache
 
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.scope.compact import (
-    MeshRanges,
+    CompactMode,
     service_listener,
     takes_mesh_chains,
     with_mesh_chains,
@@ -66,10 +66,11 @@ class SidecarView:
         usage_flush_seconds: int = FLUSH_SECONDS,
         fail_open: FailOpen | None = None,
         tunnel: bool = False,
-        compact: MeshRanges | None = None,
+        compact: CompactMode | None = None,
     ) -> None:
         self.scope = scope
-        # Compact mode: out-of-scope services' listeners are left out (None: kept, as Istio's).
+        # Compact mode: out-of-scope services' listeners are left out, per listener kind (None:
+        # all kept, as Istio sent them).
         self.compact = compact
         # Out-of-scope TCP goes through the egress tunnel; off for a sidecar whose bootstrap
         # lacks the internal-listener extension (then its TCP services stay in scope).
@@ -92,9 +93,9 @@ class SidecarView:
         current = upstream.get(type_url, _EMPTY)
         if self.fail_open is not None and self.fail_open.active:
             return current  # Istio's full config, as without xdsproxy (see `failopen`)
-        if self.compact is not None and not self.compact.networks:
+        if self.compact is not None and not self.compact.ranges.networks:
             clusters = dict(zip(*upstream.get(typeurls.CLUSTER, _EMPTY), strict=True))
-            self.compact.settle(
+            self.compact.ranges.settle(
                 refs.address
                 for refs in map(listener_refs, upstream.get(typeurls.LISTENER, _EMPTY)[1])
                 if service_listener(refs, clusters)
@@ -138,7 +139,7 @@ class SidecarView:
         return tuple(kept_names), tuple(kept_bodies)
 
     def _networks(self) -> tuple:
-        return self.compact.networks if self.compact is not None else ()
+        return self.compact.ranges.networks if self.compact is not None else ()
 
     def _left_out(self, upstream: UpstreamView) -> frozenset[bytes]:
         """Compact mode: the listeners of out-of-scope services' VIPs in the mesh ranges."""
@@ -149,7 +150,7 @@ class SidecarView:
         for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
             refs = listener_refs(body)
             service = service_listener(refs, clusters)
-            if service and self.compact.contains(refs.address) and not self.scope.covers(service):
+            if service and self.compact.leaves_out(refs) and not self.scope.covers(service):
                 left_out.add(body)
         return frozenset(left_out)
 
@@ -163,6 +164,7 @@ class SidecarView:
             self.usage,
             self.usage_sample_percent,
             self.tunnel,
+            self.compact,
             self._networks(),
         )
         key = (self.scope.version, settings, inputs)

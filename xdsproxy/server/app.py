@@ -15,7 +15,7 @@ from xdsproxy.debug.metrics import Metrics
 from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.pods import PodDirectory
-from xdsproxy.scope.compact import MeshRanges
+from xdsproxy.scope.compact import CompactMode, MeshRanges
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.rules import Rules, RulesError, load_rules
@@ -72,8 +72,11 @@ class ServeConfig:
     als_allow: tuple[str, ...] = ()
     rules: Rules | None = None
     rules_file: Path | None = None  # re-read on SIGHUP and when it changes
-    lazy_tcp: str = "placeholders"  # or "compact": see scope/compact.py
-    service_cidrs: tuple[str, ...] = ()  # compact mode's mesh ranges; else derived
+    # Out-of-scope TCP and sniffed services, per listener kind: "placeholders" or "compact"
+    # (see scope/compact.py); compact mode's mesh ranges, else derived from the VIPs.
+    lazy_tcp: str = "placeholders"
+    lazy_sniffed: str = "placeholders"
+    service_cidrs: tuple[str, ...] = ()
     store: str = "memory://"
     ttl_seconds: float = 0.0
     flush_seconds: float = 10.0
@@ -103,6 +106,7 @@ class ProxyServer:
                 # Replicas share state: any of them may receive any sidecar's access logs.
                 pods = PodDirectory()
                 self.pod_watch = PodWatch(pods, config.kube_client)
+            modes = (config.lazy_tcp, config.lazy_sniffed)
             self.runtime = LazyRuntime(
                 config.egress,
                 config.egress_settings,
@@ -116,7 +120,13 @@ class ProxyServer:
                 metrics=self.metrics,
                 pods=pods,
                 fail_open=FailOpen(config.fail_open, config.fail_open_hold_down),
-                compact=MeshRanges(config.service_cidrs) if config.lazy_tcp == "compact" else None,
+                compact=CompactMode(
+                    MeshRanges(config.service_cidrs),
+                    tcp=config.lazy_tcp == "compact",
+                    sniffed=config.lazy_sniffed == "compact",
+                )
+                if "compact" in modes
+                else None,
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(

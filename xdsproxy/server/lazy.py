@@ -21,7 +21,7 @@ from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.learn.pending import PendingEntries
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
-from xdsproxy.scope.compact import MeshRanges
+from xdsproxy.scope.compact import CompactMode
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.failopen import FailOpen, ready_endpoints
 from xdsproxy.scope.mesh import MeshTables
@@ -56,7 +56,7 @@ class LazyRuntime:
         usage_flush_seconds: int = 30,
         pods: PodDirectory | None = None,
         fail_open: FailOpen | None = None,
-        compact: MeshRanges | None = None,
+        compact: CompactMode | None = None,
     ) -> None:
         self.egress = egress
         self.egress_cluster = cluster_name(egress)
@@ -71,7 +71,7 @@ class LazyRuntime:
         # connected to another replica are attributed here too; else connected nodes only.
         self.pods = pods
         self.fail_open = fail_open or FailOpen()
-        # Compact lazy sidecars (see scope/compact.py): one set of mesh ranges for every view.
+        # Compact lazy sidecars (see scope/compact.py): one mode and set of ranges for every view.
         self.compact = compact
         self._fail_open_timer: asyncio.TimerHandle | None = None
         self.tables = MeshTables()
