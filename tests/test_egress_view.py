@@ -123,3 +123,32 @@ def test_connect_goes_only_to_services_the_egress_can_reach() -> None:
     assert sniffed_or_tcp
     for service in sniffed_or_tcp:
         assert f"outbound|{service.ports[0].number}||{service.fqdn}" in tunnelled
+
+
+def test_tunnel_vhosts_answer_to_the_service_vip() -> None:
+    """A compact sidecar tunnels `VIP:PORT`: the egress's vhost for each TCP or sniffed service
+    lists its VIP, bare and with the port, taken from Istio's `VIP_PORT` listener."""
+    mesh = generate(20, profile="realistic")
+    snapshot = Snapshot(mesh, "v", None)
+    upstream = {
+        t: tuple(zip(*snapshot.resources(t, NODE).items(), strict=True))
+        for t in (CDS, RDS, typeurls.LISTENER)
+    }
+    _, bodies = EgressView(EgressSettings(), MeshTables()).select(SRDS, upstream)
+    domains: dict[str, set[str]] = {}
+    for body in bodies:
+        scope = ScopedRouteConfiguration()
+        Any.FromString(body).Unpack(scope)
+        for vhost in scope.route_configuration.virtual_hosts:
+            domains.setdefault(vhost.name, set()).update(vhost.domains)
+    tunnelled = [
+        s
+        for s in mesh.services.values()
+        if s.kind == "eds" and s.ports[0].protocol != "HTTP" and not s.subsets
+    ]
+    assert tunnelled
+    for service in tunnelled:
+        port = service.ports[0].number
+        assert {service.cluster_ip, f"{service.cluster_ip}:{port}"} <= domains[
+            f"{service.fqdn}:{port}"
+        ]

@@ -108,3 +108,30 @@ def test_realistic_profile_listeners_are_valid(tmp_path) -> None:
     referenced = [_dict(b, Cluster) for n, b in clusters.items() if n.startswith("outbound|")]
     result = validate(tmp_path, vip, referenced)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compact_mesh_chains_are_valid(tmp_path) -> None:
+    """A compact sidecar's `virtualOutbound` and `0.0.0.0_PORT` HTTP listeners with the
+    mesh-range chains (on the realistic profile), as real Envoy takes them."""
+    from tests.test_scope_tunnel import UPSTREAMS
+    from xdsproxy.scope.compact import MESH_CHAIN, MESH_HTTP_CHAIN, CompactMode, MeshRanges
+
+    upstream = UPSTREAMS["simulator, realistic profile"]
+    egress = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
+    view = SidecarView(_scope(()), egress, compact=CompactMode(MeshRanges(), sniffed=True))
+    names, bodies = view.select(typeurls.LISTENER, upstream)
+    chosen = [
+        _dict(b, Listener)
+        for n, b in zip(names, bodies, strict=True)
+        if n == "virtualOutbound" or n.startswith("0.0.0.0_")
+    ]
+    chains = {c["name"] for listener in chosen for c in listener["filter_chains"] if "name" in c}
+    assert {MESH_CHAIN, MESH_HTTP_CHAIN} <= chains
+    clusters = dict(zip(*upstream[typeurls.CLUSTER], strict=True))
+    needed = [
+        _dict(clusters[n], Cluster)
+        for n in ("PassthroughCluster", "BlackHoleCluster", egress)
+        if n in clusters
+    ]
+    result = validate(tmp_path, chosen, needed)
+    assert result.returncode == 0, result.stdout + result.stderr
