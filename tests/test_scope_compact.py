@@ -23,6 +23,7 @@ from xdsproxy.scope.compact import (
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar import SidecarView
+from xdsproxy.server.app import ServeConfig, compact_mode
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
 
@@ -162,3 +163,23 @@ def test_compact_for_tcp_only_keeps_sniffed_listeners_with_placeholders() -> Non
             assert name not in listener_names
             assert not refs.tcp_clusters & set(clusters)
     assert sniffed and tcp
+
+
+@pytest.mark.parametrize(
+    ("tcp", "sniffed", "cidrs", "expected"),
+    [
+        ("auto", "placeholders", (), None),
+        ("auto", "placeholders", ("10.96.0.0/12",), (True, False)),
+        ("compact", "placeholders", (), (True, False)),
+        ("placeholders", "compact", (), (False, True)),
+        ("placeholders", "placeholders", ("10.96.0.0/12",), None),
+    ],
+)
+def test_compact_mode_from_flags(tcp: str, sniffed: str, cidrs: tuple, expected) -> None:
+    """TCP goes compact by default once the service ranges are given; sniffed ports only when
+    asked."""
+    config = ServeConfig("x:1", lazy_tcp=tcp, lazy_sniffed=sniffed, service_cidrs=cidrs)
+    mode = compact_mode(config)
+    assert (None if mode is None else (mode.tcp, mode.sniffed)) == expected
+    if mode is not None and cidrs:
+        assert [str(n) for n in mode.ranges.networks] == list(cidrs)

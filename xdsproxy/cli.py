@@ -108,10 +108,11 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--rules", type=Path, metavar="FILE", help="static scope rules (YAML)")
     p.add_argument(
         "--lazy-tcp",
-        choices=("placeholders", "compact"),
-        default="placeholders",
+        choices=("auto", "placeholders", "compact"),
+        default="auto",
         help="out-of-scope TCP services: keep Istio's listener with a placeholder cluster "
-        "each, or neither, the mesh's service ranges tunnelled to the egress (see docs/lazy.md)",
+        "each, or neither, the mesh's service ranges tunnelled to the egress; auto: compact "
+        "when --service-cidr is given (see docs/lazy.md)",
     )
     p.add_argument(
         "--lazy-sniffed",
@@ -443,7 +444,7 @@ _LAZY_ONLY = {
     "egress": "",
     "rules": None,
     "als_allow": [],
-    "lazy_tcp": "placeholders",
+    "lazy_tcp": "auto",
     "lazy_sniffed": "placeholders",
     "service_cidr": [],
     "ttl": _duration("168h"),

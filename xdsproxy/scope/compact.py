@@ -21,6 +21,7 @@ Istio's HTTP chain and a tunnel chain, both for the ranges, the TCP one for `raw
 """
 
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +35,8 @@ from xdsproxy.istio.names import ServicePort, outbound_cluster, service_namespac
 from xdsproxy.scope.listeners import ListenerRefs
 from xdsproxy.scope.tunnel import tunnel_proxy
 from xdsproxy.xds.ordering import is_eds_cluster
+
+log = logging.getLogger("xdsproxy.compact")
 
 VIRTUAL_OUTBOUND = "virtualOutbound"
 MESH_CHAIN = "xdsproxy_lazy_mesh"
@@ -65,7 +68,14 @@ class MeshRanges:
                 prefix = DERIVED_PREFIX[address.version]
                 derived.append(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
         self.networks = _collapse(derived)
-        self.source = "derived from the first VIPs" if self.networks else ""
+        if self.networks:
+            self.source = "derived from the first service VIPs"
+            log.warning(
+                "compact mode: mesh service ranges derived from Istio's VIPs: %s; an address "
+                "in them without a listener of its own goes to the egress, so give the "
+                "cluster's service CIDR with --service-cidr",
+                ", ".join(map(str, self.networks)),
+            )
 
     def contains(self, ip: str) -> bool:
         address = _address(ip)

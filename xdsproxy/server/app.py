@@ -73,8 +73,9 @@ class ServeConfig:
     rules: Rules | None = None
     rules_file: Path | None = None  # re-read on SIGHUP and when it changes
     # Out-of-scope TCP and sniffed services, per listener kind: "placeholders" or "compact"
-    # (see scope/compact.py); compact mode's mesh ranges, else derived from the VIPs.
-    lazy_tcp: str = "placeholders"
+    # (see scope/compact.py; "auto": compact once the ranges are given); compact mode's mesh
+    # ranges, else derived from the VIPs.
+    lazy_tcp: str = "auto"
     lazy_sniffed: str = "placeholders"
     service_cidrs: tuple[str, ...] = ()
     store: str = "memory://"
@@ -87,6 +88,17 @@ class ServeConfig:
     fail_open: str = "never"  # or "auto": see scope/failopen.py
     fail_open_hold_down: float = 60.0
     kube_client: Any = None  # a kubernetes.client.ApiClient (tests); else in-cluster/kubeconfig
+
+
+def compact_mode(config: ServeConfig) -> CompactMode | None:
+    """Compact for TCP when asked, or by default once the service ranges are given (derived
+    ranges could sweep in non-service addresses); for sniffed ports only when asked, since
+    their first-contact HTTP then loses L7 (see docs/lazy.md)."""
+    tcp = config.lazy_tcp == "compact" or (config.lazy_tcp == "auto" and config.service_cidrs)
+    sniffed = config.lazy_sniffed == "compact"
+    if not (tcp or sniffed):
+        return None
+    return CompactMode(MeshRanges(config.service_cidrs), tcp=bool(tcp), sniffed=sniffed)
 
 
 class ProxyServer:
@@ -106,7 +118,7 @@ class ProxyServer:
                 # Replicas share state: any of them may receive any sidecar's access logs.
                 pods = PodDirectory()
                 self.pod_watch = PodWatch(pods, config.kube_client)
-            modes = (config.lazy_tcp, config.lazy_sniffed)
+            compact = compact_mode(config)
             self.runtime = LazyRuntime(
                 config.egress,
                 config.egress_settings,
@@ -120,13 +132,7 @@ class ProxyServer:
                 metrics=self.metrics,
                 pods=pods,
                 fail_open=FailOpen(config.fail_open, config.fail_open_hold_down),
-                compact=CompactMode(
-                    MeshRanges(config.service_cidrs),
-                    tcp=config.lazy_tcp == "compact",
-                    sniffed=config.lazy_sniffed == "compact",
-                )
-                if "compact" in modes
-                else None,
+                compact=compact,
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(
