@@ -195,6 +195,16 @@ def _timed_connect(listen: int, vip: tuple[str, int]) -> tuple[socket.socket, fl
     return conn, (time.perf_counter() - start) * 1000
 
 
+def _round_trips(conn: socket.socket, count: int = 200) -> list[float]:
+    """Milliseconds per one-byte echo on an open connection."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        _echo_once(conn)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def _throughput(conn: socket.socket, total: int) -> float:
     """MiB/s of `total` bytes echoed back over `conn` (written and read concurrently)."""
     import threading
@@ -278,6 +288,8 @@ async def tcp_learns(
                 direct_held = direct
             else:
                 direct.close()
+        tunnel_rtt = await asyncio.to_thread(_round_trips, held)
+        direct_rtt = await asyncio.to_thread(_round_trips, direct_held)
         total = transfer_mib * MIB
         tunnel_mibs = await asyncio.to_thread(_throughput, held, total)
         direct_mibs = await asyncio.to_thread(_throughput, direct_held, total)
@@ -290,6 +302,8 @@ async def tcp_learns(
         **_percentiles("learn_ms", learn_ms),
         **_percentiles("tunnel_connect_ms", tunnel_ms),
         **_percentiles("direct_connect_ms", direct_ms),
+        **_percentiles("tunnel_rtt_ms", tunnel_rtt),
+        **_percentiles("direct_rtt_ms", direct_rtt),
         "transfer_mib": transfer_mib,
         "tunnel_mib_s": tunnel_mibs,
         "direct_mib_s": direct_mibs,
