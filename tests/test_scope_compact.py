@@ -183,3 +183,34 @@ def test_compact_mode_from_flags(tcp: str, sniffed: str, cidrs: tuple, expected)
     assert (None if mode is None else (mode.tcp, mode.sniffed)) == expected
     if mode is not None and cidrs:
         assert [str(n) for n in mode.ranges.networks] == list(cidrs)
+
+
+# Sniffed service listeners, and those whose port also has a `0.0.0.0_PORT` HTTP listener (the
+# ones whose first-contact HTTP keeps L7 in compact mode): the figures docs/lazy.md quotes.
+SNIFFED_WITH_PORT_LISTENER = {
+    "istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json": (74, 14),
+    "istio-1.20.8-ossm_sidecar_hello-openshift.json": (3, 0),
+    "istio-1.22.3_sidecar_app1_multiparty-lb.json": (21, 0),
+    "istio-1.9.1_sidecar_productpage_slime-lazyload.json": (3, 0),
+    "simulator, realistic profile": (118, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SNIFFED_WITH_PORT_LISTENER))
+def test_first_contact_http_keeps_l7_only_where_the_port_has_an_http_listener(name: str) -> None:
+    upstream = UPSTREAMS[name]
+    view = SidecarView(Scope(APP), EGRESS, compact=CompactMode(MeshRanges(), sniffed=True))
+    listener_names, listeners = view.select(LDS, upstream)
+    paired_ports = {
+        listener_refs(body).port
+        for listener_name, body in zip(listener_names, listeners, strict=True)
+        if listener_name.startswith("0.0.0.0_")
+        and MESH_HTTP_CHAIN in {c.name for c in _decode(body).filter_chains}
+    }
+    sniffed = [
+        refs
+        for _, body in _service_listeners(upstream).values()
+        if (refs := listener_refs(body)).route_tables
+    ]
+    keeps_l7 = [refs for refs in sniffed if refs.port in paired_ports]
+    assert (len(sniffed), len(keeps_l7)) == SNIFFED_WITH_PORT_LISTENER[name]
