@@ -166,21 +166,26 @@ def test_compact_for_tcp_only_keeps_sniffed_listeners_with_placeholders() -> Non
 
 
 @pytest.mark.parametrize(
-    ("tcp", "sniffed", "cidrs", "expected"),
+    ("tcp", "sniffed", "cidrs", "store", "expected"),
     [
-        ("auto", "placeholders", (), None),
-        ("auto", "placeholders", ("10.96.0.0/12",), (True, False)),
-        ("compact", "placeholders", (), (True, False)),
-        ("placeholders", "compact", (), (False, True)),
-        ("placeholders", "placeholders", ("10.96.0.0/12",), None),
+        ("auto", "placeholders", (), "memory://", None),
+        ("auto", "placeholders", ("10.96.0.0/12",), "memory://", (True, False, False)),
+        ("auto", "placeholders", (), "kubernetes://istio-system", (True, False, False)),
+        ("compact", "placeholders", (), "memory://", (True, False, True)),
+        ("placeholders", "compact", (), "memory://", (False, True, True)),
+        ("placeholders", "placeholders", ("10.96.0.0/12",), "memory://", None),
     ],
 )
-def test_compact_mode_from_flags(tcp: str, sniffed: str, cidrs: tuple, expected) -> None:
-    """TCP goes compact by default once the service ranges are given; sniffed ports only when
-    asked."""
-    config = ServeConfig("x:1", lazy_tcp=tcp, lazy_sniffed=sniffed, service_cidrs=cidrs)
+def test_compact_mode_from_flags(
+    tcp: str, sniffed: str, cidrs: tuple, store: str, expected
+) -> None:
+    """TCP goes compact by default once the service ranges are known (given, or from the
+    Kubernetes API); sniffed ports only when asked; ranges are derived only when asked."""
+    config = ServeConfig(
+        "x:1", lazy_tcp=tcp, lazy_sniffed=sniffed, service_cidrs=cidrs, store=store
+    )
     mode = compact_mode(config)
-    assert (None if mode is None else (mode.tcp, mode.sniffed)) == expected
+    assert (None if mode is None else (mode.tcp, mode.sniffed, mode.ranges.derive)) == expected
     if mode is not None and cidrs:
         assert [str(n) for n in mode.ranges.networks] == list(cidrs)
 

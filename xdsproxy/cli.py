@@ -112,7 +112,8 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         default="auto",
         help="out-of-scope TCP services: keep Istio's listener with a placeholder cluster "
         "each, or neither, the mesh's service ranges tunnelled to the egress; auto: compact "
-        "when --service-cidr is given (see docs/lazy.md)",
+        "once the ranges are known (--service-cidr, or the ServiceCIDR API with the "
+        "Kubernetes store; see docs/lazy.md)",
     )
     p.add_argument(
         "--lazy-sniffed",
@@ -126,8 +127,9 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         action="append",
         default=[],
         metavar="CIDR",
-        help="the mesh's service address range, for compact mode (repeatable; default: "
-        "derived once from the first service VIPs Istiod sends)",
+        help="the mesh's service address range, for compact mode (repeatable; default: the "
+        "ServiceCIDR API with the Kubernetes store, else derived from the VIPs if compact "
+        "mode is asked for)",
     )
     p.add_argument(
         "--debug-listen",

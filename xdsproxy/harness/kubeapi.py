@@ -1,5 +1,5 @@
 """An in-process STAND-IN for the Kubernetes API server, for the LazyScope custom resource and
-the cluster-wide list and watch of Pods (`/api/v1/pods`) only.
+the cluster-wide list and watch of Pods (`/api/v1/pods`), and the list of ServiceCIDRs only.
 
 No Kubernetes API server can run on these machines, so the Kubernetes store is tested against
 this. It implements what the store uses, as the real API server does it: list with a
@@ -25,6 +25,7 @@ _PATH = re.compile(
     r"(?:/(?P<name>[^/?]+))?(?P<status>/status)?$"
 )
 _PODS_PATH = "/api/v1/pods"
+_SERVICE_CIDRS_PATH = "/apis/networking.k8s.io/v1/servicecidrs"
 
 
 class _State:
@@ -39,6 +40,8 @@ class _State:
         self.watch_generation = 0  # bumping it ends every open watch
         self.accepting_watches = threading.Event()
         self.accepting_watches.set()
+        # The ServiceCIDR objects' ranges; None answers 404, as a cluster before 1.33 does.
+        self.service_cidrs: list[str] | None = None
 
     def commit(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         with self.changed:
@@ -93,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         if self.path.partition("?")[0] == _PODS_PATH:
             return self._pods(params)
+        if self.path.partition("?")[0] == _SERVICE_CIDRS_PATH:
+            return self._service_cidrs()
         if match is None:
             return self._send(404, _status(404, "NotFound", self.path))
         ns, name = match["ns"], match["name"]
@@ -114,6 +119,26 @@ class _Handler(BaseHTTPRequestHandler):
                 "kind": f"{KIND}List",
                 "metadata": {"resourceVersion": str(version)},
                 "items": items,
+            },
+        )
+
+    def _service_cidrs(self) -> None:
+        cidrs = self.server.state.service_cidrs
+        if cidrs is None:
+            return self._send(404, _status(404, "NotFound", self.path))
+        item = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": cidrs},
+        }
+        self._send(
+            200,
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "ServiceCIDRList",
+                "metadata": {"resourceVersion": "1"},
+                "items": [item],
             },
         )
 

@@ -48,18 +48,24 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class MeshRanges:
-    """The mesh's service address ranges: configured (`--service-cidr`), or derived once from
-    the first VIPs Istiod sends (the /16 of each IPv4 VIP, the /112 of each IPv6 one). Fixed
-    once set, so the chains built from them never change."""
+    """The mesh's service address ranges: configured (`--service-cidr`, or the Kubernetes
+    ServiceCIDR objects read at start), else, if `derive`, derived once from the first VIPs
+    Istiod sends (the /16 of each IPv4 VIP, the /112 of each IPv6 one). Fixed once set, so the
+    chains built from them never change; while unset, compact mode does nothing."""
 
-    def __init__(self, configured: Iterable[str] = ()) -> None:
-        self.networks: tuple[Network, ...] = _collapse(
-            ipaddress.ip_network(cidr, strict=False) for cidr in configured
-        )
-        self.source = "--service-cidr" if self.networks else ""
+    def __init__(self, configured: Iterable[str] = (), derive: bool = True) -> None:
+        self.networks: tuple[Network, ...] = ()
+        self.source = ""
+        self.derive = derive
+        self.configure(configured, "--service-cidr")
+
+    def configure(self, cidrs: Iterable[str], source: str) -> None:
+        if not self.networks:
+            self.networks = _collapse(ipaddress.ip_network(c, strict=False) for c in cidrs)
+            self.source = source if self.networks else ""
 
     def settle(self, vips: Iterable[str]) -> None:
-        if self.networks:
+        if self.networks or not self.derive:
             return
         derived = []
         for vip in vips:

@@ -25,6 +25,7 @@ from xdsproxy.server.grpcio import ads_handler, message_options, server_keepaliv
 from xdsproxy.server.heap import HeapTrimmer
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.server.podwatch import PodWatch
+from xdsproxy.server.servicecidrs import service_cidrs
 from xdsproxy.server.tlsfiles import WatchedFiles, server_credentials
 from xdsproxy.server.upstream import Channels, Upstream, UpstreamProbe
 from xdsproxy.store.base import open_store
@@ -91,14 +92,17 @@ class ServeConfig:
 
 
 def compact_mode(config: ServeConfig) -> CompactMode | None:
-    """Compact for TCP when asked, or by default once the service ranges are given (derived
-    ranges could sweep in non-service addresses); for sniffed ports only when asked, since
-    their first-contact HTTP then loses L7 (see docs/lazy.md)."""
-    tcp = config.lazy_tcp == "compact" or (config.lazy_tcp == "auto" and config.service_cidrs)
+    """Compact for TCP when asked, or by default once the service ranges are known: given with
+    --service-cidr, or read from the Kubernetes ServiceCIDR API where the store is Kubernetes
+    (deriving them from VIPs could sweep in non-service addresses, so `auto` never does). For
+    sniffed ports only when asked, since their first-contact HTTP then loses L7 (docs/lazy.md)."""
+    known = bool(config.service_cidrs) or config.store.startswith("kubernetes://")
+    tcp = config.lazy_tcp == "compact" or (config.lazy_tcp == "auto" and known)
     sniffed = config.lazy_sniffed == "compact"
     if not (tcp or sniffed):
         return None
-    return CompactMode(MeshRanges(config.service_cidrs), tcp=bool(tcp), sniffed=sniffed)
+    asked = "compact" in (config.lazy_tcp, config.lazy_sniffed)
+    return CompactMode(MeshRanges(config.service_cidrs, derive=asked), tcp=tcp, sniffed=sniffed)
 
 
 class ProxyServer:
@@ -184,6 +188,14 @@ class ProxyServer:
             await self.runtime.start()  # scopes come back before anything is served
         if self.pod_watch is not None:
             await self.pod_watch.start()
+        compact = self.runtime.compact if self.runtime is not None else None
+        if (
+            compact is not None
+            and not compact.ranges.networks
+            and self.config.store.startswith("kubernetes://")
+        ):
+            cidrs = await asyncio.to_thread(service_cidrs, self.config.kube_client)
+            compact.ranges.configure(cidrs, "the Kubernetes ServiceCIDR API")
         if self.runtime is not None and self.config.rules_file is not None:
             self._rules_watch = asyncio.create_task(self._watch_rules(self.config.rules_file))
         self._probing = asyncio.create_task(self.probe.run())
