@@ -111,7 +111,21 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
         assert reply.status == 200 and reply.json()["backend"] == "sniffed"
         assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1, "in scope: direct"
 
-        assert mesh.proxy.runtime.learns == 3
+        # A sniffed service on a port that has a `0.0.0.0_PORT` HTTP listener: first-contact
+        # HTTP keeps L7 there (the mesh-range copy of Istio's HTTP chain, then the catch-all).
+        service, _ = mesh.tcp["sniffed-http-port"]
+        vip = (service.cluster_ip, mesh.port)
+        host = f"{service.name}.{service.namespace}"
+        sidecar_http = f"http.outbound_0.0.0.0_{mesh.port}.downstream_rq_total"
+        before, l7_before = mesh.egress.stat(EGRESS_REQUESTS), sidecar.stat(sidecar_http)
+        reply = await asyncio.to_thread(request_via_sidecar, listen, vip, host, "127.0.0.2")
+        assert reply.status == 200 and reply.json()["backend"] == "sniffed-http-port", reply.body
+        assert sidecar.stat(sidecar_http) == l7_before + 1, "HTTP at L7 on the sidecar"
+        assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1
+        await eventually(lambda: runs_istio_cluster(sidecar, _cluster(service)), timeout=10)
+        await eventually(lambda: f"{vip[0]}_{vip[1]}" in _listeners(sidecar), timeout=10)
+
+        assert mesh.proxy.runtime.learns == 4
         assert sidecar.stat(IN_PLACE) == in_place, "a scope change updated a listener in place"
         for envoy in (sidecar, mesh.egress):
             assert _rejected(envoy) == 0

@@ -1,6 +1,7 @@
 """A whole lazy mesh on loopback: simulator, lazy xdsproxy, sidecar and egress Envoys, backends."""
 
 import asyncio
+import dataclasses
 import json
 import tempfile
 import time
@@ -220,6 +221,8 @@ REALISTIC_ROLES = {
     "tcp": (7, b""),  # client-first TCP, ns-1
     "server-first": (8, b"220 ready\r\n"),  # TCP, ns-0: the server greets first
     "sniffed": (5, b""),  # a sniffed port called with HTTP and raw TCP, ns-1
+    # A sniffed service on the mesh's HTTP port, which has a `0.0.0.0_PORT` HTTP listener, ns-1.
+    "sniffed-http-port": (11, b""),
 }
 
 
@@ -245,6 +248,8 @@ async def realistic_lazy_mesh(
             server = stack.enter_context(EchoServer(greeting=greeting, name=role))
             fqdn = next(f for f, s in mesh.services.items() if s.name == f"svc-{index}")
             mesh.set_endpoints(fqdn, [Endpoint("127.0.0.1", server.port)])
+            if role == "sniffed-http-port":
+                mesh.add(dataclasses.replace(mesh.services[fqdn], ports=(Port(port, "SNIFFED"),)))
             tcp[role] = (mesh.services[fqdn], server)
         mesh.add(egress_service(port, egress_port, mtls))
         sim, proxy, egress = await stack.enter_async_context(
