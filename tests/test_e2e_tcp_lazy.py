@@ -13,7 +13,7 @@ import pytest
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import connect_via_sidecar, echoes, request_via_sidecar
 from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
-from xdsproxy.harness.pki import Authority
+from xdsproxy.harness.pki import Authority, trusting_client
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
@@ -189,15 +189,6 @@ def _connect(egress_port: int, authority: str, port: int, tls: ssl.SSLContext | 
         return f"status {head.split(b' ', 2)[1].decode()}"
 
 
-def _client_tls(cert=None, key=None) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if cert and key:
-        context.load_cert_chain(cert, key)
-    return context
-
-
 async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp_path) -> None:
     async with realistic_lazy_mesh(delta=False, mtls=True) as mesh:
         assert mesh.mesh_ca is not None
@@ -218,7 +209,7 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp
         assert mesh.proxy.runtime.learns == 1
 
         mesh_cert = mesh.mesh_ca.sds.workloads[identity.node_id]
-        with_cert = _client_tls(mesh_cert.cert, mesh_cert.key)
+        with_cert = trusting_client(mesh_cert.cert, mesh_cert.key)
         admin = mesh.egress.admin
         outside = mesh.backends["outside"]
         # A mesh certificate is not enough to CONNECT anywhere but to a mesh service: not the
@@ -239,7 +230,7 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp
         # Without a mesh certificate nothing is tunnelled at all.
         foreign = await asyncio.to_thread(Authority, tmp_path, "foreign")
         impostor = await asyncio.to_thread(foreign.workload, "ns-0", "default")
-        for tls in (None, _client_tls(), _client_tls(impostor.cert, impostor.key)):
+        for tls in (None, trusting_client(), trusting_client(impostor.cert, impostor.key)):
             outcome = await asyncio.to_thread(
                 _connect, egress_port, f"{service.fqdn}:{port}", port, tls
             )

@@ -10,14 +10,13 @@ import asyncio
 import http.client
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
 
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import request_via_sidecar
 from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
-from xdsproxy.harness.pki import Authority
+from xdsproxy.harness.pki import Authority, trusting_client
 from xdsproxy.harness.stack import eventually
 from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
 
@@ -46,15 +45,6 @@ def _steer(port: int, target: tuple[str, int], mesh_port: int, tls: ssl.SSLConte
             return f"status {response.status}"
         except (ssl.SSLError, OSError, http.client.HTTPException) as exc:
             return f"refused: {exc!r}"
-
-
-def _client_tls(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the client trusts anyone; the egress must not
-    if cert and key:
-        context.load_cert_chain(cert, key)
-    return context
 
 
 async def test_only_mesh_sidecars_can_use_the_egress_and_cannot_pick_its_destination(
@@ -90,8 +80,8 @@ async def test_only_mesh_sidecars_can_use_the_egress_and_cannot_pick_its_destina
         before = len(outside.requests)
         attempts = {
             "plaintext": None,
-            "TLS without a certificate": _client_tls(),
-            "a certificate from another CA": _client_tls(impostor.cert, impostor.key),
+            "TLS without a certificate": trusting_client(),
+            "a certificate from another CA": trusting_client(impostor.cert, impostor.key),
         }
         for name, tls in attempts.items():
             outcome = await asyncio.to_thread(_steer, egress_port, target, port, tls)
@@ -102,7 +92,7 @@ async def test_only_mesh_sidecars_can_use_the_egress_and_cannot_pick_its_destina
         # refusals above are the certificate check and nothing else.
         mesh_cert = mesh.mesh_ca.sds.workloads[identity.node_id]
         outcome = await asyncio.to_thread(
-            _steer, egress_port, target, port, _client_tls(mesh_cert.cert, mesh_cert.key)
+            _steer, egress_port, target, port, trusting_client(mesh_cert.cert, mesh_cert.key)
         )
         assert outcome == "status 200"
         assert len(outside.requests) == before + 1

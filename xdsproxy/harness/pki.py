@@ -4,6 +4,7 @@ It issues what Istio's CA would: workload certificates whose identity is a SPIFF
 (`spiffe://cluster.local/ns/NS/sa/SA`), and serving certificates with DNS and IP SANs.
 """
 
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +63,14 @@ class Authority:
         return self.issue(
             f"{namespace}.{service_account}", [f"URI:{spiffe_id(namespace, service_account)}"]
         )
+
+
+def trusting_client(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A TLS client that trusts any server and presents `cert` if given: what a peer probing
+    the egress would use (the egress, not this client, must refuse)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    return context
