@@ -239,12 +239,14 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 @pytest.mark.parametrize("version", ["1.9.1", ""], ids=["old-istio", "unknown-version"])
+@pytest.mark.parametrize("lazy", ["placeholders", "compact"])
 async def test_a_sidecar_without_the_internal_listener_keeps_its_tcp_services(
-    delta: bool, version: str
+    delta: bool, version: str, lazy: str
 ) -> None:
     """Istio before 1.18 has no internal-listener bootstrap extension: known from the node's
-    ISTIO_VERSION, or else from the one NACK of the tunnel listener, never repeated."""
-    async with realistic_lazy_mesh(delta) as mesh:
+    ISTIO_VERSION, or else from the one NACK of the tunnel listener, never repeated. Such a
+    sidecar gets no compact mode either: its TCP services keep their listeners."""
+    async with realistic_lazy_mesh(delta, lazy=lazy) as mesh:
         identity = sidecar_identity("app-0", "127.0.0.2")
         identity.istio_version, identity.internal_listener = version, False
         sidecar = await mesh.add_sidecar(identity, delta)
@@ -256,6 +258,7 @@ async def test_a_sidecar_without_the_internal_listener_keeps_its_tcp_services(
         assert not any(map(_is_placeholder, clusters.values()))
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
         assert TUNNEL_LISTENER not in listeners
+        assert f"{service.cluster_ip}_{service.ports[0].number}" in listeners
         conn = await asyncio.to_thread(
             connect_via_sidecar, listen, (service.cluster_ip, service.ports[0].number), "127.0.0.2"
         )

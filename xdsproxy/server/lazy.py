@@ -161,6 +161,11 @@ class LazyRuntime:
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)
         key = WorkloadKey(istio.namespace, istio.workload)
+        # Compact mode only where the tunnel is known to work: an older Envoy would reject the
+        # mesh chains' tunnelling config, and its out-of-scope VIPs would then go nowhere.
+        tunnel = (
+            supports_tunnel(istio.istio_version) is not False and istio.id not in self._no_tunnel
+        )
         return SidecarView(
             self.scope(key, istio.labels),
             self.egress_cluster,
@@ -168,9 +173,8 @@ class LazyRuntime:
             self.usage_sample_percent,
             self.usage_flush_seconds,
             self.fail_open,
-            tunnel=supports_tunnel(istio.istio_version) is not False
-            and istio.id not in self._no_tunnel,
-            compact=self.compact,
+            tunnel=tunnel,
+            compact=self.compact if tunnel else None,
         )
 
     def opened(self, session: Session) -> None:
@@ -208,10 +212,10 @@ class LazyRuntime:
         ):
             return
         self._no_tunnel[session.node_id] = True
-        view.tunnel = False
+        view.tunnel, view.compact = False, None
         log.warning(
             "sidecar cannot tunnel TCP (no internal-listener bootstrap extension, Istio < "
-            "1.18): its TCP services stay in scope",
+            "1.18): its TCP services stay in scope, with their listeners",
             extra={"node": session.node_id},
         )
         # After the events of this answer are handled, not in the middle of them.
