@@ -19,10 +19,8 @@ Run: `make bench-tunnel` (writes benchmarks/results/tunnel.json and updates RESU
 import argparse
 import asyncio
 import json
-import re
 import socket
 import time
-import urllib.parse
 from contextlib import AsyncExitStack
 
 from envoy.config.core.v3.base_pb2 import Node
@@ -36,7 +34,7 @@ from xdsproxy.harness.http import EchoServer, connect_via_sidecar, free_port
 from xdsproxy.harness.lazymesh import (
     egress_service,
     lazy_stack,
-    runs_istio_cluster,
+    runs_istio_service,
     sidecar_identity,
 )
 from xdsproxy.harness.stack import eventually, running_envoy, settled
@@ -231,18 +229,6 @@ def _throughput(conn: socket.socket, total: int) -> float:
     return total / MIB / (time.perf_counter() - start)
 
 
-def _learned(sidecar, name: str, listener: str | None) -> bool:
-    """Istio's cluster is warm, and (compact mode) the service's own listener is in place."""
-    if not runs_istio_cluster(sidecar, name):
-        return False
-    if listener is None:
-        return True
-    query = urllib.parse.urlencode(
-        {"resource": "dynamic_listeners", "name_regex": re.escape(listener)}
-    )
-    return bool(json.loads(sidecar.get(f"/config_dump?{query}")).get("configs"))
-
-
 async def tcp_learns(
     services: int, learns: int, transfer_mib: int, lazy_tcp: str = "placeholders"
 ) -> dict:
@@ -271,9 +257,8 @@ async def tcp_learns(
             start = time.perf_counter()
             conn, connect_ms = await asyncio.to_thread(_timed_connect, listen, vip)
             tunnel_ms.append(connect_ms)
-            listener = f"{vip[0]}_{vip[1]}" if lazy_tcp == "compact" else None
             await eventually(
-                lambda name=name, listener=listener: _learned(sidecar, name, listener),
+                lambda name=name, vip=vip: runs_istio_service(sidecar, name, vip),
                 timeout=30,
                 interval=0.002,
             )

@@ -269,6 +269,15 @@ class Envoy:
         configs = json.loads(self.get(f"/config_dump?{query}")).get("configs", [])
         return configs[0]["cluster"] if configs else None
 
+    def active_listener(self, name: str) -> dict[str, Any] | None:
+        """The dynamic listener `name` once active (not warming), as JSON; else None."""
+        query = urllib.parse.urlencode(
+            {"resource": "dynamic_listeners", "name_regex": re.escape(name)}
+        )
+        configs = json.loads(self.get(f"/config_dump?{query}")).get("configs", [])
+        active = [c["active_state"]["listener"] for c in configs if "active_state" in c]
+        return active[0] if active else None
+
     def stat(self, name: str) -> int:
         """One counter or gauge, exact name; 0 when absent."""
         pattern = "^" + name.replace(".", "\\.") + "$"

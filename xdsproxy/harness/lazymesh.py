@@ -310,20 +310,27 @@ def runs_istio_cluster(sidecar: Envoy, name: str) -> bool:
     return cluster is not None and "envoy_internal_address" not in json.dumps(cluster)
 
 
+def runs_istio_service(sidecar: Envoy, cluster: str, vip: tuple[str, int]) -> bool:
+    """The sidecar runs Istio's cluster and its `VIP_PORT` listener for a TCP or sniffed
+    service: new connections go direct (a compact sidecar gets the listener on learning)."""
+    return runs_istio_cluster(sidecar, cluster) and (
+        sidecar.active_listener(f"{vip[0]}_{vip[1]}") is not None
+    )
+
+
 async def learn_tcp_through_egress(
     sidecar: Envoy, listen: int, mesh: Mesh, target: ServicePort, source: str
 ) -> float:
     """Open a first connection to the TCP service `target` through the sidecar (it goes
     through the egress tunnel), check the service answers (a greeting or an echo), and wait
-    until the sidecar runs the service's own cluster. Milliseconds from connect."""
+    until the sidecar runs the service's own cluster and listener. Milliseconds from connect."""
     service = mesh.services[target.host]
+    vip = (service.cluster_ip, target.port)
     start = time.perf_counter()
-    conn = await asyncio.to_thread(
-        connect_via_sidecar, listen, (service.cluster_ip, target.port), source
-    )
+    conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, source)
     with conn:
         if not await asyncio.to_thread(answers, conn):
             raise RuntimeError(f"no answer from {target} through the tunnel")
     name = cluster_name(target)
-    await eventually(lambda: runs_istio_cluster(sidecar, name), timeout=10, interval=0.002)
+    await eventually(lambda: runs_istio_service(sidecar, name, vip), timeout=10, interval=0.002)
     return (time.perf_counter() - start) * 1000
