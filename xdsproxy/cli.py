@@ -360,6 +360,8 @@ def _serve(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules) if args.rules else None
     except RulesError as exc:
         return fail(str(exc))
+    for warning in rules.warnings if rules else ():
+        log.warning("rules: %s", warning)
     if bool(args.cert) != bool(args.key):
         return fail("--cert and --key go together")
     if args.listen_tls and not args.cert:

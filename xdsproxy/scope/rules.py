@@ -14,8 +14,9 @@ workloads:                     # workloads chosen by namespace and labels
 ```
 
 A host is `ns/*` (a whole namespace), `*/FQDN` or `ns/FQDN` (glob allowed in FQDN), a bare
-`FQDN`, or `FQDN:PORT`. Static rules never age. A bad file stops start-up with the file name and
-line of the first error.
+`FQDN`, or `FQDN:PORT`. Static rules never age. A bad file stops start-up (or, on reload, keeps
+the rules in force) with the file name and line of the first error; patterns that can never
+match are errors. `docs/rules.md` has the format with examples.
 """
 
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Rules:
     default: tuple[HostPattern, ...] = ()
     namespaces: dict[str, tuple[HostPattern, ...]] = field(default_factory=dict)
     workloads: tuple[WorkloadRule, ...] = ()
+    # `file:line: why` for entries that load but are likely a mistake (`*`: the whole mesh).
+    warnings: tuple[str, ...] = ()
 
     def patterns_for(self, namespace: str, labels: dict[str, str]) -> tuple[HostPattern, ...]:
         found = list(self.default) + list(self.namespaces.get(namespace, ()))
@@ -63,7 +66,7 @@ def _mapping(node: yaml.Node, source: str, what: str) -> list[tuple[yaml.ScalarN
     return node.value
 
 
-def _hosts(node: yaml.Node, source: str) -> tuple[HostPattern, ...]:
+def _hosts(node: yaml.Node, source: str, warnings: list[str]) -> tuple[HostPattern, ...]:
     if not isinstance(node, yaml.SequenceNode):
         raise RulesError(f"{_where(source, node)}: hosts must be a list")
     patterns = []
@@ -71,13 +74,19 @@ def _hosts(node: yaml.Node, source: str) -> tuple[HostPattern, ...]:
         if not isinstance(item, yaml.ScalarNode) or not item.value.strip():
             raise RulesError(f"{_where(source, item)}: a host must be a non-empty string")
         try:
-            patterns.append(HostPattern.parse(item.value))
+            pattern = HostPattern.parse(item.value)
         except ValueError as exc:
             raise RulesError(f"{_where(source, item)}: {exc}") from None
+        if pattern.whole_mesh:
+            warnings.append(
+                f"{_where(source, item)}: {item.value!r} puts the whole mesh in scope, "
+                "as if xdsproxy were not there"
+            )
+        patterns.append(pattern)
     return tuple(patterns)
 
 
-def _workload(node: yaml.Node, source: str) -> WorkloadRule:
+def _workload(node: yaml.Node, source: str, warnings: list[str]) -> WorkloadRule:
     fields = {key.value: (key, value) for key, value in _mapping(node, source, "a workload rule")}
     for name, (key, _) in fields.items():
         if name not in ("namespace", "labels", "hosts"):
@@ -94,7 +103,7 @@ def _workload(node: yaml.Node, source: str) -> WorkloadRule:
     namespace = fields["namespace"][1]
     if not isinstance(namespace, yaml.ScalarNode) or not namespace.value:
         raise RulesError(f"{_where(source, namespace)}: namespace must be a string")
-    return WorkloadRule(namespace.value, labels, _hosts(fields["hosts"][1], source))
+    return WorkloadRule(namespace.value, labels, _hosts(fields["hosts"][1], source, warnings))
 
 
 def parse_rules(text: str, source: str = "<rules>") -> Rules:
@@ -111,22 +120,23 @@ def parse_rules(text: str, source: str = "<rules>") -> Rules:
     default: tuple[HostPattern, ...] = ()
     namespaces: dict[str, tuple[HostPattern, ...]] = {}
     workloads: list[WorkloadRule] = []
+    warnings: list[str] = []
     for key, value in _mapping(root, source, "the rules file"):
         if key.value == "default":
-            default = _hosts(value, source)
+            default = _hosts(value, source, warnings)
         elif key.value == "namespaces":
             for ns, hosts in _mapping(value, source, "namespaces"):
-                namespaces[ns.value] = _hosts(hosts, source)
+                namespaces[ns.value] = _hosts(hosts, source, warnings)
         elif key.value == "workloads":
             if not isinstance(value, yaml.SequenceNode):
                 raise RulesError(f"{_where(source, value)}: workloads must be a list")
-            workloads.extend(_workload(item, source) for item in value.value)
+            workloads.extend(_workload(item, source, warnings) for item in value.value)
         else:
             raise RulesError(
                 f"{_where(source, key)}: unknown key {key.value!r} "
                 "(expected default, namespaces or workloads)"
             )
-    return Rules(default, namespaces, tuple(workloads))
+    return Rules(default, namespaces, tuple(workloads), tuple(warnings))
 
 
 def load_rules(path: Path) -> Rules:

@@ -28,18 +28,27 @@ class HostPattern:
 
     @classmethod
     def parse(cls, text: str) -> "HostPattern":
+        """Refuses what can never match a service: a second `/` (`a/b/c`), a port that is not
+        a number in 1-65535 (`svc:http`), or no host at all (`8080`, `:8080`)."""
         text = text.strip()
+        shape = "must look like ns/*, */FQDN, FQDN or FQDN:PORT"
         namespace, slash, rest = text.partition("/")
         if not slash:
             namespace, rest = "*", text
-        if not namespace or not rest:
-            raise ValueError(
-                f"host pattern {text!r} must look like ns/*, */FQDN, FQDN or FQDN:PORT"
-            )
+        if not namespace or not rest or "/" in rest:
+            raise ValueError(f"host pattern {text!r} {shape}")
         host, colon, port = rest.rpartition(":")
-        if colon and is_port(port):
-            return cls(namespace, host, int(port))
-        return cls(namespace, rest, None)
+        if not colon:
+            host, port = rest, ""
+        elif not is_port(port) or not 0 < int(port) < 65536:
+            raise ValueError(f"host pattern {text!r}: the port {port!r} is not 1-65535")
+        if not host or is_port(host) or ":" in host:
+            raise ValueError(f"host pattern {text!r} names no host; it {shape}")
+        return cls(namespace, host, int(port) if port else None)
+
+    @property
+    def whole_mesh(self) -> bool:
+        return self.namespace == "*" and self.host == "*" and self.port is None
 
     def matches(self, service: ServicePort) -> bool:
         if self.port is not None and service.port != self.port:

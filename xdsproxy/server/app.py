@@ -258,6 +258,8 @@ class ProxyServer:
         except RulesError as exc:
             log.warning("keeping the previous rules", extra={"error": str(exc)})
             return
+        for warning in rules.warnings:
+            log.warning("rules: %s", warning)
         self.runtime.set_rules(rules)
         log.info("rules reloaded", extra={"file": str(path)})
 
