@@ -110,9 +110,12 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
             timeout=30,
         )
         assert result.returncode == 0, result.stderr
-        line = next(ln for ln in result.stdout.splitlines() if ln.startswith(node_id))
-        assert "ns-0/app" in line and "SYNCED" in line and "%" in line
-        assert "lazy egress nodes connected here: 1" in result.stdout
+        header, *lines = result.stdout.splitlines()
+        assert header.split()[:5] == ["NAME", "CDS", "LDS", "EDS", "RDS"]
+        assert header.split()[-4:] == ["REPLICA", "ISTIOD", "VERSION", "SAVED"]
+        line = next(ln for ln in lines if ln.startswith("app-0.ns-0 "))
+        assert "SYNCED" in line and "clusters" in line and "%" in line
+        assert "lazy egress nodes connected: 1" in result.stdout
         result = await asyncio.to_thread(
             subprocess.run,
             [
@@ -121,14 +124,15 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
                 "xdsproxy.cli",
                 "status",
                 "--debug",
-                f"127.0.0.1:{port}",
-                node_id,
+                f"http://127.0.0.1:{port}/",
+                "app-0",
             ],
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert result.returncode == 0 and A in result.stdout and "learned" in result.stdout
+        assert f"node:      {node_id}" in result.stdout
 
         # The token reached nothing xdsproxy shows or logs.
         outputs = [json.dumps(nodes), json.dumps(detail), json.dumps(workloads)]
@@ -152,7 +156,7 @@ def test_unknown_status_endpoint_is_a_clear_error() -> None:
         text=True,
         timeout=30,
     )
-    assert result.returncode == 1 and "cannot reach the debug endpoint" in result.stderr
+    assert result.returncode == 1 and "cannot reach the admin endpoint" in result.stderr
 
 
 def test_istio_only_types_are_shown_as_type_and_size() -> None:

@@ -4,7 +4,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -264,18 +266,49 @@ def _sim_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     )
 
 
+def _replica_flags() -> argparse.ArgumentParser:
+    """How the read and write commands find xdsproxy's replicas."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--debug",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a replica's admin endpoint (--admin-listen), HOST:PORT or URL; repeatable "
+        "(default 127.0.0.1:15015)",
+    )
+    flags.add_argument(
+        "--service",
+        default="",
+        metavar="NS/NAME",
+        help="find the replicas from this Service's EndpointSlices (kubeconfig or in-cluster)",
+    )
+    flags.add_argument(
+        "--admin-port",
+        type=_bounded(int, 1, 65535),
+        default=15015,
+        help="with --service: the admin port where the EndpointSlices name no http-admin port",
+    )
+    return flags
+
+
 def _status_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "status", help="what every sidecar gets, from the debug endpoint", parents=[common]
+        "status",
+        help="every sidecar's sync state across replicas, like istioctl proxy-status",
+        parents=[common, _replica_flags()],
     )
-    p.add_argument("node", nargs="?", help="one node id, for its detail")
-    p.add_argument(
-        "--debug",
-        default="127.0.0.1:15015",
-        metavar="ADDR",
-        help="the admin endpoint (--admin-listen) of a running xdsproxy",
-    )
+    p.add_argument("name", nargs="?", help="one sidecar, by pod.namespace, pod name or node id")
     p.add_argument("--json", action="store_true", help="the raw JSON")
+
+
+def _admin_urls(args: argparse.Namespace) -> list[str]:
+    from xdsproxy.debug.status import admin_url, replicas_from_service
+
+    urls = [admin_url(a) for a in args.debug]
+    if args.service:
+        urls += replicas_from_service(args.service, args.admin_port)
+    return urls or [admin_url("127.0.0.1:15015")]
 
 
 def _demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -328,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         from xdsproxy.debug.status import StatusError, status
 
         try:
-            print(status(args.debug, args.node, args.json))
+            print(status(_admin_urls(args), args.name, args.json))
         except StatusError as exc:
             print(f"xdsproxy: {exc}", file=sys.stderr)
             return 1
@@ -425,6 +458,7 @@ def _serve(args: argparse.Namespace) -> int:
         usage_sample_percent=args.usage_sample,
         debug_listen=args.debug_listen,
         admin_listen=args.admin_listen,
+        replica=os.environ.get("POD_NAME") or socket.gethostname(),
         fail_open=args.fail_open,
         fail_open_hold_down=args.fail_open_hold_down,
     )

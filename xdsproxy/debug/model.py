@@ -9,7 +9,7 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import DecodeError
 
 from xdsproxy.istio.names import outbound_cluster
-from xdsproxy.istio.node import NodeIdError, parse_node
+from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.scope.egress import is_egress
 from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.server.ads import AdsProxy, Session
@@ -27,13 +27,16 @@ def _time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _role(session: Session) -> str:
-    """`egress` for the lazy egress, `gateway` for a router, `sidecar`, or `other`."""
+def _istio(session: Session) -> IstioNode | None:
     node = session.stream.node
     try:
-        istio = parse_node(node) if node is not None else None
+        return parse_node(node) if node is not None else None
     except NodeIdError:
-        return "other"
+        return None
+
+
+def _role(istio: IstioNode | None) -> str:
+    """`egress` for the lazy egress, `gateway` for a router, `sidecar`, or `other`."""
     if istio is None:
         return "other"
     if istio.proxy_type != "sidecar":
@@ -42,20 +45,21 @@ def _role(session: Session) -> str:
 
 
 def _workload(session: Session) -> WorkloadKey | None:
-    node = session.stream.node
-    if node is None:
-        return None
-    try:
-        istio = parse_node(node)
-    except NodeIdError:
-        return None
-    return WorkloadKey(istio.namespace, istio.workload)
+    istio = _istio(session)
+    return WorkloadKey(istio.namespace, istio.workload) if istio else None
 
 
 class DebugModel:
-    def __init__(self, proxy: AdsProxy, runtime: LazyRuntime | None) -> None:
+    """`replica` names this process in rows merged from several replicas (the pod name in a
+    cluster); `istiod` is the upstream it dials."""
+
+    def __init__(
+        self, proxy: AdsProxy, runtime: LazyRuntime | None, replica: str = "", istiod: str = ""
+    ) -> None:
         self.proxy = proxy
         self.runtime = runtime
+        self.replica = replica or "local"
+        self.istiod = istiod
 
     def _session(self, node_id: str) -> Session:
         for session in self.proxy.sessions.values():
@@ -64,7 +68,7 @@ class DebugModel:
         raise NotFound(f"no connected node {node_id!r}")
 
     def node_row(self, session: Session) -> dict[str, Any]:
-        workload = _workload(session)
+        istio = _istio(session)
         types = {}
         for type_url, status in session.stream.status().items():
             types[short_name(type_url)] = {
@@ -84,13 +88,23 @@ class DebugModel:
                 "last_nack": status.last_nack or None,
                 "nacks": status.nack_count,
             }
+        cds = types.get("CDS")
+        withheld = cds["upstream"]["resources"] - cds["pushed"]["resources"] if cds else 0
         return {
             "node": session.node_id,
-            "role": _role(session),
-            "workload": str(workload) if workload else None,
+            "role": _role(istio),
+            "workload": f"{istio.namespace}/{istio.workload}" if istio else None,
+            "pod": f"{istio.pod}.{istio.namespace}" if istio else None,
+            "istio_version": istio.istio_version if istio else "",
+            "replica": self.replica,
+            "istiod": self.istiod,
             "protocol": session.protocol,
             "connected_since": _time(session.connected_at),
             "types": types,
+            "saved": {
+                "clusters": max(0, withheld),
+                "bytes": sum(t["upstream"]["bytes"] - t["pushed"]["bytes"] for t in types.values()),
+            },
         }
 
     def nodes(self) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """An in-process STAND-IN for the Kubernetes API server, for the LazyScope custom resource and
-the cluster-wide list and watch of Pods (`/api/v1/pods`), and the list of ServiceCIDRs only.
+the cluster-wide list and watch of Pods (`/api/v1/pods`), and the lists of ServiceCIDRs and of
+a namespace's EndpointSlices (by `kubernetes.io/service-name` label) only.
 
 No Kubernetes API server can run on these machines, so the Kubernetes store is tested against
 this. It implements what the store uses, as the real API server does it: list with a
@@ -18,6 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 GROUP, VERSION, PLURAL, KIND = "xdsproxy.io", "v1alpha1", "lazyscopes", "LazyScope"
 _PATH = re.compile(
@@ -26,6 +28,7 @@ _PATH = re.compile(
 )
 _PODS_PATH = "/api/v1/pods"
 _SERVICE_CIDRS_PATH = "/apis/networking.k8s.io/v1/servicecidrs"
+_SLICES_PATH = re.compile(r"^/apis/discovery\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/endpointslices$")
 
 
 class _State:
@@ -42,6 +45,7 @@ class _State:
         self.accepting_watches.set()
         # The ServiceCIDR objects' ranges; None answers 404, as a cluster before 1.33 does.
         self.service_cidrs: list[str] | None = None
+        self.endpoint_slices: list[dict[str, Any]] = []  # see `endpoint_slice`
 
     def commit(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         with self.changed:
@@ -98,6 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._pods(params)
         if self.path.partition("?")[0] == _SERVICE_CIDRS_PATH:
             return self._service_cidrs()
+        if slices := _SLICES_PATH.match(self.path.partition("?")[0]):
+            return self._endpoint_slices(slices["ns"], params)
         if match is None:
             return self._send(404, _status(404, "NotFound", self.path))
         ns, name = match["ns"], match["name"]
@@ -139,6 +145,26 @@ class _Handler(BaseHTTPRequestHandler):
                 "kind": "ServiceCIDRList",
                 "metadata": {"resourceVersion": "1"},
                 "items": [item],
+            },
+        )
+
+    def _endpoint_slices(self, namespace: str, params: dict[str, str]) -> None:
+        """Only the equality selector `kubernetes.io/service-name=NAME` is understood."""
+        selector = unquote(params.get("labelSelector", ""))
+        key, _, value = selector.partition("=")
+        items = [
+            copy.deepcopy(item)
+            for item in self.server.state.endpoint_slices
+            if item["metadata"]["namespace"] == namespace
+            and (not selector or item["metadata"].get("labels", {}).get(key) == value)
+        ]
+        self._send(
+            200,
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSliceList",
+                "metadata": {"resourceVersion": str(self.server.state.version)},
+                "items": items,
             },
         )
 
@@ -292,6 +318,40 @@ class KubeApiStandIn(ThreadingHTTPServer):
         with self.state.changed:
             kind = "MODIFIED" if key in self.state.pods else "ADDED"
             self.state.pods[key] = self.state.commit(kind, pod)
+
+    def add_endpoint_slice(
+        self,
+        namespace: str,
+        service: str,
+        endpoints: list[tuple[str, str, bool]],
+        ports: dict[str, int],
+    ) -> None:
+        """An EndpointSlice of `service`, as its controller writes it: endpoints as
+        (address, pod name, ready), ports by name."""
+        index = len(self.state.endpoint_slices)
+        self.state.endpoint_slices.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{service}-{index}",
+                    "namespace": namespace,
+                    "labels": {"kubernetes.io/service-name": service},
+                },
+                "addressType": "IPv4",
+                "endpoints": [
+                    {
+                        "addresses": [address],
+                        "conditions": {"ready": ready},
+                        "targetRef": {"kind": "Pod", "name": pod, "namespace": namespace},
+                    }
+                    for address, pod, ready in endpoints
+                ],
+                "ports": [
+                    {"name": name, "port": port, "protocol": "TCP"} for name, port in ports.items()
+                ],
+            }
+        )
 
     def delete_pod(self, namespace: str, name: str) -> None:
         with self.state.changed:

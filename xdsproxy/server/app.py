@@ -85,6 +85,7 @@ class ServeConfig:
     usage_sample_percent: float = 0.0
     usage_flush_seconds: int = 30
     debug_listen: str = ""  # health, readiness, metrics; off unless set (CLI: 127.0.0.1:15014)
+    replica: str = ""  # this replica's name in `xdsproxy status` (the pod name in a cluster)
     admin_listen: str = ""  # those and every node's config; off unless set (CLI: 127.0.0.1:15015)
     fail_open: str = "never"  # or "auto": see scope/failopen.py
     fail_open_hold_down: float = 60.0
@@ -205,7 +206,7 @@ class ProxyServer:
             self.debug = await self._debug_server("--debug-listen", self.config.debug_listen, None)
         if self.config.admin_listen:
             # Every sidecar's config as well: loopback unless the operator says otherwise.
-            model = DebugModel(self.proxy, self.runtime)
+            model = DebugModel(self.proxy, self.runtime, self.config.replica, self.config.upstream)
             self.admin = await self._debug_server("--admin-listen", self.config.admin_listen, model)
         if self.runtime is not None:
             # The ALS endpoint first: the config pushed to Envoys names its port.

@@ -27,7 +27,9 @@ class TypeStatus:
 
     @property
     def state(self) -> str:
-        """SYNCED, STALE or NACK, in the sense of `istioctl proxy-status`."""
+        """SYNCED, STALE, NACK or NOT SENT, in the sense of `istioctl proxy-status`."""
+        if not self.pushed_nonce:
+            return "NOT SENT"
         if self.last_nack and self.acked_nonce != self.pushed_nonce:
             return "NACK"
         if self.pushed_nonce and self.acked_nonce != self.pushed_nonce:
