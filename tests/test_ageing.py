@@ -28,11 +28,11 @@ class FlakyStore(MemoryStore):
         self.failing = False
         self.calls: list[str] = []
 
-    async def add(self, workload, service, seen):
+    async def add(self, workload, service, seen, by=""):
         self.calls.append("add")
         if self.failing:
             raise StoreError("disk full")
-        await super().add(workload, service, seen)
+        await super().add(workload, service, seen, by)
 
     async def touch(self, updates):
         updates = list(updates)
@@ -41,9 +41,9 @@ class FlakyStore(MemoryStore):
             raise StoreError("disk full")
         await super().touch(updates)
 
-    async def forget(self, workload, services):
+    async def forget(self, workload, services, at=None):
         self.calls.append("forget")
-        await super().forget(workload, services)
+        await super().forget(workload, services, at)
 
 
 class _Session:

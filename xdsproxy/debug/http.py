@@ -1,6 +1,8 @@
-"""The debug HTTP endpoint (`--debug-listen`, loopback by default): health, readiness and
-Prometheus metrics. A deliberately small asyncio HTTP/1.1 server: GET only, one response per
-connection, JSON or Prometheus text."""
+"""The debug HTTP endpoints: health, readiness and Prometheus metrics (`--debug-listen`), plus
+every sidecar's status, config and scope (`--admin-listen`, loopback by default), plus the
+scope writes `xdsproxy scope add|forget` make when `--admin-writes` turns them on. A
+deliberately small asyncio HTTP/1.1 server: one response per connection, JSON or Prometheus
+text, POST only for the writes."""
 
 import asyncio
 import json
@@ -11,7 +13,8 @@ from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from xdsproxy.debug.model import DebugModel, NotFound
+from xdsproxy.debug.model import BadRequest, DebugModel, NotFound
+from xdsproxy.store.base import StoreError
 
 log = logging.getLogger("xdsproxy.debug")
 
@@ -19,10 +22,14 @@ Handler = Callable[[dict[str, str]], Awaitable[tuple[int, str, bytes]]]
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    413: "Content Too Large",
     503: "Service Unavailable",
 }
+_MAX_BODY = 64 * 1024
+_WRITES = ("/admin/scope/add", "/admin/scope/forget")
 
 
 def json_body(code: int, body: object) -> tuple[int, str, bytes]:
@@ -49,8 +56,10 @@ class DebugServer:
         registry: CollectorRegistry,
         readiness: Readiness,
         model: DebugModel | None = None,
+        writes: bool = False,
     ) -> None:
         self.listen = listen
+        self.writes = writes
         self.registry = registry
         self.readiness = readiness
         self.model = model
@@ -65,8 +74,13 @@ class DebugServer:
                     "/debug/nodes": self._nodes,
                     "/debug/workloads": self._workloads,
                     "/debug/config_dump": self._config_dump,
+                    "/debug/scope/why": self._why,
+                    "/debug/scope/export": self._export,
                 }
             )
+        self.posts: dict[str, Handler] = {}
+        if model is not None and writes:
+            self.posts = dict(zip(_WRITES, (self._add, self._forget), strict=True))
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
 
@@ -109,15 +123,54 @@ class DebugServer:
         assert self.model is not None
         if "node" not in query:
             return json_body(400, {"error": "the node query parameter is required"})
-        try:
-            dump = await asyncio.to_thread(
-                self.model.config_dump, query["node"], query.get("view", "pushed")
+        return await _answer(
+            asyncio.to_thread(
+                self.model.config_dump,
+                query["node"],
+                query.get("view", "pushed"),
+                query.get("type", ""),
             )
-        except NotFound as exc:
-            return json_body(404, {"error": str(exc)})
-        except ValueError as exc:
-            return json_body(400, {"error": str(exc)})
-        return json_body(200, dump)
+        )
+
+    async def _why(self, query: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        if "workload" not in query or "service" not in query:
+            return json_body(
+                400, {"error": "the workload and service query parameters are required"}
+            )
+        return await _answer(_now(self.model.why, query["workload"], query["service"]))
+
+    async def _export(self, query: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        return await _answer(_now(self.model.export, query.get("workload") or None))
+
+    async def _add(self, body: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        return await _answer(self.model.add(body.get("workload", ""), body.get("service", "")))
+
+    async def _forget(self, body: dict[str, str]) -> tuple[int, str, bytes]:
+        assert self.model is not None
+        return await _answer(self.model.forget(body.get("workload", ""), body.get("service", "")))
+
+    async def _post(self, path: str, head: bytes, reader: asyncio.StreamReader):
+        handler = self.posts.get(path)
+        if handler is None and self.model is not None and path in _WRITES:
+            return json_body(403, {"error": "scope writes are off: start xdsproxy --admin-writes"})
+        if handler is None:
+            return json_body(404, {"error": f"no such endpoint: {path}"})
+        length = 0
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        if not 0 < length <= _MAX_BODY:
+            return json_body(
+                413 if length else 400, {"error": "a JSON body up to 64 KiB is required"}
+            )
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+        if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+            return json_body(400, {"error": "the body must be a JSON object of strings"})
+        return await handler(body)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -129,13 +182,16 @@ class DebugServer:
             if path.startswith("/debug/nodes/") and self.model is not None:
                 path, query["id"] = "/debug/nodes", unquote(path.removeprefix("/debug/nodes/"))
             handler = self.routes.get(path)
-            if method != "GET":
-                code, kind, body = json_body(405, {"error": "only GET is served"})
+            if method == "POST":
+                code, kind, body = await self._post(path, head, reader)
+            elif method != "GET":
+                code, kind, body = json_body(405, {"error": "only GET and POST are served"})
             elif handler is None:
                 code, kind, body = json_body(404, {"error": f"no such endpoint: {path}"})
             else:
                 code, kind, body = await handler(query)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            # ValueError: a bad request line, Content-Length or JSON body
             code, kind, body = json_body(400, {"error": "malformed request"})
         except Exception:
             log.exception("debug handler failed")
@@ -151,3 +207,20 @@ class DebugServer:
             pass
         finally:
             writer.close()
+
+
+async def _now(work, *args):
+    """Model reads that need no thread: they run on the loop, where the runtime lives."""
+    return work(*args)
+
+
+async def _answer(work: Awaitable[object]) -> tuple[int, str, bytes]:
+    """A model call's result as JSON; its NotFound and BadRequest as 404 and 400."""
+    try:
+        return json_body(200, await work)
+    except NotFound as exc:
+        return json_body(404, {"error": str(exc)})
+    except (BadRequest, ValueError) as exc:
+        return json_body(400, {"error": str(exc)})
+    except StoreError as exc:
+        return json_body(503, {"error": f"the store refused the change: {exc}"})

@@ -8,10 +8,12 @@ from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import DecodeError
 
-from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.istio.names import ServicePort, outbound_cluster
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.scope.egress import is_egress
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.scope.explain import DIRECT, EGRESS, WITHHELD, explain
+from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.sidecar_resource import NoSelector, sidecar_resource
 from xdsproxy.server.ads import AdsProxy, Session
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.wire import typeurls
@@ -21,6 +23,28 @@ from xdsproxy.wire.typeurls import short_name
 
 class NotFound(LookupError):
     pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def workload_key(text: str) -> WorkloadKey:
+    namespace, slash, name = text.partition("/")
+    if not slash or not namespace or not name or "/" in name:
+        raise BadRequest(f"workload {text!r}: give NAMESPACE/NAME")
+    return WorkloadKey(namespace, name)
+
+
+def service_query(text: str) -> tuple[str, int | None]:
+    """`HOST[:PORT]` -> (host, port or None), refused as `HostPattern` refuses it."""
+    try:
+        pattern = HostPattern.parse(text)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if pattern.namespace != "*" or any(c in pattern.host for c in "*?["):
+        raise BadRequest(f"{text!r}: give one service, HOST or HOST:PORT, no namespace or glob")
+    return pattern.host, pattern.port
 
 
 def _time(seconds: float) -> str:
@@ -165,12 +189,105 @@ class DebugModel:
             )
         return rows
 
-    def config_dump(self, node_id: str, view: str) -> dict[str, Any]:
+    # -- scopes (`xdsproxy scope`) ---------------------------------------------------------
+
+    def _lazy(self) -> LazyRuntime:
+        if self.runtime is None:
+            raise NotFound("this replica runs in passthrough mode: no workload has a scope")
+        return self.runtime
+
+    def _services(self, host: str, port: int | None) -> list[ServicePort]:
+        known = self._lazy().services_named(host, port)
+        if known:
+            return known
+        if port is None:
+            raise NotFound(
+                f"Istiod has sent this replica no service {host!r}; give HOST:PORT to add it "
+                "anyway, or check the name with `xdsproxy config clusters`"
+            )
+        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+        return [ServicePort(fqdn, port)]
+
+    def _sessions_of(self, key: WorkloadKey) -> list[Session]:
+        return [s for s in self.proxy.sessions.values() if _workload(s) == key]
+
+    def why(self, workload: str, service: str) -> dict[str, Any]:
+        key = workload_key(workload)
+        host, port = service_query(service)
+        runtime = self._lazy()
+        services = self._services(host, port)
+        scope = runtime.scopes.get(key) or Scope(key)
+        sessions = self._sessions_of(key)
+        clusters, referrers = _pushed_clusters(sessions[0], services) if sessions else ({}, {})
+        return {
+            "workload": str(key),
+            "replica": self.replica,
+            "sidecars": sorted(s.node_id for s in sessions),
+            "known": bool(runtime.services_named(host, port)),
+            "services": explain(
+                scope, services, lambda s: runtime.dropped.get((key, s)), clusters, referrers
+            ),
+        }
+
+    async def add(self, workload: str, service: str) -> dict[str, Any]:
+        key = workload_key(workload)
+        services = self._services(*service_query(service))
+        added = await self._lazy().add_dependencies(key, services)
+        return {
+            "workload": str(key),
+            "replica": self.replica,
+            "services": list(map(str, services)),
+            "added": added,
+        }
+
+    async def forget(self, workload: str, service: str) -> dict[str, Any]:
+        key = workload_key(workload)
+        host, port = service_query(service)
+        runtime = self._lazy()
+        scope = runtime.scopes.get(key) or Scope(key)
+        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+        services = sorted(
+            s
+            for s in set(scope.learned) | set(runtime.services_named(host, port))
+            if s.host in (host, fqdn) and (port is None or s.port == port)
+        )
+        removed = await runtime.forget_dependencies(key, services) if services else 0
+        return {
+            "workload": str(key),
+            "replica": self.replica,
+            "services": list(map(str, services)),
+            "removed": removed,
+        }
+
+    def export(self, workload: str | None) -> dict[str, Any]:
+        """Istio Sidecar resources holding each workload's current scope; workloads whose
+        labels are unknown here are listed as skipped, with why."""
+        runtime = self._lazy()
+        keys = [workload_key(workload)] if workload else sorted(runtime.scopes)
+        now = _time(runtime.clock())
+        resources, skipped = [], []
+        for key in keys:
+            scope = runtime.scopes.get(key)
+            if scope is None:
+                raise NotFound(f"no scope for workload {key} on this replica")
+            try:
+                resources.append(
+                    sidecar_resource(scope, runtime.labels_of(key), runtime.egress, now)
+                )
+            except NoSelector as exc:
+                skipped.append({"workload": str(key), "why": str(exc)})
+        return {"replica": self.replica, "resources": resources, "skipped": skipped}
+
+    def config_dump(self, node_id: str, view: str, only: str = "") -> dict[str, Any]:
+        """Every resource of the node's subscribed types, or of `only` (`CDS`, `LDS`...)."""
         if view not in ("upstream", "pushed"):
             raise ValueError("view must be upstream or pushed")
         stream = self._session(node_id).stream
+        types = [t for t in stream.status() if not only or short_name(t) == only]
+        if only and not types:
+            raise NotFound(f"node {node_id!r} has no {only} subscription")
         out: dict[str, Any] = {"node": node_id, "view": view, "types": {}}
-        for type_url in stream.status():
+        for type_url in types:
             names, bodies = (
                 stream.upstream(type_url) if view == "upstream" else (stream.pushed(type_url))
             )
@@ -193,3 +310,28 @@ def _resource(name: str, body: bytes) -> dict[str, Any]:
     except (TypeError, KeyError, DecodeError, json_format.Error):
         return {"name": name, "opaque": {"type_url": packed.type_url, "size": len(body)}}
     return {"name": name, "resource": resource}
+
+
+def _pushed_clusters(
+    session: Session, services: list[ServicePort]
+) -> tuple[dict[ServicePort, dict[str, str]], dict[str, list[str]]]:
+    """How each cluster of `services` went to the sidecar (Istio's own, a placeholder routing
+    to the egress, or withheld), and which pushed listeners and route tables reference each."""
+    stream = session.stream
+    wanted = set(services)
+    pushed = dict(zip(*stream.pushed(typeurls.CLUSTER), strict=True))
+    clusters: dict[ServicePort, dict[str, str]] = {}
+    for name, body in zip(*stream.upstream(typeurls.CLUSTER), strict=True):
+        parsed = outbound_cluster(name)
+        if parsed is None or parsed[0] not in wanted:
+            continue
+        sent = pushed.get(name)
+        how = WITHHELD if sent is None else DIRECT if sent == body else EGRESS
+        clusters.setdefault(parsed[0], {})[name] = how
+    names = {name for per in clusters.values() for name in per}
+    referrers: dict[str, list[str]] = {}
+    for type_url, kind in ((typeurls.LISTENER, "listener"), (typeurls.ROUTE, "route table")):
+        for name, body in zip(*stream.pushed(type_url), strict=True):
+            for cluster in stream.view.references(type_url, ((name,), (body,))) & names:
+                referrers.setdefault(cluster, []).append(f"{kind} {name}")
+    return clusters, referrers

@@ -74,7 +74,7 @@ def _hosts(node: yaml.Node, source: str, warnings: list[str]) -> tuple[HostPatte
         if not isinstance(item, yaml.ScalarNode) or not item.value.strip():
             raise RulesError(f"{_where(source, item)}: a host must be a non-empty string")
         try:
-            pattern = HostPattern.parse(item.value)
+            pattern = HostPattern.parse(item.value).written_at(_where(source, item))
         except ValueError as exc:
             raise RulesError(f"{_where(source, item)}: {exc}") from None
         if pattern.whole_mesh:

@@ -2,7 +2,7 @@
 
 import fnmatch
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xdsproxy.istio.names import ServicePort, is_port
 
@@ -25,6 +25,15 @@ class HostPattern:
     namespace: str  # "*" for any
     host: str  # glob over the FQDN; "*" for any
     port: int | None = None
+    # Where it was written (`rules.yaml:7`, a LazyScope's spec), for `xdsproxy scope why`.
+    source: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        text = self.host if self.namespace == "*" else f"{self.namespace}/{self.host}"
+        return f"{text}:{self.port}" if self.port is not None else text
+
+    def written_at(self, source: str) -> "HostPattern":
+        return replace(self, source=source)
 
     @classmethod
     def parse(cls, text: str) -> "HostPattern":
@@ -68,6 +77,7 @@ class Edge:
     first_seen: float
     last_seen: float
     evidence: float = 0.0
+    learned_by: str = ""  # the replica whose egress entry taught it, where known
 
 
 _SCOPE_IDS = itertools.count(1)
@@ -103,14 +113,14 @@ class Scope:
             return "static"
         return None
 
-    def learn(self, service: ServicePort, now: float, monotonic: float = 0.0) -> bool:
+    def learn(self, service: ServicePort, now: float, monotonic: float = 0.0, by: str = "") -> bool:
         """Record use; True when the dependency is new (and the scope widened)."""
         edge = self.learned.get(service)
         if edge is not None:
             edge.last_seen = max(edge.last_seen, now)
             edge.evidence = max(edge.evidence, monotonic)
             return False
-        self.learned[service] = Edge(now, now, monotonic)
+        self.learned[service] = Edge(now, now, monotonic, by)
         self.version += 1
         return True
 
@@ -121,9 +131,12 @@ class Scope:
         for service, edge in edges.items():
             current = self.learned.get(service)
             if current is None:
-                self.learned[service] = Edge(edge.first_seen, edge.last_seen, edge.evidence)
+                self.learned[service] = Edge(
+                    edge.first_seen, edge.last_seen, edge.evidence, edge.learned_by
+                )
                 added = True
             else:
+                current.learned_by = current.learned_by or edge.learned_by
                 current.last_seen = max(current.last_seen, edge.last_seen)
                 current.evidence = max(current.evidence, edge.evidence)
         if added:

@@ -138,6 +138,7 @@ class ProxyServer:
                 pods=pods,
                 fail_open=FailOpen(config.fail_open, config.fail_open_hold_down),
                 compact=compact,
+                replica=config.replica,
             )
         self.channels = Channels(upstream, config.upstream_connections)
         self.proxy = AdsProxy(

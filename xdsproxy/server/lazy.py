@@ -57,8 +57,10 @@ class LazyRuntime:
         pods: PodDirectory | None = None,
         fail_open: FailOpen | None = None,
         compact: CompactMode | None = None,
+        replica: str = "",
     ) -> None:
         self.egress = egress
+        self.replica = replica  # recorded as who learned an edge (the pod name in a cluster)
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
         self.rules = rules or Rules()
@@ -103,6 +105,11 @@ class LazyRuntime:
         # Nodes that NACKed the tunnel listener (no internal-listener extension), so that a
         # reconnect does not offer it again. Bounded: a node id names one pod.
         self._no_tunnel: LRUCache[str, bool] = LRUCache(maxsize=65536)
+        # Why a dependency left a scope (aged out, or forgotten by an operator) and when, for
+        # `xdsproxy scope why`; an operator's forget also refuses sightings from before it.
+        self.dropped: LRUCache[tuple[WorkloadKey, ServicePort], tuple[str, float]] = LRUCache(
+            maxsize=65536
+        )
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -114,6 +121,10 @@ class LazyRuntime:
             self._labels[key] = labels
             self._set_static(scope)
         return scope
+
+    def labels_of(self, key: WorkloadKey) -> dict[str, str]:
+        """The pod labels a sidecar of the workload reported (empty until one connects)."""
+        return dict(self._labels.get(key, {}))
 
     def _set_static(self, scope: Scope) -> None:
         """Static hosts: the rules file (by namespace and labels) plus the store's spec."""
@@ -135,7 +146,7 @@ class LazyRuntime:
         patterns = []
         for host in hosts:
             try:
-                patterns.append(HostPattern.parse(host))
+                patterns.append(HostPattern.parse(host).written_at(f"LazyScope {workload}"))
             except ValueError as exc:
                 self._warn.warning(
                     "static",
@@ -382,8 +393,10 @@ class LazyRuntime:
         if result.service in scope.learned:
             self._touch(result.workload, result.service, seen)
             return result
-        await self._commit(result.workload, result.service, seen)
-        if scope.learn(result.service, seen, self.monotonic()):
+        if self._forgotten_since(result.workload, result.service, seen):
+            return None  # a request from before an operator forgot it
+        await self._commit(result.workload, result.service, seen, self.replica)
+        if scope.learn(result.service, seen, self.monotonic(), self.replica):
             now = self.clock()
             self.learns += 1
             self.metrics.learns.inc()
@@ -400,14 +413,77 @@ class LazyRuntime:
         for session in list(self._by_workload.get(workload, ())):
             self.deliver(session, session.stream.refresh())
 
-    async def _commit(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+    async def _commit(
+        self, workload: WorkloadKey, service: ServicePort, seen: float, by: str
+    ) -> None:
         """Durable before the push that uses it; if the store fails, serve from memory, report
         not ready, and retry from the maintenance loop."""
         try:
-            await self.store.add(workload, service, seen)
+            await self.store.add(workload, service, seen, by)
         except StoreError as exc:
             self._store_failed(exc)
             self._unsaved[(workload, service)] = seen
+
+    def _forgotten_since(self, workload: WorkloadKey, service: ServicePort, seen: float) -> bool:
+        reason, at = self.dropped.get((workload, service), ("", 0.0))
+        return reason == "forgotten" and at >= seen
+
+    # -- operators (`xdsproxy scope add|forget`, through the admin endpoint) ----------------
+
+    def services_named(self, host: str, port: int | None) -> list[ServicePort]:
+        """The services Istiod sent for `host` (FQDN, or `name.namespace`), on `port` if
+        given."""
+        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+        return sorted(
+            s
+            for s in self.known_services
+            if s.host in (host, fqdn) and (port is None or s.port == port)
+        )
+
+    async def add_dependencies(self, workload: WorkloadKey, services: list[ServicePort]) -> int:
+        """An operator's add: committed to the store (which carries it to every replica),
+        then in scope and pushed here. Returns how many were new."""
+        by = f"operator via {self.replica or 'local'}"
+        now, added = self.clock(), 0
+        scope = self.scope(workload)
+        for service in services:
+            self.dropped.pop((workload, service), None)
+            if service in scope.learned:
+                continue
+            await self.store.add(workload, service, now, by)  # StoreError: nothing changed
+            added += scope.learn(service, now, self.monotonic(), by)
+        log.info("operator added", extra={"workload": str(workload), "added": added})
+        if added:
+            self._repush(workload)
+        return added
+
+    async def forget_dependencies(self, workload: WorkloadKey, services: list[ServicePort]) -> int:
+        """An operator's forget: recorded in the store with when (the other replicas drop
+        their copies learned before then), and the scope here shrinks at once."""
+        now = self.clock()
+        await self.store.forget(workload, services, at=now)  # StoreError: nothing changed
+        removed = self._drop(workload, dict.fromkeys(services, now))
+        log.info("operator forgot", extra={"workload": str(workload), "removed": removed})
+        return removed
+
+    def apply_forgotten(self, workload: WorkloadKey, forgotten: dict[ServicePort, float]) -> None:
+        """Another replica recorded an operator's forget: drop what was learned before it."""
+        self._drop(workload, forgotten)
+
+    def _drop(self, workload: WorkloadKey, forgotten: dict[ServicePort, float]) -> int:
+        scope = self.scope(workload)
+        gone = []
+        for service, at in forgotten.items():
+            edge = scope.learned.get(service)
+            if edge is None or edge.first_seen <= at:
+                self.dropped[(workload, service)] = ("forgotten", at)
+            if edge is not None and edge.first_seen <= at:
+                gone.append(service)
+                self._touches.pop((workload, service), None)
+                self._unsaved.pop((workload, service), None)
+        if scope.forget(gone):
+            self._repush(workload)
+        return len(gone)
 
     def _store_failed(self, exc: Exception) -> None:
         self.store_healthy = False
@@ -438,7 +514,7 @@ class LazyRuntime:
 
     async def start(self) -> None:
         """Load every scope from the store before the first stream is served."""
-        await self.store.start(self.apply_remote, self.apply_static)
+        await self.store.start(self.apply_remote, self.apply_static, self.apply_forgotten)
         for workload, edges in (await self.store.load()).items():
             now = self.monotonic()
             wall = self.clock()
@@ -478,7 +554,7 @@ class LazyRuntime:
     async def flush(self) -> None:
         """Write batched last-seen updates and retry edges the store failed to take."""
         for (workload, service), seen in list(self._unsaved.items()):
-            await self.store.add(workload, service, seen)
+            await self.store.add(workload, service, seen, self.replica)
             del self._unsaved[(workload, service)]
         if self._touches:
             batch, self._touches = self._touches, {}
@@ -501,6 +577,7 @@ class LazyRuntime:
                 continue
             scope.forget(expired)
             for service in expired:
+                self.dropped[(workload, service)] = ("aged out", self.clock())
                 self._touches.pop((workload, service), None)
                 self._unsaved.pop((workload, service), None)
             log.info(

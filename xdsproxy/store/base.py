@@ -18,6 +18,9 @@ Edges = dict[ServicePort, Edge]
 ChangeCallback = Callable[[WorkloadKey, Edges], None]
 # A workload's static hosts kept in the store (the LazyScope spec), as written by operators.
 StaticCallback = Callable[[WorkloadKey, tuple[str, ...]], None]
+# Dependencies an operator forgot, with when: each replica drops its copy learned before then.
+Forgotten = dict[ServicePort, float]
+ForgetCallback = Callable[[WorkloadKey, Forgotten], None]
 
 
 class StoreError(RuntimeError):
@@ -33,16 +36,28 @@ class Touch:
 
 class Store(Protocol):
     async def start(
-        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+        self,
+        on_change: ChangeCallback | None = None,
+        on_static: StaticCallback | None = None,
+        on_forget: ForgetCallback | None = None,
     ) -> None: ...
 
     async def load(self) -> dict[WorkloadKey, Edges]: ...
 
-    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None: ...
+    async def add(
+        self, workload: WorkloadKey, service: ServicePort, seen: float, by: str = ""
+    ) -> None:
+        """`by` names who taught it (a replica, or an operator through one) where kept."""
+        ...
 
     async def touch(self, updates: Iterable[Touch]) -> None: ...
 
-    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None: ...
+    async def forget(
+        self, workload: WorkloadKey, services: Iterable[ServicePort], at: float | None = None
+    ) -> None:
+        """Drop edges. `at` marks an operator's forget: a shared store keeps it, so that other
+        replicas drop their copies and no late write of an older sighting brings it back."""
+        ...
 
     async def close(self) -> None: ...
 

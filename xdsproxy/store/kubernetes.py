@@ -1,11 +1,14 @@
 """`kubernetes://NAMESPACE`: one `LazyScope` custom resource per workload, shared by replicas.
 
 `spec` holds the workload and its static hosts; `status.learned` the learned hosts with
-`firstSeen` and `lastSeen`. Writes replace the status subresource with the resourceVersion
-read, and retry on 409 Conflict, so concurrent replicas never lose each other's edges. A watch
-from the listed resourceVersion delivers edges other replicas learned; on 410 Gone the store
-lists again and carries on from there. Remote changes only widen scopes and move last seen
-forward: every replica ages by itself, with the evidence all of them write.
+`firstSeen`, `lastSeen` and who learned each (`learnedBy`); `status.forgotten` the hosts an
+operator forgot (`xdsproxy scope forget`) with when, so that every replica drops its copy
+learned before then and no late write brings one back (kept for an hour). Writes replace the
+status subresource with the resourceVersion read, and retry on 409 Conflict, so concurrent
+replicas never lose each other's edges. A watch from the listed resourceVersion delivers edges
+other replicas learned; on 410 Gone the store lists again and carries on from there. Remote
+changes only widen scopes and move last seen forward (an operator's forget aside): every
+replica ages by itself, with the evidence all of them write.
 
 The official `kubernetes` client is synchronous; calls run in worker threads.
 """
@@ -16,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,12 +29,21 @@ from urllib3.exceptions import HTTPError
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, StoreError, Touch
+from xdsproxy.store.base import (
+    ChangeCallback,
+    Edges,
+    ForgetCallback,
+    Forgotten,
+    StaticCallback,
+    StoreError,
+    Touch,
+)
 
 log = logging.getLogger("xdsproxy.store.kubernetes")
 
 GROUP, VERSION, PLURAL, KIND = "xdsproxy.io", "v1alpha1", "lazyscopes", "LazyScope"
 _RETRIES = 20
+_TOMBSTONE_SECONDS = 3600.0
 
 
 def api_client() -> client.ApiClient:
@@ -75,7 +87,11 @@ def edges_of(obj: dict[str, Any]) -> tuple[WorkloadKey, Edges] | None:
     for entry in (obj.get("status") or {}).get("learned") or []:
         try:
             service = ServicePort(str(entry["host"]), int(entry["port"]))
-            edges[service] = Edge(_seconds(entry["firstSeen"]), _seconds(entry["lastSeen"]))
+            edges[service] = Edge(
+                _seconds(entry["firstSeen"]),
+                _seconds(entry["lastSeen"]),
+                learned_by=str(entry.get("learnedBy", "")),
+            )
         except (KeyError, ValueError, TypeError):
             log.warning(
                 "skipping a malformed learned entry", extra={"object": obj["metadata"]["name"]}
@@ -83,24 +99,44 @@ def edges_of(obj: dict[str, Any]) -> tuple[WorkloadKey, Edges] | None:
     return WorkloadKey(target["namespace"], target["name"]), edges
 
 
-def _status(edges: Edges) -> dict[str, Any]:
-    return {
-        "learnedCount": len(edges),
-        "learned": [
-            {
-                "host": s.host,
-                "port": s.port,
-                "firstSeen": _time(e.first_seen),
-                "lastSeen": _time(e.last_seen),
-            }
-            for s, e in sorted(edges.items())
-        ],
-    }
+def forgotten_of(obj: dict[str, Any]) -> Forgotten:
+    out: Forgotten = {}
+    for entry in (obj.get("status") or {}).get("forgotten") or []:
+        try:
+            out[ServicePort(str(entry["host"]), int(entry["port"]))] = _seconds(entry["at"])
+        except (KeyError, ValueError, TypeError):
+            log.warning(
+                "skipping a malformed forgotten entry", extra={"object": obj["metadata"]["name"]}
+            )
+    return out
+
+
+def _status(edges: Edges, forgotten: Forgotten) -> dict[str, Any]:
+    learned = []
+    for s, e in sorted(edges.items()):
+        entry = {
+            "host": s.host,
+            "port": s.port,
+            "firstSeen": _time(e.first_seen),
+            "lastSeen": _time(e.last_seen),
+        }
+        if e.learned_by:
+            entry["learnedBy"] = e.learned_by
+        learned.append(entry)
+    status: dict[str, Any] = {"learnedCount": len(edges), "learned": learned}
+    if forgotten:
+        status["forgotten"] = [
+            {"host": s.host, "port": s.port, "at": _time(at)} for s, at in sorted(forgotten.items())
+        ]
+    return status
 
 
 class KubernetesStore:
     def __init__(
-        self, namespace: str, api_client: client.ApiClient | None = None, watch_timeout: int = 60
+        self,
+        namespace: str,
+        api_client: client.ApiClient | None = None,
+        watch_timeout: int = 60,
     ) -> None:
         self.namespace = namespace
         self.watch_timeout = watch_timeout
@@ -108,6 +144,7 @@ class KubernetesStore:
         self._api: client.CustomObjectsApi | None = None
         self._on_change: ChangeCallback | None = None
         self._on_static: StaticCallback | None = None
+        self._on_forget: ForgetCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resource_version = ""
         self._stop = threading.Event()
@@ -139,16 +176,21 @@ class KubernetesStore:
         out: dict[WorkloadKey, Edges] = {}
         for obj in listing.get("items", []):
             self._emit_static(obj)
+            self._emit_forgotten(obj)
             parsed = edges_of(obj)
             if parsed:
                 out[parsed[0]] = parsed[1]
         return out
 
     async def start(
-        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+        self,
+        on_change: ChangeCallback | None = None,
+        on_static: StaticCallback | None = None,
+        on_forget: ForgetCallback | None = None,
     ) -> None:
         self._on_change = on_change
         self._on_static = on_static
+        self._on_forget = on_forget
         self._loop = asyncio.get_running_loop()
 
     async def load(self) -> dict[WorkloadKey, Edges]:
@@ -163,6 +205,12 @@ class KubernetesStore:
     def _emit(self, workload: WorkloadKey, edges: Edges) -> None:
         if self._on_change is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._on_change, workload, edges)
+
+    def _emit_forgotten(self, obj: dict[str, Any]) -> None:
+        parsed = edges_of(obj)
+        forgotten = forgotten_of(obj)
+        if parsed and forgotten and self._on_forget is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_forget, parsed[0], forgotten)
 
     def _emit_static(self, obj: dict[str, Any]) -> None:
         spec = obj.get("spec") or {}
@@ -193,6 +241,7 @@ class KubernetesStore:
                     parsed = edges_of(obj)
                     if parsed and event["type"] in ("ADDED", "MODIFIED"):
                         self._emit_static(obj)
+                        self._emit_forgotten(obj)
                         self._emit(*parsed)
             except ApiException as exc:
                 if exc.status == 410:  # compacted: list again and go on from there
@@ -214,9 +263,9 @@ class KubernetesStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _update(self, workload: WorkloadKey, change) -> None:
-        """Read, change the learned edges, write back with the resourceVersion read; on 409
-        read again and redo the change."""
+    def _update(self, workload: WorkloadKey, change: Callable[[Edges, Forgotten], bool]) -> None:
+        """Read, change the learned and forgotten entries, write back with the resourceVersion
+        read; on 409 read again and redo the change."""
         api, name = self._custom(), resource_name(workload)
         for attempt in range(_RETRIES):
             try:
@@ -240,9 +289,10 @@ class KubernetesStore:
                 continue
             parsed = edges_of(obj)
             edges = parsed[1] if parsed else {}
-            if not change(edges):
+            forgotten = forgotten_of(obj)
+            if not change(edges, forgotten):
                 return
-            obj["status"] = _status(edges)
+            obj["status"] = _status(edges, forgotten)
             try:
                 api.replace_namespaced_custom_object_status(
                     GROUP, VERSION, self.namespace, PLURAL, name, obj
@@ -255,11 +305,14 @@ class KubernetesStore:
             time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
         raise StoreError(f"{name}: still conflicting after {_RETRIES} attempts")
 
-    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
-        def change(edges: Edges) -> bool:
-            if service in edges:
-                return False
-            edges[service] = Edge(seen, seen)
+    async def add(
+        self, workload: WorkloadKey, service: ServicePort, seen: float, by: str = ""
+    ) -> None:
+        def change(edges: Edges, forgotten: Forgotten) -> bool:
+            if service in edges or forgotten.get(service, -1.0) >= seen:
+                return False  # known, or seen before an operator forgot it: the forget wins
+            forgotten.pop(service, None)
+            edges[service] = Edge(seen, seen, learned_by=by)
             return True
 
         await self._call(self._update, workload, change)
@@ -271,13 +324,18 @@ class KubernetesStore:
             seen[update.service] = max(seen.get(update.service, 0.0), update.last_seen)
         for workload, seen in by_workload.items():
 
-            def change(edges: Edges, seen: dict[ServicePort, float] = seen) -> bool:
+            def change(
+                edges: Edges, forgotten: Forgotten, seen: dict[ServicePort, float] = seen
+            ) -> bool:
                 changed = False
                 for service, when in seen.items():
                     edge = edges.get(service)
-                    if edge is None:  # aged out elsewhere while still in use here: put back
-                        edges[service] = Edge(when, when)
-                        changed = True
+                    if edge is None:
+                        # Aged out elsewhere while still in use here: put back, unless an
+                        # operator forgot it (only a new learn brings that back).
+                        if service not in forgotten:
+                            edges[service] = Edge(when, when)
+                            changed = True
                     elif when > edge.last_seen:
                         edge.last_seen = when
                         changed = True
@@ -285,12 +343,21 @@ class KubernetesStore:
 
             await self._call(self._update, workload, change)
 
-    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None:
+    async def forget(
+        self, workload: WorkloadKey, services: Iterable[ServicePort], at: float | None = None
+    ) -> None:
         gone = set(services)
 
-        def change(edges: Edges) -> bool:
+        def change(edges: Edges, forgotten: Forgotten) -> bool:
             removed = [s for s in gone if edges.pop(s, None) is not None]
-            return bool(removed)
+            if at is None:
+                return bool(removed)
+            for service in gone:
+                forgotten[service] = max(at, forgotten.get(service, 0.0))
+            for service, when in list(forgotten.items()):
+                if when < at - _TOMBSTONE_SECONDS:
+                    del forgotten[service]
+            return True
 
         await self._call(self._update, workload, change)
 

@@ -4,7 +4,7 @@ from collections.abc import Iterable
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, Touch
+from xdsproxy.store.base import ChangeCallback, Edges, ForgetCallback, StaticCallback, Touch
 
 
 class MemoryStore:
@@ -12,20 +12,28 @@ class MemoryStore:
         self._edges: dict[WorkloadKey, Edges] = {}
 
     async def start(
-        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+        self,
+        on_change: ChangeCallback | None = None,
+        on_static: StaticCallback | None = None,
+        on_forget: ForgetCallback | None = None,
     ) -> None:
         pass
 
     async def load(self) -> dict[WorkloadKey, Edges]:
         return {
-            w: {s: Edge(e.first_seen, e.last_seen) for s, e in edges.items()}
+            w: {
+                s: Edge(e.first_seen, e.last_seen, learned_by=e.learned_by)
+                for s, e in edges.items()
+            }
             for w, edges in self._edges.items()
         }
 
-    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+    async def add(
+        self, workload: WorkloadKey, service: ServicePort, seen: float, by: str = ""
+    ) -> None:
         edges = self._edges.setdefault(workload, {})
         if service not in edges:
-            edges[service] = Edge(seen, seen)
+            edges[service] = Edge(seen, seen, learned_by=by)
 
     async def touch(self, updates: Iterable[Touch]) -> None:
         for update in updates:
@@ -33,7 +41,9 @@ class MemoryStore:
             if edge is not None:
                 edge.last_seen = max(edge.last_seen, update.last_seen)
 
-    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None:
+    async def forget(
+        self, workload: WorkloadKey, services: Iterable[ServicePort], at: float | None = None
+    ) -> None:
         edges = self._edges.get(workload, {})
         for service in services:
             edges.pop(service, None)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import Edge, WorkloadKey
-from xdsproxy.store.base import ChangeCallback, Edges, StaticCallback, StoreError, Touch
+from xdsproxy.store.base import (
+    ChangeCallback,
+    Edges,
+    ForgetCallback,
+    StaticCallback,
+    StoreError,
+    Touch,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS edges (
@@ -49,7 +56,10 @@ class SqliteStore:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
     async def start(
-        self, on_change: ChangeCallback | None = None, on_static: StaticCallback | None = None
+        self,
+        on_change: ChangeCallback | None = None,
+        on_static: StaticCallback | None = None,
+        on_forget: ForgetCallback | None = None,
     ) -> None:
         await self._run(lambda db: None)
 
@@ -64,7 +74,9 @@ class SqliteStore:
 
         return await self._run(read)
 
-    async def add(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
+    async def add(
+        self, workload: WorkloadKey, service: ServicePort, seen: float, by: str = ""
+    ) -> None:
         def write(db: sqlite3.Connection) -> None:
             with db:
                 db.execute("BEGIN IMMEDIATE")
@@ -95,7 +107,9 @@ class SqliteStore:
 
         await self._run(write)
 
-    async def forget(self, workload: WorkloadKey, services: Iterable[ServicePort]) -> None:
+    async def forget(
+        self, workload: WorkloadKey, services: Iterable[ServicePort], at: float | None = None
+    ) -> None:
         rows = [(workload.namespace, workload.workload, s.host, s.port) for s in services]
 
         def write(db: sqlite3.Connection) -> None:
