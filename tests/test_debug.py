@@ -127,3 +127,56 @@ async def _start_sim(port: int):
     sim = SimServer(generate(10))
     await sim.start(f"127.0.0.1:{port}")
     return sim
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", body, method="POST", headers={"content-type": "x"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("writes", [False, True])
+async def test_scope_writes_are_off_unless_asked_and_bad_requests_are_named(writes) -> None:
+    async with (
+        running_sim() as sim,
+        running_proxy(
+            sim.port,
+            debug_listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            admin_writes=writes,
+            mode="lazy",
+            egress=ServicePort("lazy-egress.istio-system.svc.cluster.local", 80),
+            als_listen="127.0.0.1:0",
+        ) as proxy,
+    ):
+        admin, public = proxy.admin.port, proxy.debug.port
+        good = json.dumps({"workload": "ns-0/app", "service": "svc-4.ns-0.svc.cluster.local:8080"})
+        # The port the Service exposes serves no scope, read or write.
+        assert (await asyncio.to_thread(_post, public, "/admin/scope/add", good.encode()))[0] == 404
+        code, _ = await asyncio.to_thread(_get, public, "/debug/scope/export")
+        assert code == 404
+        code, answer = await asyncio.to_thread(_post, admin, "/admin/scope/add", good.encode())
+        if not writes:
+            assert code == 403 and "--admin-writes" in answer["error"]
+            return
+        assert code == 200 and answer["added"] == 1
+        for body, status, says in (
+            (b"not json", 400, "malformed"),
+            (b"[1]", 400, "JSON object"),
+            (json.dumps({"workload": "app", "service": "x:80"}).encode(), 400, "NAMESPACE/NAME"),
+            (json.dumps({"workload": "ns/a", "service": "x:http"}).encode(), 400, "1-65535"),
+            (json.dumps({"workload": "ns/a", "service": "ns/*"}).encode(), 400, "no namespace"),
+            (json.dumps({"workload": "ns/a", "service": "nope.ns"}).encode(), 404, "HOST:PORT"),
+        ):
+            code, answer = await asyncio.to_thread(_post, admin, "/admin/scope/add", body)
+            assert (code, says in answer["error"]) == (status, True), answer
+        code, why = await asyncio.to_thread(
+            _get, admin, "/debug/scope/why?workload=ns-0/app&service=svc-4.ns-0.svc.cluster.local"
+        )
+        assert code == 200 and why["services"][0]["in_scope"]
+        assert why["services"][0]["reasons"][0].startswith("learned by operator via local")

@@ -2,14 +2,13 @@
 stand-in): an edge learned through one reaches a real Envoy connected to the other."""
 
 import asyncio
-import json
 
 import pytest
 
 from xdsproxy.harness.als import send_access_log
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import free_port
-from xdsproxy.harness.kubeapi import KubeApiStandIn
+from xdsproxy.harness.kubeapi import KubeApiStandIn, write_kubeconfig
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
@@ -19,28 +18,11 @@ from xdsproxy.sim.mesh import generate
 pytestmark = pytest.mark.envoy
 
 
-def _kubeconfig(path, url: str) -> None:
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "standin",
-                "clusters": [{"name": "standin", "cluster": {"server": url}}],
-                "users": [{"name": "standin", "user": {}}],
-                "contexts": [
-                    {"name": "standin", "context": {"cluster": "standin", "user": "standin"}}
-                ],
-            }
-        )
-    )
-
-
 async def test_edge_learned_by_one_replica_reaches_envoy_on_the_other(tmp_path) -> None:
     cluster = "outbound|8080||svc-4.ns-0.svc.cluster.local"
     with KubeApiStandIn() as api:
         kubeconfig = tmp_path / "kubeconfig"
-        _kubeconfig(kubeconfig, api.url)
+        write_kubeconfig(kubeconfig, api.url)
         async with running_sim(generate(40)) as sim:
             replicas = []
             for _ in range(2):

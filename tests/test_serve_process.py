@@ -189,6 +189,14 @@ async def test_sigterm_ends_streams_with_unavailable_and_exits() -> None:
             ],
             "/nonexistent/rules.yaml",
         ),
+        (
+            [
+                *("serve", "--upstream", "x:1", "--upstream-plaintext", "--mode", "lazy"),
+                *("--egress", "e.ns.svc.cluster.local:80", "--admin-writes"),
+                *("--admin-listen", "0.0.0.0:15015"),
+            ],
+            "--admin-writes: --admin-listen '0.0.0.0:15015' is not loopback",
+        ),
     ],
 )
 def test_command_line_errors_are_clear(args: list[str], message: str) -> None:

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from tests.test_replicas import _kubeconfig
-from xdsproxy.harness.kubeapi import KubeApiStandIn
+from xdsproxy.harness.kubeapi import KubeApiStandIn, write_kubeconfig
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
@@ -32,7 +31,7 @@ def _status(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 async def test_one_row_per_sidecar_across_both_replicas(tmp_path) -> None:
     with KubeApiStandIn() as api:
         kubeconfig = tmp_path / "kubeconfig"
-        _kubeconfig(kubeconfig, api.url)
+        write_kubeconfig(kubeconfig, api.url)
         async with running_sim(generate(20)) as sim:
             replicas = [
                 ProxyProcess(
@@ -104,7 +103,7 @@ async def test_one_row_per_sidecar_across_both_replicas(tmp_path) -> None:
 def test_a_service_with_no_endpoint_slices_is_a_clear_error(tmp_path) -> None:
     with KubeApiStandIn() as api:
         kubeconfig = tmp_path / "kubeconfig"
-        _kubeconfig(kubeconfig, api.url)
+        write_kubeconfig(kubeconfig, api.url)
         out = _status("--service", "istio-system/xdsproxy", env={"KUBECONFIG": str(kubeconfig)})
     assert out.returncode == 1 and "no ready endpoint" in out.stderr
     bad = _status("--service", "xdsproxy")

@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 
 from xdsproxy.harness.kubeapi import KubeApiStandIn
+from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.store.base import Touch
@@ -185,3 +186,28 @@ async def test_api_errors_say_what_is_likely_missing(api) -> None:
     with pytest.raises(StoreError, match="LazyScope CRD"):
         await store.load()
     await store.close()
+
+
+async def test_an_operators_forget_is_kept_and_wins_over_older_writes(api) -> None:
+    """`status.forgotten`: another replica's edge from before the forget is refused, a touch
+    never brings it back, a sighting after the forget does, and every replica hears of it."""
+    writer, reader = _store(api), _store(api)
+    heard: list[tuple[WorkloadKey, dict]] = []
+    await reader.start(on_forget=lambda w, f: heard.append((w, f)))
+    await reader.load()
+    try:
+        await writer.add(W, A, 100.0, by="xdsproxy-a")
+        assert (await writer.load())[W][A].learned_by == "xdsproxy-a"
+        await writer.forget(W, [A], at=200.0)
+        assert A not in (await writer.load())[W]
+        await writer.add(W, A, 150.0)  # a sighting from before the forget, written late
+        await writer.touch([Touch(W, A, 250.0)])
+        assert A not in (await writer.load())[W]
+        await eventually(lambda: heard and heard[-1] == (W, {A: 200.0}), timeout=5)
+        await writer.add(W, A, 300.0)  # used again after the forget: learned again
+        assert A in (await writer.load())[W]
+        obj = api.state.objects[(NS, resource_name(W))]
+        assert "forgotten" not in obj["status"]
+    finally:
+        await reader.close()
+        await writer.close()

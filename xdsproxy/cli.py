@@ -148,6 +148,11 @@ def _serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         "it on loopback (kubectl port-forward reaches it), or '' for none",
     )
     p.add_argument(
+        "--admin-writes",
+        action="store_true",
+        help="serve `xdsproxy scope add|forget` on --admin-listen (off by default; loopback only)",
+    )
+    p.add_argument(
         "--store",
         default="sqlite:///var/lib/xdsproxy/edges.db",
         metavar="URL",
@@ -302,6 +307,49 @@ def _status_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     p.add_argument("--json", action="store_true", help="the raw JSON")
 
 
+def _config_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "config",
+        help="what a sidecar was pushed, like istioctl proxy-config",
+        parents=[common, _replica_flags()],
+    )
+    p.add_argument("kind", choices=("clusters", "listeners", "routes", "endpoints"))
+    p.add_argument(
+        "name", help="a sidecar (pod.namespace, pod name, node id) or NAMESPACE/WORKLOAD"
+    )
+    p.add_argument("--fqdn", default="", help="only this service host")
+    p.add_argument("--diff", action="store_true", help="what differs from what Istiod sent")
+
+
+def _scope_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "scope", help="explain, add, forget or export workloads' scopes", parents=[common]
+    )
+    verbs = p.add_subparsers(dest="verb", required=True)
+    workload = "NAMESPACE/WORKLOAD, or a sidecar of it (pod.namespace, pod name)"
+    why = verbs.add_parser(
+        "why", help="why a service is or is not in scope", parents=[common, _replica_flags()]
+    )
+    why.add_argument("name", help=workload)
+    why.add_argument("host", metavar="SERVICE", help="HOST[:PORT]")
+    why.add_argument("--json", action="store_true", help="every replica's raw answer")
+    for verb, says in (
+        ("add", "put a dependency in scope on every replica (needs --admin-writes)"),
+        ("forget", "drop a learned dependency on every replica (needs --admin-writes)"),
+    ):
+        write = verbs.add_parser(verb, help=says, parents=[common, _replica_flags()])
+        write.add_argument("name", help=workload)
+        write.add_argument(
+            "host", metavar="SERVICE", help="HOST[:PORT] (every port of HOST without one)"
+        )
+    export = verbs.add_parser(
+        "export",
+        help="Istio Sidecar resources (networking.istio.io/v1) of the current scopes",
+        parents=[common, _replica_flags()],
+    )
+    export.add_argument("name", nargs="?", help=workload + "; every workload without it")
+
+
 def _admin_urls(args: argparse.Namespace) -> list[str]:
     from xdsproxy.debug.status import admin_url, replicas_from_service
 
@@ -346,7 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     common = _global_flags()
     parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_serve_parser, _sim_parser, _demo_parser, _status_parser):
+    for add in (
+        _serve_parser,
+        _sim_parser,
+        _demo_parser,
+        _status_parser,
+        _config_parser,
+        _scope_parser,
+    ):
         add(sub, common)
     args = parser.parse_args(argv)
     for name, default in _GLOBAL_DEFAULTS.items():
@@ -357,11 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "sim":
         return _sim(args)
-    if args.command == "status":
-        from xdsproxy.debug.status import StatusError, status
+    if args.command in ("status", "config", "scope"):
+        from xdsproxy.debug.status import StatusError
 
         try:
-            print(status(_admin_urls(args), args.name, args.json))
+            print(_inspect(args))
         except StatusError as exc:
             print(f"xdsproxy: {exc}", file=sys.stderr)
             return 1
@@ -369,6 +424,24 @@ def main(argv: list[str] | None = None) -> int:
     from xdsproxy.demo import run_demo
 
     return run_demo(services=args.services, calls=args.calls, output=args.output)
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    """The commands that read (and, for scope add|forget, write) through the admin endpoints."""
+    from xdsproxy.debug import scopecmd
+    from xdsproxy.debug.proxyconfig import proxy_config
+    from xdsproxy.debug.status import status
+
+    urls = _admin_urls(args)
+    if args.command == "status":
+        return status(urls, args.name, args.json)
+    if args.command == "config":
+        return proxy_config(urls, args.kind, args.name, args.fqdn, args.diff)
+    if args.verb == "why":
+        return scopecmd.why(urls, args.name, args.host, args.json)
+    if args.verb == "export":
+        return scopecmd.export(urls, args.name)
+    return scopecmd.change(urls, args.verb, args.name, args.host)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -414,6 +487,8 @@ def _serve(args: argparse.Namespace) -> int:
         for flag, value in addresses.items():
             if value:
                 preflight.check_address(flag, value)
+        if args.admin_writes:
+            preflight.check_admin_writes(args.admin_listen)
         preflight.check_cidrs("--als-allow", tuple(args.als_allow))
         preflight.check_cidrs("--service-cidr", tuple(args.service_cidr))
         if args.upstream_ca:
@@ -458,6 +533,7 @@ def _serve(args: argparse.Namespace) -> int:
         usage_sample_percent=args.usage_sample,
         debug_listen=args.debug_listen,
         admin_listen=args.admin_listen,
+        admin_writes=args.admin_writes,
         replica=os.environ.get("POD_NAME") or socket.gethostname(),
         fail_open=args.fail_open,
         fail_open_hold_down=args.fail_open_hold_down,
@@ -489,6 +565,7 @@ _LAZY_ONLY = {
     "flush_interval": _duration("10s"),
     "egress_plaintext": False,
     "fail_open": "never",
+    "admin_writes": False,
 }
 
 

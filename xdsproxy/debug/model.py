@@ -196,8 +196,10 @@ class DebugModel:
             raise NotFound("this replica runs in passthrough mode: no workload has a scope")
         return self.runtime
 
-    def _services(self, host: str, port: int | None) -> list[ServicePort]:
-        known = self._lazy().services_named(host, port)
+    def _services(self, key: WorkloadKey, host: str, port: int | None) -> list[ServicePort]:
+        """The services `host` names: those Istiod sent here and those in the workload's
+        scope; with a port, that one service even if neither knows it."""
+        known = self._lazy().services_named(host, port, key)
         if known:
             return known
         if port is None:
@@ -215,7 +217,7 @@ class DebugModel:
         key = workload_key(workload)
         host, port = service_query(service)
         runtime = self._lazy()
-        services = self._services(host, port)
+        services = self._services(key, host, port)
         scope = runtime.scopes.get(key) or Scope(key)
         sessions = self._sessions_of(key)
         clusters, referrers = _pushed_clusters(sessions[0], services) if sessions else ({}, {})
@@ -231,7 +233,7 @@ class DebugModel:
 
     async def add(self, workload: str, service: str) -> dict[str, Any]:
         key = workload_key(workload)
-        services = self._services(*service_query(service))
+        services = self._services(key, *service_query(service))
         added = await self._lazy().add_dependencies(key, services)
         return {
             "workload": str(key),
@@ -242,16 +244,9 @@ class DebugModel:
 
     async def forget(self, workload: str, service: str) -> dict[str, Any]:
         key = workload_key(workload)
-        host, port = service_query(service)
         runtime = self._lazy()
-        scope = runtime.scopes.get(key) or Scope(key)
-        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
-        services = sorted(
-            s
-            for s in set(scope.learned) | set(runtime.services_named(host, port))
-            if s.host in (host, fqdn) and (port is None or s.port == port)
-        )
-        removed = await runtime.forget_dependencies(key, services) if services else 0
+        services = self._services(key, *service_query(service))
+        removed = await runtime.forget_dependencies(key, services)
         return {
             "workload": str(key),
             "replica": self.replica,
@@ -284,8 +279,6 @@ class DebugModel:
             raise ValueError("view must be upstream or pushed")
         stream = self._session(node_id).stream
         types = [t for t in stream.status() if not only or short_name(t) == only]
-        if only and not types:
-            raise NotFound(f"node {node_id!r} has no {only} subscription")
         out: dict[str, Any] = {"node": node_id, "view": view, "types": {}}
         for type_url in types:
             names, bodies = (

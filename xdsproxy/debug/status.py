@@ -144,6 +144,27 @@ def find(fleet: Fleet, name: str) -> dict[str, Any]:
     raise StatusError(f"no sidecar named {name!r} is connected to the {replicas} replica(s) read")
 
 
+def find_node(fleet: Fleet, name: str) -> dict[str, Any]:
+    """A sidecar as `find` names it, or the first connected sidecar of a workload
+    `NAMESPACE/NAME`."""
+    if "/" in name and "~" not in name:
+        rows = [r for r in fleet.rows if r.get("workload") == name and r["role"] == "sidecar"]
+        if rows:
+            return rows[0]
+        raise StatusError(f"no sidecar of workload {name} is connected to the replicas read")
+    return find(fleet, name)
+
+
+def workload_of(fleet: Fleet, name: str) -> str:
+    """`NAMESPACE/NAME` as given, or the workload of the sidecar `name` names."""
+    if "/" in name and "~" not in name:
+        return name
+    workload = find(fleet, name).get("workload")
+    if not workload:
+        raise StatusError(f"{name!r} is not an Istio sidecar: it has no workload")
+    return workload
+
+
 def _size(count: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if abs(count) < 1000 or unit == "GB":
@@ -152,7 +173,7 @@ def _size(count: float) -> str:
     return f"{count:.1f} GB"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
@@ -193,7 +214,7 @@ def render_fleet(fleet: Fleet) -> str:
     notes.append(f"lazy egress nodes connected: {egress}")
     if not egress:
         notes[-1] += " (first requests to services out of scope fail until one connects)"
-    return _table(header, body) + "\n\n" + "\n".join(notes)
+    return table(header, body) + "\n\n" + "\n".join(notes)
 
 
 def render_node(row: dict[str, Any]) -> str:
@@ -224,13 +245,13 @@ def render_node(row: dict[str, Any]) -> str:
             ]
         )
     header = ["TYPE", "STATE", "UPSTREAM", "PUSHED", "UP BYTES", "PUSHED BYTES", "VERSION"]
-    lines.append(_table([*header, "LAST NACK"], per_type))
+    lines.append(table([*header, "LAST NACK"], per_type))
     dependencies = [
         [d["host"], str(d["port"] or "*"), d["origin"], d.get("last_seen", "")]
         for d in row.get("dependencies", [])
     ]
     if dependencies:
-        lines += ["", _table(["DEPENDENCY", "PORT", "ORIGIN", "LAST SEEN"], dependencies)]
+        lines += ["", table(["DEPENDENCY", "PORT", "ORIGIN", "LAST SEEN"], dependencies)]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -380,3 +381,21 @@ class KubeApiStandIn(ThreadingHTTPServer):
         self.closing = True
         self.shutdown()
         self.server_close()
+
+
+def write_kubeconfig(path: Path, url: str) -> None:
+    """A kubeconfig that points the official client (and kubectl) at the stand-in."""
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "standin",
+                "clusters": [{"name": "standin", "cluster": {"server": url}}],
+                "users": [{"name": "standin", "user": {}}],
+                "contexts": [
+                    {"name": "standin", "context": {"cluster": "standin", "user": "standin"}}
+                ],
+            }
+        )
+    )

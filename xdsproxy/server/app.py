@@ -87,6 +87,7 @@ class ServeConfig:
     debug_listen: str = ""  # health, readiness, metrics; off unless set (CLI: 127.0.0.1:15014)
     replica: str = ""  # this replica's name in `xdsproxy status` (the pod name in a cluster)
     admin_listen: str = ""  # those and every node's config; off unless set (CLI: 127.0.0.1:15015)
+    admin_writes: bool = False  # `xdsproxy scope add|forget` on admin_listen (loopback only)
     fail_open: str = "never"  # or "auto": see scope/failopen.py
     fail_open_hold_down: float = 60.0
     kube_client: Any = None  # a kubernetes.client.ApiClient (tests); else in-cluster/kubeconfig
@@ -208,7 +209,9 @@ class ProxyServer:
         if self.config.admin_listen:
             # Every sidecar's config as well: loopback unless the operator says otherwise.
             model = DebugModel(self.proxy, self.runtime, self.config.replica, self.config.upstream)
-            self.admin = await self._debug_server("--admin-listen", self.config.admin_listen, model)
+            self.admin = await self._debug_server(
+                "--admin-listen", self.config.admin_listen, model, self.config.admin_writes
+            )
         if self.runtime is not None:
             # The ALS endpoint first: the config pushed to Envoys names its port.
             als = grpc.aio.server(
@@ -274,8 +277,10 @@ class ProxyServer:
             if files.changed():
                 self.reload_rules()
 
-    async def _debug_server(self, flag: str, listen: str, model: DebugModel | None) -> DebugServer:
-        server = DebugServer(listen, self.metrics.registry, self._readiness(), model)
+    async def _debug_server(
+        self, flag: str, listen: str, model: DebugModel | None, writes: bool = False
+    ) -> DebugServer:
+        server = DebugServer(listen, self.metrics.registry, self._readiness(), model, writes)
         try:
             await server.start()
         except OSError as exc:

@@ -430,39 +430,42 @@ class LazyRuntime:
 
     # -- operators (`xdsproxy scope add|forget`, through the admin endpoint) ----------------
 
-    def services_named(self, host: str, port: int | None) -> list[ServicePort]:
+    def services_named(
+        self, host: str, port: int | None, workload: WorkloadKey | None = None
+    ) -> list[ServicePort]:
         """The services Istiod sent for `host` (FQDN, or `name.namespace`), on `port` if
-        given."""
+        given, and those of `workload`'s learned scope."""
         fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+        scope = self.scopes.get(workload) if workload else None
+        candidates = self.known_services | set(scope.learned if scope else ())
         return sorted(
-            s
-            for s in self.known_services
-            if s.host in (host, fqdn) and (port is None or s.port == port)
+            s for s in candidates if s.host in (host, fqdn) and (port is None or s.port == port)
         )
 
     async def add_dependencies(self, workload: WorkloadKey, services: list[ServicePort]) -> int:
         """An operator's add: committed to the store (which carries it to every replica),
         then in scope and pushed here. Returns how many were new."""
         by = f"operator via {self.replica or 'local'}"
-        now, added = self.clock(), 0
+        now = self.clock()
         scope = self.scope(workload)
-        for service in services:
+        new = [s for s in services if s not in scope.learned]
+        for service in new:
             self.dropped.pop((workload, service), None)
-            if service in scope.learned:
-                continue
             await self.store.add(workload, service, now, by)  # StoreError: nothing changed
-            added += scope.learn(service, now, self.monotonic(), by)
-        log.info("operator added", extra={"workload": str(workload), "added": added})
-        if added:
-            self._repush(workload)
-        return added
+            # The store's own change event may have put it in scope already: learn is no-op.
+            if scope.learn(service, now, self.monotonic(), by):
+                self._repush(workload)
+        log.info("operator added", extra={"workload": str(workload), "added": len(new)})
+        return len(new)
 
     async def forget_dependencies(self, workload: WorkloadKey, services: list[ServicePort]) -> int:
         """An operator's forget: recorded in the store with when (the other replicas drop
         their copies learned before then), and the scope here shrinks at once."""
         now = self.clock()
+        learned = self.scope(workload).learned
+        removed = sum(s in learned for s in services)
         await self.store.forget(workload, services, at=now)  # StoreError: nothing changed
-        removed = self._drop(workload, dict.fromkeys(services, now))
+        self._drop(workload, dict.fromkeys(services, now))  # the store's event may be first
         log.info("operator forgot", extra={"workload": str(workload), "removed": removed})
         return removed
 
@@ -470,7 +473,7 @@ class LazyRuntime:
         """Another replica recorded an operator's forget: drop what was learned before it."""
         self._drop(workload, forgotten)
 
-    def _drop(self, workload: WorkloadKey, forgotten: dict[ServicePort, float]) -> int:
+    def _drop(self, workload: WorkloadKey, forgotten: dict[ServicePort, float]) -> None:
         scope = self.scope(workload)
         gone = []
         for service, at in forgotten.items():
@@ -483,7 +486,6 @@ class LazyRuntime:
                 self._unsaved.pop((workload, service), None)
         if scope.forget(gone):
             self._repush(workload)
-        return len(gone)
 
     def _store_failed(self, exc: Exception) -> None:
         self.store_healthy = False

@@ -23,6 +23,23 @@ def check_address(flag: str, value: str) -> None:
         raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 0.0.0.0:15010")
 
 
+def check_admin_writes(admin_listen: str) -> None:
+    """Scope writes change what every sidecar of a workload gets: loopback only, reached with
+    `kubectl port-forward` or from inside the pod."""
+    host = admin_listen.rpartition(":")[0].strip("[]")
+    if not admin_listen:
+        raise ConfigError("--admin-writes needs --admin-listen on loopback, e.g. 127.0.0.1:15015")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"--admin-writes: --admin-listen {admin_listen!r} is not loopback; scope writes are "
+            "served on loopback only (reach them with kubectl port-forward)"
+        )
+
+
 def check_cidrs(flag: str, values: tuple[str, ...]) -> None:
     for value in values:
         try:

@@ -195,7 +195,8 @@ class KubernetesStore:
 
     async def load(self) -> dict[WorkloadKey, Edges]:
         edges = await self._call(self._list)
-        if self._on_change is not None and self._watcher is None:
+        listening = (self._on_change, self._on_static, self._on_forget)
+        if any(c is not None for c in listening) and self._watcher is None:
             self._watcher = threading.Thread(
                 target=self._watch, daemon=True, name="lazyscope-watch"
             )
