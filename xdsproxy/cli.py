@@ -373,6 +373,11 @@ def _demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument(
         "--output", type=Path, default=Path("demo-output"), help="where the PNG plot goes"
     )
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave everything running, print commands to try, stop on Ctrl-C",
+    )
 
 
 _GLOBAL_DEFAULTS = {"log_level": "info", "log_format": "text"}
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from xdsproxy.demo import run_demo
 
-    return run_demo(services=args.services, calls=args.calls, output=args.output)
+    return run_demo(args.services, args.calls, args.output, args.keep_running)
 
 
 def _inspect(args: argparse.Namespace) -> str:

@@ -32,7 +32,7 @@ from xdsproxy.harness.lazymesh import (
     sidecar_identity,
 )
 from xdsproxy.harness.stack import eventually, running_envoy, session_of, settled
-from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.istio.names import ServicePort, outbound_cluster
 from xdsproxy.istio.node import parse_node
 from xdsproxy.scope.tunnel import placeholder_cluster
 from xdsproxy.sim.mesh import Endpoint, generate
@@ -68,7 +68,7 @@ async def _memory(envoy: Envoy) -> tuple[float, float]:
     return (await asyncio.to_thread(envoy.allocated_bytes)) / 1e6, envoy.rss_bytes() / 1e6
 
 
-async def _demo(services: int, calls: int, output: Path) -> int:
+async def _demo(services: int, calls: int, output: Path, keep_running: bool = False) -> int:
     steps = 7
     async with AsyncExitStack() as stack:
         backend = stack.enter_context(Backend("backend"))
@@ -81,8 +81,10 @@ async def _demo(services: int, calls: int, output: Path) -> int:
             for n, kind in enumerate(ALL_PROTOCOLS)
             for target in pick_services(mesh, (calls + 2 - n) // 3, (kind,))
         ]
-        protocols = {t: mesh.services[t.host].ports[0].protocol for t in targets}
-        for target in targets:
+        # One more HTTP service with a backend, left for the user to call first (--keep-running).
+        spare = next(s for s in pick_services(mesh, calls + 3) if s not in targets)
+        protocols = {t: mesh.services[t.host].ports[0].protocol for t in [*targets, spare]}
+        for target in [*targets, spare]:
             service = mesh.services[target.host]
             subsets = [name for name, _ in service.subsets] or [""]
             port = database.port if protocols[target] == "TCP" else backend.port
@@ -97,7 +99,13 @@ async def _demo(services: int, calls: int, output: Path) -> int:
         sim, proxy, egress = await stack.enter_async_context(
             # As xdsproxy runs in a cluster whose service ranges it knows: TCP services compact,
             # sniffed ones with placeholders (the defaults of `--lazy-tcp auto`).
-            lazy_stack(mesh, egress_port, EGRESS_SERVICE_PORT, lazy_tcp="compact")
+            lazy_stack(
+                mesh,
+                egress_port,
+                EGRESS_SERVICE_PORT,
+                lazy_tcp="compact",
+                admin_writes=keep_running,
+            )
         )
         _say(
             2,
@@ -143,7 +151,7 @@ async def _demo(services: int, calls: int, output: Path) -> int:
                 flush=True,
             )
         mix = ", ".join(
-            f"{sum(p == kind for p in protocols.values())} {kind}" for kind in ALL_PROTOCOLS
+            f"{sum(protocols[t] == kind for t in targets)} {kind}" for kind in ALL_PROTOCOLS
         )
         _say(
             5,
@@ -183,7 +191,40 @@ async def _demo(services: int, calls: int, output: Path) -> int:
         _print_table(before, after, latencies)
         path = _plot(before, after, services, output)
         _say(7, steps, f"plot written to {path}")
+        if keep_running:
+            vip = (mesh.services[spare.host].cluster_ip, spare.port)
+            print(_try_these(proxy.admin.port, targets[0], spare, vip, listen), flush=True)
+            await asyncio.Event().wait()  # until Ctrl-C cancels it; the stack stops everything
     return 0
+
+
+def _try_these(
+    admin: int, learned: ServicePort, spare: ServicePort, vip: tuple[str, int], listen: int
+) -> str:
+    """The commands to try against the running demo (`--keep-running`)."""
+    debug = f"--debug 127.0.0.1:{admin}"
+    request = (
+        f"PROXY TCP4 127.0.0.2 {vip[0]} 40000 {vip[1]}\\r\\nGET / HTTP/1.1\\r\\n"
+        f"Host: {spare.host}\\r\\nConnection: close\\r\\n\\r\\n"
+    )
+    return "\n".join(
+        [
+            "",
+            "Everything stays up. Try, from another shell:",
+            f"  xdsproxy status {debug}",
+            f"  xdsproxy config clusters app-0 {debug} --diff",
+            f"  xdsproxy scope why ns-0/app {learned} {debug}",
+            f"  xdsproxy scope why ns-0/app {spare} {debug}",
+            # The sidecar reads the original destination from a PROXY header, as iptables
+            # would have set it: curl cannot set one, so printf and nc.
+            f"  printf '{request}' | nc 127.0.0.1 {listen}    # first request to {spare.host}",
+            f"  xdsproxy scope why ns-0/app {spare} {debug}",
+            f"  xdsproxy scope forget ns-0/app {spare} {debug}",
+            f"  xdsproxy scope add ns-0/app {spare} {debug}",
+            f"  xdsproxy scope export {debug}",
+            "Ctrl-C stops everything.",
+        ]
+    )
 
 
 def _print_table(before: Side, after: Side, latencies: list[float]) -> None:
@@ -272,9 +313,14 @@ def _plot(before: Side, after: Side, services: int, output: Path) -> Path:
     return path.resolve()
 
 
-def run_demo(services: int = 2000, calls: int = 6, output: Path = Path("demo-output")) -> int:
+def run_demo(
+    services: int = 2000,
+    calls: int = 6,
+    output: Path = Path("demo-output"),
+    keep_running: bool = False,
+) -> int:
     try:
-        return asyncio.run(_demo(services, calls, output))
+        return asyncio.run(_demo(services, calls, output, keep_running))
     except KeyboardInterrupt:
         return 130
     except (OSError, RuntimeError, TimeoutError) as exc:

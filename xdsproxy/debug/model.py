@@ -127,7 +127,10 @@ class DebugModel:
             "types": types,
             "saved": {
                 "clusters": max(0, withheld),
-                "bytes": sum(t["upstream"]["bytes"] - t["pushed"]["bytes"] for t in types.values()),
+                # Never below zero: the egress is pushed more than Istiod sends it (its SRDS).
+                "bytes": max(
+                    0, sum(t["upstream"]["bytes"] - t["pushed"]["bytes"] for t in types.values())
+                ),
             },
         }
 

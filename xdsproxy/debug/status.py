@@ -5,6 +5,7 @@ Replicas are given as `--debug ADDR` (repeatable: HOST:PORT or a URL), or found 
 xdsproxy Service's EndpointSlices with the official Kubernetes client (`--service NS/NAME`).
 """
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -51,6 +52,10 @@ def fetch(url: str, path: str, method: str = "GET", body: object = None) -> Any:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatusError(f"cannot reach the admin endpoint at {url}: {reason}") from None
+    except (http.client.HTTPException, json.JSONDecodeError):
+        raise StatusError(
+            f"{url} is not an xdsproxy admin endpoint (--admin-listen, default port 15015)"
+        ) from None
 
 
 def replicas_from_service(service: str, default_port: int, api: Any = None) -> list[str]:
@@ -199,6 +204,7 @@ def render_fleet(fleet: Fleet) -> str:
         saved = row["saved"]
         upstream = sum(t["upstream"]["bytes"] for t in row["types"].values())
         share = f" ({saved['bytes'] / upstream:.0%})" if upstream else ""
+        withheld = f"{saved['clusters']} clusters, {_size(saved['bytes'])}{share}"
         body.append(
             [
                 name_of(row),
@@ -206,7 +212,7 @@ def render_fleet(fleet: Fleet) -> str:
                 row["replica"],
                 row["istiod"] or "-",
                 row["istio_version"] or "-",
-                f"{saved['clusters']} clusters, {_size(saved['bytes'])}{share}",
+                "- (holds the whole mesh)" if row.get("role") == "egress" else withheld,
             ]
         )
     header = ["NAME", *types, "REPLICA", "ISTIOD", "VERSION", "SAVED"]

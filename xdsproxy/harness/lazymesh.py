@@ -138,6 +138,7 @@ async def lazy_stack(
     mesh_ca: MeshCa | None = None,
     lazy_tcp: str = "placeholders",
     lazy_sniffed: str = "placeholders",
+    admin_writes: bool = False,
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
     """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress.
 
@@ -163,6 +164,7 @@ async def lazy_stack(
                 usage_flush_seconds=1,
                 debug_listen="127.0.0.1:0",
                 admin_listen="127.0.0.1:0",
+                admin_writes=admin_writes,
                 lazy_tcp=lazy_tcp,
                 lazy_sniffed=lazy_sniffed,
             )
