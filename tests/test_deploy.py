@@ -98,11 +98,15 @@ def test_store_writes_what_the_crd_accepts() -> None:
 
     crd = yaml.safe_load(CRD.read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    obj = {
-        "spec": {"workload": {"namespace": "ns", "name": "w"}, "hosts": []},
-        "status": _status({ServicePort("a.ns.svc.cluster.local", 80): Edge(1.0, 2.0)}),
-    }
+    a, b = ServicePort("a.ns.svc.cluster.local", 80), ServicePort("b.ns.svc.cluster.local", 81)
+    status = _status({a: Edge(1.0, 2.0, learned_by="xdsproxy-a")}, {b: 3.0})
+    obj = {"spec": {"workload": {"namespace": "ns", "name": "w"}, "hosts": []}, "status": status}
     jsonschema.validate(obj, schema, format_checker=jsonschema.FormatChecker())
+    # The API server prunes fields a structural schema does not declare: declare all written.
+    declared = schema["properties"]["status"]["properties"]
+    assert set(status) <= set(declared)
+    for key in ("learned", "forgotten"):
+        assert set(status[key][0]) <= set(declared[key]["items"]["properties"]), key
 
 
 def test_kustomization_lists_existing_files() -> None:

@@ -19,7 +19,7 @@ from typing import Protocol
 import grpc
 from envoy.config.core.v3.base_pb2 import Node
 
-from xdsproxy.debug.metrics import Metrics
+from xdsproxy.debug.metrics import Metrics, metric_type
 from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
 from xdsproxy.server.upstream import Channels, Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
@@ -64,7 +64,9 @@ class Session:
     peer: str
     stream: SotwStream | DeltaStream
     connected_at: float = field(default_factory=time.time)
-    outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    # (payload, type label, when the Istiod response it answers arrived; None for local pushes)
+    outbox: asyncio.Queue[tuple[bytes, str, float | None]] = field(default_factory=asyncio.Queue)
+    upstream_received: float | None = None  # set while an Istiod response is being applied
     upstream_outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
@@ -161,7 +163,7 @@ class AdsProxy:
         self._apply(session, events)
 
     def _enqueue(self, session: Session, event: SendDownstream) -> None:
-        kind = short_name(event.type_url)
+        kind = metric_type(event.type_url)
         self.metrics.pushes.labels(kind, "relayed" if event.relayed else "local").inc()
         self.metrics.downstream_bytes.labels(kind).inc(len(event.payload))
         session.pending_bytes += len(event.payload)
@@ -173,7 +175,7 @@ class AdsProxy:
                 f"more than {self.limits.max_pending_bytes} bytes wait for a slow reader",
             )
             return
-        session.outbox.put_nowait(event.payload)
+        session.outbox.put_nowait((event.payload, kind, session.upstream_received))
 
     async def sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         await self._proxy(SOTW_METHOD, SotwStream(), context)
@@ -284,10 +286,12 @@ class AdsProxy:
     async def _drain(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         try:
             while not session.ended.done():
-                item = await session.outbox.get()
+                item, kind, received = await session.outbox.get()
                 session.writing = True
                 await context.write(item)
                 session.writing = False
+                if received is not None:
+                    self.metrics.push_latency.labels(kind).observe(time.monotonic() - received)
                 session.pending_bytes -= len(item)
                 if session.pending_bytes <= self.limits.pause_upstream_bytes:
                     session.drained.set()
@@ -324,20 +328,27 @@ class AdsProxy:
                 # and holding the last one per stream would cost that much per sidecar.
                 del data
             code = await call.code()
+            self.metrics.upstream_error(code.name)
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
         except UpstreamProtocolError as exc:
+            self.metrics.upstream_error("INVALID_ARGUMENT")
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream sent a bad message: {exc}")
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            self.metrics.upstream_error(code.name)
             relayed = code if code in _RELAYED_CODES else grpc.StatusCode.UNAVAILABLE
             session.end(relayed, f"upstream: {exc.details() or code.name}")
 
     def _on_upstream(self, session: Session, data: bytes) -> None:
-        events = session.stream.receive_upstream(data)
-        self._apply(session, events)
+        session.upstream_received = time.monotonic()
+        try:
+            events = session.stream.receive_upstream(data)
+            self._apply(session, events)
+        finally:
+            session.upstream_received = None
         if events and isinstance(events[-1], SendDownstream | AckedHere):
             type_url = events[-1].type_url
-            self.metrics.upstream_bytes.labels(short_name(type_url)).inc(len(data))
+            self.metrics.upstream_bytes.labels(metric_type(type_url)).inc(len(data))
             self.runtime.upstream_applied(session, type_url)
 
     def _apply(self, session: Session, events: list[Event]) -> None:
@@ -359,11 +370,11 @@ class AdsProxy:
             elif isinstance(event, SendUpstream):
                 session.upstream_outbox.put_nowait(event.payload)
             elif isinstance(event, AckedHere):
-                self.metrics.acked_here.labels(short_name(event.type_url)).inc()
+                self.metrics.acked_here.labels(metric_type(event.type_url)).inc()
                 session.upstream_outbox.put_nowait(event.payload)
             elif isinstance(event, Nacked):
                 origin = "relayed" if event.relayed else "local"
-                self.metrics.nacks.labels(short_name(event.type_url), origin).inc()
+                self.metrics.nacks.labels(metric_type(event.type_url), origin).inc()
                 # Envoy rejecting config xdsproxy built itself is xdsproxy's own bug.
                 log.log(
                     logging.WARNING if event.relayed else logging.ERROR,

@@ -150,6 +150,13 @@ class ProxyServer:
         )
         if self.runtime is not None:
             self.runtime.deliver = self.proxy.deliver
+        self.metrics.watch_sync_states(
+            lambda: (
+                (type_url, status.state)
+                for session in self.proxy.sessions.values()
+                for type_url, status in session.stream.status().items()
+            )
+        )
         self.port = 0
         self.tls_port = 0
         self.als_port = 0
