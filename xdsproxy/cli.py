@@ -9,10 +9,22 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from xdsproxy import logs
 
 log = logging.getLogger("xdsproxy")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as `logs.say` writes them: one JSON line with `--log-format json`."""
+
+    def error(self, message: str) -> NoReturn:
+        if logs.format_in(sys.argv[1:]) != "json":
+            super().error(message)
+        logs.configure("info", "json")
+        logs.say(f"{self.prog}: {message}")
+        sys.exit(2)
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -396,8 +408,12 @@ def _global_flags() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if logs.format_in(sys.argv[1:] if argv is None else argv) == "json":
+        # gRPC's C core writes its own plain-text lines to stderr; with JSON logs, only errors
+        # would break a log pipeline's parsing, and those are reported by xdsproxy itself.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     common = _global_flags()
-    parser = argparse.ArgumentParser(prog="xdsproxy", description=__doc__, parents=[common])
+    parser = _Parser(prog="xdsproxy", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
         _serve_parser,
@@ -423,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(_inspect(args))
         except StatusError as exc:
-            print(f"xdsproxy: {exc}", file=sys.stderr)
+            logs.say(str(exc))
             return 1
         return 0
     from xdsproxy.demo import run_demo
@@ -458,7 +474,7 @@ def _serve(args: argparse.Namespace) -> int:
     from xdsproxy.store.base import StoreError
 
     def fail(message: str) -> int:
-        print(f"xdsproxy: {message}", file=sys.stderr)
+        logs.say(message)
         return 2
 
     egress = vhost_service(args.egress) if args.egress else None
@@ -507,7 +523,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.mode == "passthrough":
         _warn_lazy_only(args)
     if args.check:
-        print("xdsproxy: configuration ok", file=sys.stderr)
+        logs.say("configuration ok", logging.INFO)
         return 0
     config = ServeConfig(
         upstream=args.upstream,
@@ -548,10 +564,9 @@ def _serve(args: argparse.Namespace) -> int:
     except AddressInUse as exc:
         return fail(str(exc))
     except StoreError as exc:  # serving empty scopes would strip every reconnecting sidecar
-        print(
-            f"xdsproxy: cannot load the store {args.store}: {exc}; check that it is reachable "
-            "and writable (see docs/state.md)",
-            file=sys.stderr,
+        logs.say(
+            f"cannot load the store {args.store}: {exc}; check that it is reachable "
+            "and writable (see docs/state.md)"
         )
         return 1
     return 0
@@ -578,7 +593,7 @@ def _warn_lazy_only(args: argparse.Namespace) -> None:
     for name, default in _LAZY_ONLY.items():
         if getattr(args, name) != default:
             flag = "--" + name.replace("_", "-")
-            print(f"xdsproxy: warning: {flag} is ignored in passthrough mode", file=sys.stderr)
+            logs.say(f"{flag} is ignored in passthrough mode", logging.WARNING)
 
 
 def _sim(args: argparse.Namespace) -> int:

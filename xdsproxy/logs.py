@@ -46,12 +46,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+_format = "text"
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def say(message: str, level: int = logging.ERROR) -> None:
+    """A command-line message (a bad flag, a file that will not load): `xdsproxy: message` on
+    stderr, or one JSON log line with `--log-format json`, so a log pipeline parses every line
+    a container writes, start-up errors included."""
+    if _format == "json":
+        logging.getLogger("xdsproxy").log(level, message)
+    else:
+        prefix = "xdsproxy: warning: " if level == logging.WARNING else "xdsproxy: "
+        print(prefix + message, file=sys.stderr)
+
+
+def format_in(argv: list[str]) -> str:
+    """`--log-format` as given on the command line, before the parser has run (its own errors
+    must come out in that format too)."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--log-format="):
+            return arg.split("=", 1)[1]
+    return "text"
 
 
 class RateLimitedLog:

@@ -20,6 +20,7 @@ import grpc
 from envoy.config.core.v3.base_pb2 import Node
 
 from xdsproxy.debug.metrics import Metrics, metric_type
+from xdsproxy.logs import RateLimitedLog
 from xdsproxy.server.grpcio import DELTA_METHOD, SOTW_METHOD
 from xdsproxy.server.upstream import Channels, Upstream, forwardable_metadata
 from xdsproxy.wire.typeurls import short_name
@@ -154,6 +155,7 @@ class AdsProxy:
         self.limits = limits or Limits()
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        self._upstream_warnings = RateLimitedLog(log)
         self._closing = False
 
     def deliver(self, session: Session, events: list[Event]) -> None:
@@ -176,6 +178,17 @@ class AdsProxy:
             )
             return
         session.outbox.put_nowait((event.payload, kind, session.upstream_received))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "push",
+                extra={
+                    "node": session.node_id,
+                    "type": kind,
+                    "resources": event.resource_count,
+                    "bytes": len(event.payload),
+                    "origin": "relayed" if event.relayed else "local",
+                },
+            )
 
     async def sotw(self, _requests: object, context: grpc.aio.ServicerContext) -> None:
         await self._proxy(SOTW_METHOD, SotwStream(), context)
@@ -243,16 +256,14 @@ class AdsProxy:
             ]
             end = await session.ended
             self.sessions.pop(session.id, None)
-            log.info(
-                "stream ended",
-                extra={"node": session.node_id, "code": end.code.name, "reason": end.message},
-            )
+            self._log_end(session, end.code.name, end.message)
             if not await self._finish_write(session, tasks):
                 abandoned = True  # the peer never took its last message: no status can follow
             elif end.code != grpc.StatusCode.OK:
                 await context.abort(end.code, end.message)
         except asyncio.CancelledError:
-            pass  # Envoy went away
+            if not session.ended.done():  # Envoy went away
+                self._log_end(session, "CANCELLED", "envoy closed the stream")
         finally:
             self.sessions.pop(session.id, None)
             if session.release_timer is not None:
@@ -269,6 +280,29 @@ class AdsProxy:
         if abandoned:
             # Cancelled is the one ending gRPC takes while a message is still in flight.
             raise asyncio.CancelledError
+
+    @staticmethod
+    def _log_end(session: Session, code: str, reason: str) -> None:
+        log.info(
+            "stream ended",
+            extra={
+                "node": session.node_id,
+                "protocol": session.protocol,
+                "code": code,
+                "reason": reason,
+                "seconds": round(time.time() - session.connected_at, 1),
+            },
+        )
+
+    def _upstream_failed(self, session: Session, code: str, reason: str) -> None:
+        """Counted, and logged at warning once a minute per code: when Istiod restarts, every
+        stream fails at once, and each stream's end is logged already."""
+        self.metrics.upstream_error(code)
+        self._upstream_warnings.warning(
+            code,
+            "istiod stream failed",
+            extra={"code": code, "reason": reason, "node": session.node_id},
+        )
 
     async def _finish_write(self, session: Session, tasks: list[asyncio.Task[None]]) -> bool:
         """Stop the pumps and the writer, letting a write in flight complete (bounded). False
@@ -328,14 +362,14 @@ class AdsProxy:
                 # and holding the last one per stream would cost that much per sidecar.
                 del data
             code = await call.code()
-            self.metrics.upstream_error(code.name)
+            self._upstream_failed(session, code.name, "istiod closed the stream")
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream closed the stream ({code.name})")
         except UpstreamProtocolError as exc:
-            self.metrics.upstream_error("INVALID_ARGUMENT")
+            self._upstream_failed(session, "INVALID_ARGUMENT", f"a bad message: {exc}")
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream sent a bad message: {exc}")
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            self.metrics.upstream_error(code.name)
+            self._upstream_failed(session, code.name, exc.details() or code.name)
             relayed = code if code in _RELAYED_CODES else grpc.StatusCode.UNAVAILABLE
             session.end(relayed, f"upstream: {exc.details() or code.name}")
 

@@ -404,7 +404,13 @@ class LazyRuntime:
                 self.learn_latencies.append(max(0.0, now - started))
                 self.metrics.learn_latency.observe(max(0.0, now - started))
             log.info(
-                "learned", extra={"workload": str(result.workload), "service": str(result.service)}
+                "learned",
+                extra={
+                    "workload": str(result.workload),
+                    "service": str(result.service),
+                    "scope": len(scope.learned),
+                    "ms": round(max(0.0, now - started) * 1000, 1) if started else None,
+                },
             )
             self._repush(result.workload)
         return result
