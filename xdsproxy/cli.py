@@ -437,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         from xdsproxy.debug.status import StatusError
 
         try:
-            print(_inspect(args))
+            print(_inspect(args), flush=True)
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except StatusError as exc:
             logs.say(str(exc))
             return 1

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from xdsproxy.debug.status import StatusError, fetch, gather, workload_of
+from xdsproxy.debug.status import StatusError, fetch, gather, name_of, workload_of
 
 
 def _ask_all(urls: list[str], path: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -31,31 +31,31 @@ def _ask_all(urls: list[str], path: str) -> tuple[list[dict[str, Any]], list[str
 
 
 def why(urls: list[str], name: str, service: str, as_json: bool) -> str:
-    workload = workload_of(gather(urls), name)
+    fleet = gather(urls)
+    workload = workload_of(fleet, name)
+    names = {row["node"]: name_of(row) for row in fleet.rows}
     query = urllib.parse.urlencode({"workload": workload, "service": service})
     answers, errors = _ask_all(urls, f"/debug/scope/why?{query}")
     if as_json:
         return json.dumps(answers, indent=1)
-    # Replicas that say the same are shown once; the one with a sidecar connected first, as
-    # only it can say how the clusters were pushed.
-    answers.sort(key=lambda a: (not a["sidecars"], a["replica"]))
-    groups: dict[str, list[str]] = {}
-    shown: dict[str, dict[str, Any]] = {}
-    for answer in answers:
-        key = json.dumps([(s["in_scope"], s["reasons"]) for s in answer["services"]])
-        groups.setdefault(key, []).append(answer["replica"])
-        shown.setdefault(key, answer)
+    # Replicas that say the same (reasons and how the clusters went) are shown once.
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for answer in sorted(answers, key=lambda a: a["replica"]):
+        key = json.dumps([(s["in_scope"], s["reasons"], s["clusters"]) for s in answer["services"]])
+        groups.setdefault(key, []).append(answer)
     lines = []
-    for key, answer in shown.items():
-        replicas = ", ".join(groups[key])
-        sidecars = f"; sidecars here: {', '.join(answer['sidecars'])}" if answer["sidecars"] else ""
-        lines.append(f"{workload}, as replica(s) {replicas} see it{sidecars}")
-        for entry in answer["services"]:
+    for same in groups.values():
+        replicas = ", ".join(a["replica"] for a in same)
+        pods = ", ".join(names.get(n, n) for a in same for n in a["sidecars"])
+        sidecars = f" (sidecars connected there: {pods})" if pods else ""
+        who = f"replica {replicas} sees" if len(same) == 1 else f"replicas {replicas} see"
+        lines.append(f"{workload} as {who} it{sidecars}:")
+        for entry in same[0]["services"]:
             state = "IN SCOPE" if entry["in_scope"] else "NOT IN SCOPE"
             lines.append(f"  {entry['service']}: {state}")
             lines += [f"    - {reason}" for reason in entry["reasons"]]
             lines += [f"    cluster {c}: {how}" for c, how in entry["clusters"].items()]
-        if not answer["known"]:
+        if not same[0]["known"]:
             lines.append("  (Istiod has sent this replica no such service)")
     lines += [f"not answering: {e}" for e in errors]
     return "\n".join(lines)
