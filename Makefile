@@ -29,6 +29,7 @@ bench: bench-forward bench-lazy bench-tunnel bench-usage
 	$(BIN)/python -m benchmarks.storm
 	$(BIN)/python -m benchmarks.learn_timing
 	$(BIN)/python -m benchmarks.recovery
+	$(BIN)/python -m benchmarks.scope_writes
 	$(BIN)/python -m benchmarks.plots
 
 # Every benchmark at small sizes, into build/bench-quick (the committed figures stay): run in
@@ -46,6 +47,7 @@ bench-quick: $(STAMP)
 	$(QUICK) $(BIN)/python -m benchmarks.soak --services 50 --clients 5 --minutes 0.25
 	$(QUICK) $(BIN)/python -m benchmarks.learn_timing --runs 2
 	$(QUICK) $(BIN)/python -m benchmarks.recovery --runs 1 --outage 2
+	$(QUICK) $(BIN)/python -m benchmarks.scope_writes --runs 2 --services 100
 	$(QUICK) $(BIN)/python -m benchmarks.plots
 	@echo "bench-quick: figures in build/bench-quick"
 

@@ -5,6 +5,7 @@ header, and the simulator's `virtualOutbound` (with `proxy_protocol=True`) hands
 to the listener for that destination, as Istio's redirect would.
 """
 
+import contextlib
 import json
 import socket
 import threading
@@ -143,7 +144,13 @@ class EchoServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # close() alone leaves a thread blocked in accept() holding the listening socket open
+        # in the kernel: it would go on accepting on its port after the test. shutdown()
+        # wakes the thread (accept fails) and stops the listening at once.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._thread.join(5)
 
 
 def connect_via_sidecar(
