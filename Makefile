@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick bench-forward bench-lazy bench-tunnel bench-usage soak lint format clean
+.PHONY: install test test-fast demo bench bench-quick bench-forward bench-lazy bench-tunnel bench-usage soak lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The pure and in-process tests only (no Envoy, no child process, no long real waits): the
+# quick loop while working, under a minute. `make test` (everything) is what CI and the README
+# run.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not envoy and not process and not slow"
 
 demo: $(STAMP)
 	$(BIN)/xdsproxy demo

@@ -1,5 +1,18 @@
-"""Shared test helpers live in `xdsproxy.harness` (the benchmarks and the demo use them too)."""
+"""Fixtures several test modules share; shared helpers are in `tests.helpers`, and what the
+demo and benchmarks use too in `xdsproxy.harness`."""
 
-from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
+from pathlib import Path
 
-__all__ = ["eventually", "running_envoy", "running_proxy", "running_sim"]
+import pytest
+
+from xdsproxy.harness.pki import Authority
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A mesh root and a serving certificate for Istiod's name and 127.0.0.1."""
+    authority = Authority(tmp_path_factory.mktemp("pki"))
+    serving = authority.issue(
+        "istiod", ["DNS:istiod.istio-system.svc", "DNS:xdsproxy.istio-system.svc", "IP:127.0.0.1"]
+    )
+    return {"ca": authority.cert, "cert": serving.cert, "key": serving.key}

@@ -7,21 +7,10 @@ import urllib.request
 
 import pytest
 
+from tests.helpers import get_json
 from xdsproxy.harness.stack import eventually, running_proxy, running_sim
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.store.base import StoreError
-
-
-def _get(port: int, path: str) -> tuple[int, dict | str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            code, body = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        code, body = error.code, error.read().decode()
-    try:
-        return code, json.loads(body)
-    except json.JSONDecodeError:
-        return code, body
 
 
 async def test_health_readiness_metrics_and_errors(tmp_path) -> None:
@@ -37,16 +26,16 @@ async def test_health_readiness_metrics_and_errors(tmp_path) -> None:
         ) as proxy,
     ):
         port = proxy.debug.port
-        assert await asyncio.to_thread(_get, port, "/healthz") == (200, {"status": "ok"})
-        ready = await eventually(lambda: _get(port, "/readyz")[0] == 200, timeout=10)
+        assert await asyncio.to_thread(get_json, port, "/healthz") == (200, {"status": "ok"})
+        ready = await eventually(lambda: get_json(port, "/readyz")[0] == 200, timeout=10)
         assert ready
-        code, metrics = await asyncio.to_thread(_get, port, "/metrics")
+        code, metrics = await asyncio.to_thread(get_json, port, "/metrics")
         assert code == 200 and "xdsproxy_learns_total" in metrics
-        code, error = await asyncio.to_thread(_get, port, "/nope")
+        code, error = await asyncio.to_thread(get_json, port, "/nope")
         assert code == 404 and "error" in error
         await sim.stop()
         code, report = await eventually(
-            lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=15
+            lambda: (r := get_json(port, "/readyz"))[0] == 503 and r, timeout=15
         )
         assert report["checks"]["upstream"] != "ok" and report["checks"]["store"] == "ok"
 
@@ -89,17 +78,18 @@ async def test_an_egress_istiod_does_not_send_makes_the_replica_not_ready() -> N
         await client.send(sotw_request(with_node=True))
         await client.recv()
         _, report = await eventually(
-            lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=10
+            lambda: (r := get_json(port, "/readyz"))[0] == 503 and r, timeout=10
         )
         assert (
             "--egress lazy-egress.istio-system.svc.cluster.local:80" in report["checks"]["egress"]
         )
         sim.mutate(lambda m: m.add(egress_service(80, 15081)))
-        await eventually(lambda: _get(port, "/readyz")[0] == 200, timeout=10)
+        await eventually(lambda: get_json(port, "/readyz")[0] == 200, timeout=10)
         await client.close()
         assert proxy.metrics.value("xdsproxy_egress_nodes") == 0
 
 
+@pytest.mark.slow
 async def test_readiness_returns_promptly_after_an_istiod_outage() -> None:
     """After a 10 s outage, gRPC's default reconnect backoff would keep the probe away for
     seconds more (both replicas out of the Service for nothing): it reconnects within 1 s."""
@@ -109,13 +99,13 @@ async def test_readiness_returns_promptly_after_an_istiod_outage() -> None:
     sim = await _start_sim(port)
     async with running_proxy(port, debug_listen="127.0.0.1:0", als_listen="127.0.0.1:0") as proxy:
         debug = proxy.debug.port
-        await eventually(lambda: _get(debug, "/readyz")[0] == 200, timeout=10)
+        await eventually(lambda: get_json(debug, "/readyz")[0] == 200, timeout=10)
         await sim.stop()
-        await eventually(lambda: _get(debug, "/readyz")[0] == 503, timeout=15)
+        await eventually(lambda: get_json(debug, "/readyz")[0] == 503, timeout=15)
         await asyncio.sleep(10)
         sim = await _start_sim(port)
         try:
-            await eventually(lambda: _get(debug, "/readyz")[0] == 200, timeout=3)
+            await eventually(lambda: get_json(debug, "/readyz")[0] == 200, timeout=3)
         finally:
             await sim.stop()
 
@@ -158,7 +148,7 @@ async def test_scope_writes_are_off_unless_asked_and_bad_requests_are_named(writ
         good = json.dumps({"workload": "ns-0/app", "service": "svc-4.ns-0.svc.cluster.local:8080"})
         # The port the Service exposes serves no scope, read or write.
         assert (await asyncio.to_thread(_post, public, "/admin/scope/add", good.encode()))[0] == 404
-        code, _ = await asyncio.to_thread(_get, public, "/debug/scope/export")
+        code, _ = await asyncio.to_thread(get_json, public, "/debug/scope/export")
         assert code == 404
         code, answer = await asyncio.to_thread(_post, admin, "/admin/scope/add", good.encode())
         if not writes:
@@ -176,7 +166,9 @@ async def test_scope_writes_are_off_unless_asked_and_bad_requests_are_named(writ
             code, answer = await asyncio.to_thread(_post, admin, "/admin/scope/add", body)
             assert (code, says in answer["error"]) == (status, True), answer
         code, why = await asyncio.to_thread(
-            _get, admin, "/debug/scope/why?workload=ns-0/app&service=svc-4.ns-0.svc.cluster.local"
+            get_json,
+            admin,
+            "/debug/scope/why?workload=ns-0/app&service=svc-4.ns-0.svc.cluster.local",
         )
         assert code == 200 and why["services"][0]["in_scope"]
         assert why["services"][0]["reasons"][0].startswith("learned by operator via local")

@@ -11,8 +11,8 @@ from importlib import resources
 import jsonschema
 import pytest
 
+from tests.helpers import get_json
 from tests.istio_fixtures import dump_files, load_dump
-from tests.test_debug import _get
 from xdsproxy.debug.model import _resource
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import request_via_sidecar
@@ -51,10 +51,10 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
         # The endpoint the Service exposes serves no sidecar's config: only the loopback
         # admin listener does.
         for path in ("/debug/nodes", f"/debug/nodes/{node_id}", "/debug/workloads"):
-            assert (await asyncio.to_thread(_get, public, path))[0] == 404
-        assert (await asyncio.to_thread(_get, public, "/readyz"))[0] == 200
+            assert (await asyncio.to_thread(get_json, public, path))[0] == 404
+        assert (await asyncio.to_thread(get_json, public, "/readyz"))[0] == 200
 
-        code, nodes = await asyncio.to_thread(_get, port, "/debug/nodes")
+        code, nodes = await asyncio.to_thread(get_json, port, "/debug/nodes")
         assert code == 200 and len(nodes) == 2
         for row in nodes:
             _validate(row, "node")
@@ -64,7 +64,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
         cds = mine["types"]["CDS"]
         assert cds["pushed"]["resources"] < cds["upstream"]["resources"]
 
-        code, detail = await asyncio.to_thread(_get, port, f"/debug/nodes/{node_id}")
+        code, detail = await asyncio.to_thread(get_json, port, f"/debug/nodes/{node_id}")
         assert code == 200
         _validate(detail, "node")
         learned = [d for d in detail["dependencies"] if d["origin"] == "learned"]
@@ -74,7 +74,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
             for d in detail["dependencies"]
         )
 
-        code, workloads = await asyncio.to_thread(_get, port, "/debug/workloads")
+        code, workloads = await asyncio.to_thread(get_json, port, "/debug/workloads")
         assert code == 200
         for row in workloads:
             _validate(row, "workload")
@@ -83,7 +83,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
         views = {}
         for view in ("pushed", "upstream"):
             code, dump = await asyncio.to_thread(
-                _get, port, f"/debug/config_dump?node={node_id}&view={view}"
+                get_json, port, f"/debug/config_dump?node={node_id}&view={view}"
             )
             assert code == 200
             _validate(dump, "config_dump")
@@ -98,7 +98,7 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
             ("/debug/nodes/sidecar~nobody", 404),
             ("/debug/config_dump?node=sidecar~nobody", 404),
         ):
-            code, error = await asyncio.to_thread(_get, port, path)
+            code, error = await asyncio.to_thread(get_json, port, path)
             assert code == expected, path
             _validate(error, "error")
 
@@ -136,12 +136,12 @@ async def test_debug_views_status_and_no_token_anywhere(caplog) -> None:
 
         # The token reached nothing xdsproxy shows or logs.
         outputs = [json.dumps(nodes), json.dumps(detail), json.dumps(workloads)]
-        outputs.append(str(await asyncio.to_thread(_get, port, "/metrics")))
+        outputs.append(str(await asyncio.to_thread(get_json, port, "/metrics")))
         for view in ("pushed", "upstream"):
             outputs.append(
                 json.dumps(
                     await asyncio.to_thread(
-                        _get, port, f"/debug/config_dump?node={node_id}&view={view}"
+                        get_json, port, f"/debug/config_dump?node={node_id}&view={view}"
                     )
                 )
             )

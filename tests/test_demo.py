@@ -53,6 +53,8 @@ def test_demo_keep_running_serves_the_commands_it_prints_and_stops_on_ctrl_c(tmp
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
+        # As a shell's background job starts it: SIGINT ignored. Ctrl-C must still stop it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in demo.stdout], daemon=True).start()

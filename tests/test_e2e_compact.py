@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from tests.test_e2e_tcp_lazy import (
+from tests.helpers import (
     DRAIN_SECONDS,
     EGRESS_REQUESTS,
-    _cluster,
-    _clusters,
-    _greeting,
-    _is_placeholder,
-    _named_clusters,
-    _rejected,
+    dumped_clusters,
+    greeting,
+    is_placeholder,
+    named_clusters,
+    rejected,
+    service_cluster,
 )
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import EchoServer, connect_via_sidecar, echoes, request_via_sidecar
@@ -51,9 +51,9 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
             if p.protocol != "HTTP"
         }
         assert not set(vip_listeners) & _listeners(sidecar), "no out-of-scope VIP listener"
-        clusters = _clusters(sidecar)
+        clusters = dumped_clusters(sidecar)
         outbound = {n: c for n, c in clusters.items() if outbound_cluster(n)}
-        assert not any(map(_is_placeholder, outbound.values()))
+        assert not any(map(is_placeholder, outbound.values()))
         real = {n for n, c in outbound.items() if c.get("type") != "ORIGINAL_DST"}
         assert real == {mesh.proxy.runtime.egress_cluster}
 
@@ -69,7 +69,7 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
 
         service, _ = mesh.tcp["tcp"]
         vip = (service.cluster_ip, service.ports[0].number)
-        name = _cluster(service)
+        name = service_cluster(service)
         tunnelled = mesh.egress.stat(EGRESS_REQUESTS)
         held = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
         try:
@@ -92,8 +92,8 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
         vip = (service.cluster_ip, service.ports[0].number)
         conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
         with conn:
-            assert await asyncio.to_thread(_greeting, conn) == b"220 ready\r\n"
-        await eventually(lambda: runs_istio_cluster(sidecar, _cluster(service)), timeout=10)
+            assert await asyncio.to_thread(greeting, conn) == b"220 ready\r\n"
+        await eventually(lambda: runs_istio_cluster(sidecar, service_cluster(service)), timeout=10)
 
         # A sniffed port with no HTTP listener of its own port: first contact is tunnelled at
         # L4 (the HTTP request is payload), and learned; then it goes direct through Istio's
@@ -105,7 +105,7 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
         reply = await asyncio.to_thread(request_via_sidecar, listen, vip, host, "127.0.0.2")
         assert reply.status == 200 and reply.json()["backend"] == "sniffed", reply.body
         assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1
-        await eventually(lambda: runs_istio_cluster(sidecar, _cluster(service)), timeout=10)
+        await eventually(lambda: runs_istio_cluster(sidecar, service_cluster(service)), timeout=10)
         await eventually(lambda: f"{vip[0]}_{vip[1]}" in _listeners(sidecar), timeout=10)
         reply = await asyncio.to_thread(request_via_sidecar, listen, vip, host, "127.0.0.2")
         assert reply.status == 200 and reply.json()["backend"] == "sniffed"
@@ -122,15 +122,15 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
         assert reply.status == 200 and reply.json()["backend"] == "sniffed-http-port", reply.body
         assert sidecar.stat(sidecar_http) == l7_before + 1, "HTTP at L7 on the sidecar"
         assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1
-        await eventually(lambda: runs_istio_cluster(sidecar, _cluster(service)), timeout=10)
+        await eventually(lambda: runs_istio_cluster(sidecar, service_cluster(service)), timeout=10)
         await eventually(lambda: f"{vip[0]}_{vip[1]}" in _listeners(sidecar), timeout=10)
 
         assert mesh.proxy.runtime.learns == 4
         assert sidecar.stat(IN_PLACE) == in_place, "a scope change updated a listener in place"
         for envoy in (sidecar, mesh.egress):
-            assert _rejected(envoy) == 0
+            assert rejected(envoy) == 0
             assert envoy.stat("cluster_manager.warming_clusters") == 0
             assert envoy.stat("listener_manager.total_listeners_warming") == 0
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
-        named = set().union(*(_named_clusters(body) for _, body in listeners.values()))
-        assert named and named <= set(_clusters(sidecar))
+        named = set().union(*(named_clusters(body) for _, body in listeners.values()))
+        assert named and named <= set(dumped_clusters(sidecar))

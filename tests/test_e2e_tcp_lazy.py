@@ -10,63 +10,30 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import (
+    DRAIN_SECONDS,
+    EGRESS_REQUESTS,
+    dumped_clusters,
+    greeting,
+    is_placeholder,
+    named_clusters,
+    rejected,
+    service_cluster,
+)
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.harness.http import connect_via_sidecar, echoes, request_via_sidecar
 from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
 from xdsproxy.harness.pki import Authority, trusting_client
 from xdsproxy.harness.stack import eventually
-from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
+from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER
 
 pytestmark = pytest.mark.envoy
 
-EGRESS_REQUESTS = "http.xdsproxy_lazy_egress.downstream_rq_total"
-DRAIN_SECONDS = 2
-REJECTED = (
-    "cluster_manager.cds.update_rejected",
-    "listener_manager.lds.update_rejected",
-)
-
-
-def _clusters(envoy) -> dict[str, dict]:
-    clusters = dynamic_config(envoy.config_dump(include_eds=False))["clusters"]
-    return {name: body for name, (_, body) in clusters.items()}
-
-
-def _is_placeholder(cluster: dict) -> bool:
-    endpoints = cluster.get("load_assignment", {}).get("endpoints", [])
-    return any(
-        "envoy_internal_address" in lb["endpoint"]["address"]
-        for group in endpoints
-        for lb in group.get("lb_endpoints", [])
-    )
-
 
 def _is_real(cluster: dict) -> bool:
     return cluster.get("type") == "EDS"
-
-
-def _cluster(service) -> str:
-    return cluster_name(ServicePort(service.fqdn, service.ports[0].number))
-
-
-def _greeting(conn: socket.socket) -> bytes:
-    return conn.recv(64)
-
-
-def _named_clusters(node: object) -> set[str]:
-    """Every `cluster` a piece of Envoy's config dump names (tcp_proxy, inline routes)."""
-    if isinstance(node, dict):
-        found = {node["cluster"]} if isinstance(node.get("cluster"), str) else set()
-        return found.union(*(_named_clusters(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_named_clusters(v) for v in node))
-    return set()
-
-
-def _rejected(envoy) -> int:
-    return sum(envoy.stat(name) for name in REJECTED)
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -81,25 +48,25 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
 
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
         assert TUNNEL_LISTENER in listeners
-        clusters = _clusters(sidecar)
+        clusters = dumped_clusters(sidecar)
         outbound = {n: c for n, c in clusters.items() if outbound_cluster(n)}
-        real = {n for n, c in outbound.items() if not _is_placeholder(c)}
+        real = {n for n, c in outbound.items() if not is_placeholder(c)}
         # Headless services (ORIGINAL_DST: only the caller knows the pod address) stay.
         headless = {n for n in real if outbound[n].get("type") == "ORIGINAL_DST"}
         assert headless, "the realistic profile has a headless TCP service"
         assert real - headless == {egress_cluster}, "before learning only the egress is real"
-        assert sum(map(_is_placeholder, outbound.values())) >= 10
+        assert sum(map(is_placeholder, outbound.values())) >= 10
 
         service, _ = mesh.tcp["tcp"]
         vip = (service.cluster_ip, service.ports[0].number)
-        name = _cluster(service)
+        name = service_cluster(service)
         tunnelled_before = mesh.egress.stat(EGRESS_REQUESTS)
         # A connection opened while the service is out of scope: through the tunnel.
         held = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
         try:
             assert await asyncio.to_thread(echoes, held)
             assert mesh.egress.stat(EGRESS_REQUESTS) == tunnelled_before + 1
-            await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+            await eventually(lambda: _is_real(dumped_clusters(sidecar)[name]), timeout=10)
             await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
             switched = time.monotonic()
 
@@ -120,30 +87,30 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         # A server-first service: the greeting arrives through the tunnel before any write.
         service, _ = mesh.tcp["server-first"]
         vip = (service.cluster_ip, service.ports[0].number)
-        name = _cluster(service)
+        name = service_cluster(service)
         conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
         with conn:
-            assert await asyncio.to_thread(_greeting, conn) == b"220 ready\r\n"
+            assert await asyncio.to_thread(greeting, conn) == b"220 ready\r\n"
             assert await asyncio.to_thread(echoes, conn)
-        await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+        await eventually(lambda: _is_real(dumped_clusters(sidecar)[name]), timeout=10)
         await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
         conn = await asyncio.to_thread(connect_via_sidecar, listen, vip, "127.0.0.2")
         with conn:
-            assert await asyncio.to_thread(_greeting, conn) == b"220 ready\r\n"
+            assert await asyncio.to_thread(greeting, conn) == b"220 ready\r\n"
         assert sidecar.stat(f"cluster.{name}.upstream_cx_total") >= 1
 
         # A sniffed port: HTTP keeps L7 through the table's catch-all, raw TCP tunnels.
         service, _ = mesh.tcp["sniffed"]
         port = service.ports[0].number
         vip = (service.cluster_ip, port)
-        name = _cluster(service)
+        name = service_cluster(service)
         before = mesh.egress.stat(EGRESS_REQUESTS)
         reply = await asyncio.to_thread(
             request_via_sidecar, listen, vip, f"{service.name}.{service.namespace}", "127.0.0.2"
         )
         assert reply.status == 200 and reply.json()["backend"] == "sniffed", reply.body
         assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1
-        await eventually(lambda: _is_real(_clusters(sidecar)[name]), timeout=10)
+        await eventually(lambda: _is_real(dumped_clusters(sidecar)[name]), timeout=10)
         await eventually(lambda: sidecar.stat(f"cluster.{name}.membership_healthy") >= 1)
         reply = await asyncio.to_thread(
             request_via_sidecar, listen, vip, f"{service.name}.{service.namespace}", "127.0.0.2"
@@ -157,13 +124,13 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         runtime = mesh.proxy.runtime
         assert runtime.learns == 3
         for envoy in (sidecar, mesh.egress):
-            assert _rejected(envoy) == 0
+            assert rejected(envoy) == 0
             assert envoy.stat("cluster_manager.warming_clusters") == 0
             assert envoy.stat("listener_manager.total_listeners_warming") == 0
         # Nothing dangling: every cluster a listener of the sidecar names, it holds.
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
-        named = set().union(*(_named_clusters(body) for _, body in listeners.values()))
-        assert named and named <= set(_clusters(sidecar))
+        named = set().union(*(named_clusters(body) for _, body in listeners.values()))
+        assert named and named <= set(dumped_clusters(sidecar))
 
 
 def _connect(egress_port: int, authority: str, port: int, tls: ssl.SSLContext | None) -> str:
@@ -205,7 +172,9 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp
         )
         with conn:
             assert await asyncio.to_thread(echoes, conn)
-        await eventually(lambda: _is_real(_clusters(sidecar)[_cluster(service)]), timeout=10)
+        await eventually(
+            lambda: _is_real(dumped_clusters(sidecar)[service_cluster(service)]), timeout=10
+        )
         assert mesh.proxy.runtime.learns == 1
 
         mesh_cert = mesh.mesh_ca.sds.workloads[identity.node_id]
@@ -253,9 +222,11 @@ async def test_a_sidecar_without_the_internal_listener_keeps_its_tcp_services(
         listen = identity.proxy_config["proxyListenPort"]
         service, _ = mesh.tcp["tcp"]
 
-        await eventually(lambda: _is_real(_clusters(sidecar)[_cluster(service)]), timeout=10)
-        clusters = _clusters(sidecar)
-        assert not any(map(_is_placeholder, clusters.values()))
+        await eventually(
+            lambda: _is_real(dumped_clusters(sidecar)[service_cluster(service)]), timeout=10
+        )
+        clusters = dumped_clusters(sidecar)
+        assert not any(map(is_placeholder, clusters.values()))
         listeners = dynamic_config(sidecar.config_dump(include_eds=False))["listeners"]
         assert TUNNEL_LISTENER not in listeners
         assert f"{service.cluster_ip}_{service.ports[0].number}" in listeners
@@ -280,4 +251,4 @@ async def test_a_sidecar_without_the_internal_listener_keeps_its_tcp_services(
         )
         await asyncio.sleep(1)
         assert sidecar.stat("listener_manager.lds.update_rejected") == nacks
-        assert not any(map(_is_placeholder, _clusters(sidecar).values()))
+        assert not any(map(is_placeholder, dumped_clusters(sidecar).values()))

@@ -6,7 +6,7 @@ import pytest
 from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from google.protobuf.any_pb2 import Any
 
-from tests.test_sim_istiod import _istio_node
+from tests.helpers import istio_node
 from tests.xds_messages import delta_request, sotw_request
 from xdsproxy.scope.egress import EgressSettings, EgressView
 from xdsproxy.scope.mesh import MeshTables
@@ -25,7 +25,7 @@ from xdsproxy.xds.sotw import SotwStream
 
 CDS, RDS, SRDS = typeurls.CLUSTER, typeurls.ROUTE, typeurls.SCOPED_ROUTE
 MESH = generate(20, tcp_every=0)
-NODE = _istio_node("istio-system")
+NODE = istio_node("istio-system")
 
 
 def _upstream(mesh=MESH) -> dict:

@@ -9,7 +9,7 @@ from envoy.config.listener.v3.listener_pb2 import Listener
 from google.protobuf.any_pb2 import Any
 from google.protobuf.json_format import MessageToDict
 
-from tests.test_scope_sidecar import SIM_UPSTREAM, _scope
+from tests.helpers import EGRESS, istio_node, scope_of, sim_upstream, upstreams
 from xdsproxy.harness.envoy import envoy_binary, grpc_cluster
 from xdsproxy.scope.egress import (
     EgressSettings,
@@ -81,10 +81,8 @@ def test_egress_listener_and_clusters_are_valid(tmp_path, mtls: bool) -> None:
 
 def test_sidecar_listeners_with_usage_logging_are_valid(tmp_path) -> None:
     settings = EgressSettings(als_host="127.0.0.1", als_port=15020)
-    view = SidecarView(
-        _scope(()), "outbound|80||lazy-egress.istio-system.svc.cluster.local", settings, 1.0
-    )
-    names, bodies = view.select(typeurls.LISTENER, SIM_UPSTREAM)
+    view = SidecarView(scope_of(()), EGRESS, settings, 1.0)
+    names, bodies = view.select(typeurls.LISTENER, sim_upstream())
     listeners = [
         _dict(b, Listener) for n, b in zip(names, bodies, strict=True) if n.startswith("0.0.0.0_")
     ]
@@ -95,12 +93,11 @@ def test_sidecar_listeners_with_usage_logging_are_valid(tmp_path) -> None:
 
 def test_realistic_profile_listeners_are_valid(tmp_path) -> None:
     """The simulator's sniffed and TCP `VIP_PORT` listeners, as real Envoy takes them."""
-    from tests.test_sim_istiod import _istio_node
     from xdsproxy.sim.istiod import Snapshot
     from xdsproxy.sim.mesh import generate
 
     snapshot = Snapshot(generate(20, profile="realistic"), "2026-11-22T10:00:00Z", None)
-    node = _istio_node("ns-0")
+    node = istio_node("ns-0")
     listeners = snapshot.resources(typeurls.LISTENER, node)
     clusters = snapshot.resources(typeurls.CLUSTER, node)
     vip = [_dict(b, Listener) for n, b in listeners.items() if n.startswith("10.")]
@@ -113,12 +110,11 @@ def test_realistic_profile_listeners_are_valid(tmp_path) -> None:
 def test_compact_mesh_chains_are_valid(tmp_path) -> None:
     """A compact sidecar's `virtualOutbound` and `0.0.0.0_PORT` HTTP listeners with the
     mesh-range chains (on the realistic profile), as real Envoy takes them."""
-    from tests.test_scope_tunnel import UPSTREAMS
     from xdsproxy.scope.compact import MESH_CHAIN, MESH_HTTP_CHAIN, CompactMode, MeshRanges
 
-    upstream = UPSTREAMS["simulator, realistic profile"]
+    upstream = upstreams()["simulator, realistic profile"]
     egress = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
-    view = SidecarView(_scope(()), egress, compact=CompactMode(MeshRanges(), sniffed=True))
+    view = SidecarView(scope_of(()), egress, compact=CompactMode(MeshRanges(), sniffed=True))
     names, bodies = view.select(typeurls.LISTENER, upstream)
     chosen = [
         _dict(b, Listener)

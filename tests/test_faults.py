@@ -11,8 +11,7 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
-from tests.test_debug import _get
-from tests.test_serve_process import _server_credentials, pki  # noqa: F401 (fixture)
+from tests.helpers import get_json
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
 from xdsproxy.harness.dump import dynamic_config
@@ -76,7 +75,7 @@ async def test_upstream_dying_during_a_60mb_push_leaves_envoy_config_and_proxy_a
             await eventually(lambda: len(proxy.proxy.sessions) == 0, timeout=10)
             assert len(dynamic_config(envoy.config_dump())["clusters"]) == 3
             assert envoy.process.poll() is None
-            code, _ = await asyncio.to_thread(_get, proxy.debug.port, "/healthz")
+            code, _ = await asyncio.to_thread(get_json, proxy.debug.port, "/healthz")
             assert code == 200
 
 
@@ -95,7 +94,7 @@ async def test_slow_upstream_delays_only_its_stream() -> None:
             client = AdsClient(proxy.port)
             await client.send(sotw_request(with_node=True))
             started = time.monotonic()
-            code, _ = await asyncio.to_thread(_get, proxy.debug.port, "/healthz")
+            code, _ = await asyncio.to_thread(get_json, proxy.debug.port, "/healthz")
             assert code == 200 and time.monotonic() - started < 2.0, "the loop was blocked"
             response = await client.recv(timeout=10)
             assert b"c-1" in response
@@ -175,7 +174,7 @@ async def test_egress_down_fails_fast_with_503() -> None:
 
 
 @pytest.mark.parametrize(("version", "accepted"), [("-tls1_1", False), ("-tls1_2", True)])
-async def test_tls_below_1_2_is_refused(pki, version: str, accepted: bool) -> None:  # noqa: F811
+async def test_tls_below_1_2_is_refused(pki, version: str, accepted: bool) -> None:
     async with running_proxy(free_port(), cert=pki["cert"], key=pki["key"]) as proxy:
         result = await asyncio.to_thread(
             subprocess.run,

@@ -8,6 +8,9 @@ import pytest
 from tests.istio_fixtures import FIXTURES
 from xdsproxy.harness.envoy import ISTIO_STATS_INCLUSION, SidecarIdentity, bootstrap, envoy_binary
 
+# Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
+pytestmark = pytest.mark.process
+
 
 def _bootstrap(dump: str) -> dict:
     configs = json.loads((FIXTURES / dump).read_text())["configs"]

@@ -5,8 +5,13 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
+
 from xdsproxy.harness.stack import running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
+
+# Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
+pytestmark = pytest.mark.process
 
 
 async def _line(process: subprocess.Popen[str], prefix: str) -> str:

@@ -11,6 +11,9 @@ import pytest
 
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
 
+# Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
+pytestmark = pytest.mark.process
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -75,6 +75,10 @@ async def test_restarts_of_xdsproxy_and_istiod_remove_no_cluster(
                     await eventually(
                         lambda: envoy.stat(f"cluster.{clusters[0]}.membership_healthy") > 0
                     )
+                    # Envoy adds listeners after the clusters they name: wait for both the
+                    # service's listener and virtualOutbound, which hands it the connection.
+                    for listener in ("10.97.1.1_3306", "virtualOutbound"):
+                        await eventually(lambda n=listener: envoy.active_listener(n) is not None)
                     conn = await asyncio.to_thread(connect_via_sidecar, listen, ("10.97.1.1", 3306))
                     assert await asyncio.to_thread(echoes, conn)
 

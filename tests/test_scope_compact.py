@@ -9,7 +9,7 @@ import pytest
 from envoy.config.listener.v3.listener_pb2 import Listener
 from google.protobuf.any_pb2 import Any
 
-from tests.test_scope_tunnel import APP, APP_IP, EGRESS, UPSTREAMS, _Directory, _is_placeholder
+from tests.helpers import APP, APP_IP, EGRESS, Directory, is_placeholder_body, upstreams
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.scope.compact import (
@@ -62,9 +62,9 @@ def _view(scope: Scope, ranges: MeshRanges) -> SidecarView:
     return SidecarView(scope, EGRESS, tunnel=True, compact=CompactMode(ranges, sniffed=True))
 
 
-@pytest.mark.parametrize("name", sorted(UPSTREAMS))
+@pytest.mark.parametrize("name", sorted(upstreams()))
 def test_before_learning_no_listener_or_cluster_of_an_out_of_scope_service(name: str) -> None:
-    upstream = UPSTREAMS[name]
+    upstream = upstreams()[name]
     ranges = MeshRanges()
     view = _view(Scope(APP), ranges)
     cluster_names, _ = view.select(CDS, upstream)
@@ -95,9 +95,9 @@ def test_before_learning_no_listener_or_cluster_of_an_out_of_scope_service(name:
             assert listener_name in listener_names
 
 
-@pytest.mark.parametrize("name", sorted(UPSTREAMS))
+@pytest.mark.parametrize("name", sorted(upstreams()))
 def test_one_connect_to_a_vip_brings_back_istios_listener_and_cluster(name: str) -> None:
-    upstream = UPSTREAMS[name]
+    upstream = upstreams()[name]
     scope = Scope(APP)
     view = _view(scope, MeshRanges())
     before = dict(zip(*view.select(LDS, upstream), strict=True))
@@ -112,7 +112,7 @@ def test_one_connect_to_a_vip_brings_back_istios_listener_and_cluster(name: str)
         authority=f"{refs.address}:{refs.port}",
         original_port=str(refs.port),
     )
-    outcome = attribute(entry, _Directory(), lambda s: True)
+    outcome = attribute(entry, Directory(), lambda s: True)
     assert outcome == Learned(APP, service)
     scope.learn(service, 1.0)
 
@@ -127,7 +127,7 @@ def test_one_connect_to_a_vip_brings_back_istios_listener_and_cluster(name: str)
 
 
 def test_configured_ranges_win_and_never_change() -> None:
-    upstream = UPSTREAMS["simulator, realistic profile"]
+    upstream = upstreams()["simulator, realistic profile"]
     ranges = MeshRanges(["10.96.0.0/12"])
     view = _view(Scope(APP), ranges)
     view.select(LDS, upstream)
@@ -140,14 +140,14 @@ def test_configured_ranges_win_and_never_change() -> None:
 
 
 def test_a_vip_outside_the_ranges_keeps_its_listener_and_a_placeholder() -> None:
-    upstream = UPSTREAMS["simulator, realistic profile"]
+    upstream = upstreams()["simulator, realistic profile"]
     view = _view(Scope(APP), MeshRanges(["10.200.0.0/16"]))
     listener_names, _ = view.select(LDS, upstream)
     assert set(_service_listeners(upstream)) <= set(listener_names)
 
 
 def test_compact_for_tcp_only_keeps_sniffed_listeners_with_placeholders() -> None:
-    upstream = UPSTREAMS["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"]
+    upstream = upstreams()["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"]
     view = SidecarView(Scope(APP), EGRESS, tunnel=True, compact=CompactMode(MeshRanges()))
     listener_names, _ = view.select(LDS, upstream)
     clusters = dict(zip(*view.select(CDS, upstream), strict=True))
@@ -157,7 +157,7 @@ def test_compact_for_tcp_only_keeps_sniffed_listeners_with_placeholders() -> Non
         if refs.route_tables:
             sniffed += 1
             assert name in listener_names
-            assert all(_is_placeholder(c, clusters[c]) for c in refs.tcp_clusters)
+            assert all(is_placeholder_body(c, clusters[c]) for c in refs.tcp_clusters)
         else:
             tcp += 1
             assert name not in listener_names
@@ -203,7 +203,7 @@ SNIFFED_WITH_PORT_LISTENER = {
 
 @pytest.mark.parametrize("name", sorted(SNIFFED_WITH_PORT_LISTENER))
 def test_first_contact_http_keeps_l7_only_where_the_port_has_an_http_listener(name: str) -> None:
-    upstream = UPSTREAMS[name]
+    upstream = upstreams()[name]
     view = SidecarView(Scope(APP), EGRESS, compact=CompactMode(MeshRanges(), sniffed=True))
     listener_names, listeners = view.select(LDS, upstream)
     paired_ports = {

@@ -6,38 +6,21 @@ from google.protobuf.any_pb2 import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import EGRESS, scope_of, sim_upstream, upstream_from_dump, upstream_of
 from tests.istio_fixtures import dump_files, load_dump
-from tests.test_sim_istiod import _istio_node
 from xdsproxy.istio.names import ServicePort, outbound_cluster
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import EGRESS_VHOST, LAZY_HEADERS, route_clusters
 from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
-from xdsproxy.sim.istiod import Snapshot
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire import typeurls
 
 CDS, LDS, RDS = typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE
-EGRESS = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
-
-_SNAPSHOT = Snapshot(generate(300), "2026-11-22T10:00:00Z", None)
-_NODE = _istio_node("ns-0")
-SIM_UPSTREAM = {
-    t: tuple(zip(*_SNAPSHOT.resources(t, _NODE).items(), strict=True)) for t in (CDS, LDS, RDS)
-}
+SIM_UPSTREAM = sim_upstream()
 SIM_SERVICES = sorted({p[0] for n in SIM_UPSTREAM[CDS][0] if (p := outbound_cluster(n))})
 
 DUMPS = {path.name: load_dump(path) for path in dump_files()}
-
-
-def _upstream_from_dump(dump) -> dict:
-    return {
-        t: (
-            tuple(n for n, _ in dump.resources.get(t, [])),
-            tuple(b for _, b in dump.resources.get(t, [])),
-        )
-        for t in (CDS, LDS, RDS)
-    }
 
 
 def _table(body: bytes) -> RouteConfiguration:
@@ -67,17 +50,10 @@ def assert_consistent(view: SidecarView, upstream: dict) -> dict:
     return {"clusters": clusters, "routes": routes, "listeners": listeners}
 
 
-def _scope(services) -> Scope:
-    scope = Scope(WorkloadKey("ns-0", "app"))
-    for service in services:
-        scope.learn(service, 1.0)
-    return scope
-
-
 @settings(max_examples=30, deadline=None)
 @given(st.sets(st.sampled_from(SIM_SERVICES), max_size=12))
 def test_consistency_on_the_simulator_mesh(services) -> None:
-    view = SidecarView(_scope(services), EGRESS)
+    view = SidecarView(scope_of(services), EGRESS)
     pushed = assert_consistent(view, SIM_UPSTREAM)
     for name in SIM_UPSTREAM[CDS][0]:
         parsed = outbound_cluster(name)
@@ -90,16 +66,16 @@ def test_consistency_on_every_real_dump_with_random_scopes() -> None:
 
     rng = random.Random(7)
     for name, dump in DUMPS.items():
-        upstream = _upstream_from_dump(dump)
+        upstream = upstream_from_dump(dump)
         services = sorted({p[0] for n in upstream[CDS][0] if (p := outbound_cluster(n))})
         for size in (0, 1, 5, len(services)):
             chosen = rng.sample(services, min(size, len(services)))
-            pushed = assert_consistent(SidecarView(_scope(chosen), EGRESS), upstream)
+            pushed = assert_consistent(SidecarView(scope_of(chosen), EGRESS), upstream)
             assert len(pushed["clusters"]) <= len(upstream[CDS][0]), name
 
 
 def test_empty_scope_keeps_only_what_is_always_kept_and_tcp() -> None:
-    view = SidecarView(_scope(()), EGRESS)
+    view = SidecarView(scope_of(()), EGRESS)
     kept = set(view.select(CDS, SIM_UPSTREAM)[0])
     outbound = {n for n in kept if n.startswith("outbound|")}
     tcp = {n for n in outbound if n.startswith("outbound|3306|")}
@@ -113,7 +89,7 @@ def test_empty_scope_keeps_only_what_is_always_kept_and_tcp() -> None:
 
 
 def test_kept_resources_are_the_exact_upstream_bytes() -> None:
-    view = SidecarView(_scope(SIM_SERVICES[:5]), EGRESS)
+    view = SidecarView(scope_of(SIM_SERVICES[:5]), EGRESS)
     names, bodies = view.select(CDS, SIM_UPSTREAM)
     upstream = dict(zip(*SIM_UPSTREAM[CDS], strict=True))
     assert all(upstream[n] is b for n, b in zip(names, bodies, strict=True))
@@ -122,7 +98,7 @@ def test_kept_resources_are_the_exact_upstream_bytes() -> None:
 
 def test_route_tables_end_with_the_egress_and_strip_forged_headers() -> None:
     a = ServicePort("svc-0.ns-0.svc.cluster.local", 80)
-    view = SidecarView(_scope([a]), EGRESS)
+    view = SidecarView(scope_of([a]), EGRESS)
     names, bodies = view.select(RDS, SIM_UPSTREAM)
     table = _table(bodies[names.index("80")])
     assert [v.name for v in table.virtual_hosts] == [
@@ -146,8 +122,8 @@ def test_route_tables_end_with_the_egress_and_strip_forged_headers() -> None:
     assert table.most_specific_header_mutations_wins
 
 
-def test_static_patterns_widen_the_scope() -> None:
-    scope = _scope(())
+def test_static_patterns_widen_thescope_of() -> None:
+    scope = scope_of(())
     scope.set_static((HostPattern.parse("ns-1/*"),))
     kept = set(SidecarView(scope, EGRESS).select(CDS, SIM_UPSTREAM)[0])
     assert any(".ns-1.svc" in n for n in kept if not n.startswith("outbound|3306|"))
@@ -172,7 +148,7 @@ def test_usage_logging_adds_a_sampled_logger_to_outbound_http_listeners_only() -
 
     from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings
 
-    view = SidecarView(_scope(()), EGRESS, EgressSettings(als_host="10.0.0.9"), 2.5)
+    view = SidecarView(scope_of(()), EGRESS, EgressSettings(als_host="10.0.0.9"), 2.5)
     assert ALS_CLUSTER in view.select(CDS, SIM_UPSTREAM)[0]
     names, bodies = view.select(LDS, SIM_UPSTREAM)
     upstream = dict(zip(*SIM_UPSTREAM[LDS], strict=True))
@@ -234,7 +210,7 @@ def _assert_learned_services_route_downstream(upstream: dict) -> int:
         name: _routed_services(_table(body)) for name, body in zip(names, bodies, strict=True)
     }
     for service in sorted(set().union(*routed.values())):
-        view = SidecarView(_scope([service]), EGRESS)
+        view = SidecarView(scope_of([service]), EGRESS)
         pushed = dict(zip(*view.select(RDS, upstream), strict=True))
         for name, services in routed.items():
             table = _table(pushed[name])
@@ -249,31 +225,28 @@ def _assert_learned_services_route_downstream(upstream: dict) -> int:
 def test_every_real_table_routes_a_learned_service_downstream() -> None:
     per_service_tables = 0
     for name, dump in DUMPS.items():
-        upstream = _upstream_from_dump(dump)
+        upstream = upstream_from_dump(dump)
         assert _assert_learned_services_route_downstream(upstream), name
         per_service_tables += sum(":" in n for n in upstream[RDS][0])
     assert per_service_tables > 50  # Istio's `FQDN:PORT` tables are among them
 
 
 def test_a_per_service_table_goes_to_the_egress_until_its_service_is_learned() -> None:
-    upstream = _upstream_from_dump(DUMPS["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"])
+    upstream = upstream_from_dump(DUMPS["istio-1.18.2_sidecar_geo_with-eds_deathstarbench.json"])
     table_name = "compose-post-service.social-network.svc.cluster.local:9090"
     service = ServicePort("compose-post-service.social-network.svc.cluster.local", 9090)
-    outside = dict(zip(*SidecarView(_scope(()), EGRESS).select(RDS, upstream), strict=True))
+    outside = dict(zip(*SidecarView(scope_of(()), EGRESS).select(RDS, upstream), strict=True))
     assert [v.name for v in _table(outside[table_name]).virtual_hosts] == [EGRESS_VHOST]
-    inside = dict(zip(*SidecarView(_scope([service]), EGRESS).select(RDS, upstream), strict=True))
+    inside = dict(zip(*SidecarView(scope_of([service]), EGRESS).select(RDS, upstream), strict=True))
     [vhost] = _table(inside[table_name]).virtual_hosts
     assert vhost.name == table_name and list(vhost.domains) == ["*"]
 
 
 def test_the_simulator_emits_per_service_tables_that_route_downstream_once_learned() -> None:
-    snapshot = Snapshot(generate(60, profile="realistic"), "2026-11-22T10:00:00Z", None)
-    upstream = {
-        t: tuple(zip(*snapshot.resources(t, _NODE).items(), strict=True)) for t in (CDS, LDS, RDS)
-    }
+    upstream = upstream_of(generate(60, profile="realistic"))
     sniffed = [n for n in upstream[RDS][0] if ":" in n]
     assert len(sniffed) >= 30, "the simulator emits too few per-service (sniffed) route tables"
     assert _assert_learned_services_route_downstream(upstream)
     for size in (0, 3, 20):
         chosen = sorted({p[0] for n in upstream[CDS][0] if (p := outbound_cluster(n))})[:size]
-        assert_consistent(SidecarView(_scope(chosen), EGRESS), upstream)
+        assert_consistent(SidecarView(scope_of(chosen), EGRESS), upstream)

@@ -4,36 +4,29 @@ back Istio's exact cluster. Pure: no Envoy (tests/test_e2e_tcp_lazy.py runs the 
 
 import pytest
 
+from tests.helpers import (
+    APP,
+    APP_IP,
+    EGRESS,
+    Directory,
+    is_placeholder_body,
+    upstream_from_dump,
+    upstreams,
+)
 from tests.istio_fixtures import dump_files, load_dump
-from tests.test_scope_sidecar import EGRESS, _upstream_from_dump
-from tests.test_sim_istiod import _istio_node
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.scope.listeners import listener_refs
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar import SidecarView
-from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, supports_tunnel
-from xdsproxy.sim.istiod import Snapshot
-from xdsproxy.sim.mesh import generate
+from xdsproxy.scope.tunnel import TUNNEL_LISTENER, supports_tunnel
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
 
 CDS, LDS, RDS = typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE
-APP = WorkloadKey("ns-0", "app")
-APP_IP = "10.1.0.5"
 
 
-def _realistic_upstream() -> dict:
-    snapshot = Snapshot(generate(200, profile="realistic"), "2026-11-22T10:00:00Z", None)
-    node = _istio_node("ns-0")
-    return {
-        t: tuple(zip(*snapshot.resources(t, node).items(), strict=True)) for t in (CDS, LDS, RDS)
-    }
-
-
-UPSTREAMS = {path.name: _upstream_from_dump(load_dump(path)) for path in dump_files()} | {
-    "simulator, realistic profile": _realistic_upstream()
-}
+UPSTREAMS = upstreams()
 # Out-of-scope service clusters that stay without the tunnel (the issue's own count on the
 # dumps, measured on 7c24e76): all go with it.
 WITHOUT_TUNNEL = {
@@ -50,19 +43,6 @@ HEADLESS = {
     "istio-1.22.3_sidecar_app1_multiparty-lb.json": 1,
     "simulator, realistic profile": 1,
 }
-
-
-def _is_placeholder(name: str, body: bytes) -> bool:
-    parsed = outbound_cluster(name)
-    return parsed is not None and body == placeholder_cluster(name, parsed[0])
-
-
-class _Directory:
-    def workloads_at(self, ip: str) -> frozenset[WorkloadKey]:
-        return frozenset({APP}) if ip == APP_IP else frozenset()
-
-    def service_accounts(self, workload: WorkloadKey) -> frozenset[str]:
-        return frozenset()
 
 
 def _connect_entry(cluster: str) -> AccessRecord:
@@ -87,7 +67,7 @@ def test_before_learning_only_placeholders_and_the_egress_remain(name: str) -> N
     view = SidecarView(Scope(APP), EGRESS, tunnel=True)
     names, bodies = view.select(CDS, upstream)
     outbound = {n: b for n, b in zip(names, bodies, strict=True) if outbound_cluster(n)}
-    real = {n for n, b in outbound.items() if not _is_placeholder(n, b)}
+    real = {n for n, b in outbound.items() if not is_placeholder_body(n, b)}
     # Only headless services stay: their ORIGINAL_DST cluster connects to the pod address
     # the caller dialled, which the egress cannot know.
     assert all(is_original_dst(outbound[n]) for n in real), f"kept before learning: {real}"
@@ -112,10 +92,10 @@ def test_one_connect_entry_brings_back_istios_exact_cluster(name: str) -> None:
     scope = Scope(APP)
     view = SidecarView(scope, EGRESS, tunnel=True)
     names, bodies = view.select(CDS, upstream)
-    target = next(n for n, b in zip(names, bodies, strict=True) if _is_placeholder(n, b))
+    target = next(n for n, b in zip(names, bodies, strict=True) if is_placeholder_body(n, b))
     service = outbound_cluster(target)[0]
 
-    outcome = attribute(_connect_entry(target), _Directory(), lambda s: True)
+    outcome = attribute(_connect_entry(target), Directory(), lambda s: True)
     assert outcome == Learned(APP, service)
     scope.learn(outcome.service, 1.0)
 
@@ -125,7 +105,7 @@ def test_one_connect_entry_brings_back_istios_exact_cluster(name: str) -> None:
     for cluster, body in after.items():
         parsed = outbound_cluster(cluster)
         if parsed and parsed[0] != service:
-            assert _is_placeholder(cluster, body) or is_original_dst(body), cluster
+            assert is_placeholder_body(cluster, body) or is_original_dst(body), cluster
     assert set(after) == set(names), "the same names: only the body of one changed"
 
 
@@ -133,7 +113,7 @@ def test_istio_before_1_18_keeps_tcp_clusters_as_istio_sent_them() -> None:
     name = "istio-1.9.1_sidecar_productpage_slime-lazyload.json"
     dump = load_dump(next(p for p in dump_files() if p.name == name))
     assert supports_tunnel(dump.node["metadata"]["ISTIO_VERSION"]) is False
-    upstream = _upstream_from_dump(dump)
+    upstream = upstream_from_dump(dump)
     view = SidecarView(Scope(APP), EGRESS, tunnel=False)
     names, bodies = view.select(CDS, upstream)
     istio = dict(zip(*upstream[CDS], strict=True))

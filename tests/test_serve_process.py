@@ -6,11 +6,11 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.helpers import server_credentials
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
 from xdsproxy.harness.pki import Authority
@@ -18,24 +18,13 @@ from xdsproxy.harness.stack import eventually, running_proxy, running_sim
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire.codec import decode_sotw_response
 
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    """A mesh root and a serving certificate for Istiod's name and 127.0.0.1."""
-    authority = Authority(tmp_path_factory.mktemp("pki"))
-    serving = authority.issue(
-        "istiod", ["DNS:istiod.istio-system.svc", "DNS:xdsproxy.istio-system.svc", "IP:127.0.0.1"]
-    )
-    return {"ca": authority.cert, "cert": serving.cert, "key": serving.key}
-
-
-def _server_credentials(pki: dict[str, Path]) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials([(pki["key"].read_bytes(), pki["cert"].read_bytes())])
+# Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
+pytestmark = pytest.mark.process
 
 
 async def test_tls_downstream_and_upstream_without_client_certificate(pki) -> None:
     upstream = RecordingUpstream(lambda data: [])
-    await upstream.start(_server_credentials(pki))
+    await upstream.start(server_credentials(pki))
     try:
         async with running_proxy(
             upstream.port,
@@ -73,7 +62,7 @@ async def test_tls_downstream_and_upstream_without_client_certificate(pki) -> No
 
 async def test_wrong_upstream_name_fails_the_stream_not_the_process(pki) -> None:
     upstream = RecordingUpstream(lambda data: [])
-    await upstream.start(_server_credentials(pki))
+    await upstream.start(server_credentials(pki))
     try:
         async with running_proxy(
             upstream.port, upstream_ca=pki["ca"], upstream_sni="someone-else.example"

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient
@@ -18,6 +19,9 @@ from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import running_sim
 from xdsproxy.sim.mesh import Endpoint, generate
 from xdsproxy.sim.server import SimServer
+
+# Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
+pytestmark = pytest.mark.process
 
 CLIENTS = 30  # per load generator; one SotW, one Delta
 

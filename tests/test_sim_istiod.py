@@ -7,7 +7,8 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from google.protobuf.any_pb2 import Any
 
-from tests.xds_messages import delta_request, node, sotw_request
+from tests.helpers import istio_node
+from tests.xds_messages import delta_request, sotw_request
 from xdsproxy.sim.istiod import DeltaConnection, IstiodError, Snapshot, SotwConnection
 from xdsproxy.sim.mesh import Endpoint, cluster_name, generate
 from xdsproxy.wire import typeurls
@@ -110,8 +111,8 @@ def test_push_order_is_cds_eds_lds_rds() -> None:
 
 def test_routes_depend_on_the_node_namespace() -> None:
     snap = snapshot()
-    mine = snap.resources(RDS, _istio_node("ns-0"))
-    theirs = snap.resources(RDS, _istio_node("ns-1"))
+    mine = snap.resources(RDS, istio_node("ns-0"))
+    theirs = snap.resources(RDS, istio_node("ns-1"))
     table = RouteConfiguration()
     Any.FromString(mine["8080"]).Unpack(table)
     vhost = next(v for v in table.virtual_hosts if v.name.startswith("svc-4.ns-0"))
@@ -124,7 +125,7 @@ def test_routes_depend_on_the_node_namespace() -> None:
 
 def test_registry_only_ends_with_block_all() -> None:
     table = RouteConfiguration()
-    Any.FromString(snapshot(registry_only=True).resources(RDS, _istio_node("ns-0"))["80"]).Unpack(
+    Any.FromString(snapshot(registry_only=True).resources(RDS, istio_node("ns-0"))["80"]).Unpack(
         table
     )
     assert table.virtual_hosts[-1].name == "block_all"
@@ -133,7 +134,7 @@ def test_registry_only_ends_with_block_all() -> None:
 
 def test_mesh_has_every_cluster_type_istio_emits() -> None:
     types = set()
-    for body in snapshot().resources(CDS, _istio_node("ns-0")).values():
+    for body in snapshot().resources(CDS, istio_node("ns-0")).values():
         cluster = Cluster()
         Any.FromString(body).Unpack(cluster)
         types.add(Cluster.DiscoveryType.Name(cluster.type))
@@ -143,9 +144,9 @@ def test_mesh_has_every_cluster_type_istio_emits() -> None:
 def test_weighted_route_references_subset_clusters() -> None:
     snap = snapshot()
     table = RouteConfiguration()
-    clusters = set(snap.resources(CDS, _istio_node("ns-0")))
+    clusters = set(snap.resources(CDS, istio_node("ns-0")))
     weighted = 0
-    for body in snap.resources(RDS, _istio_node("ns-0")).values():
+    for body in snap.resources(RDS, istio_node("ns-0")).values():
         Any.FromString(body).Unpack(table)
         for vhost in table.virtual_hosts:
             for entry in vhost.routes[0].route.weighted_clusters.clusters:
@@ -208,14 +209,6 @@ def test_responses_are_spliced_exactly_as_an_encoder_would_write_them() -> None:
     [raw] = delta.receive(delta_request(with_node=True, initial={"gone": ""}))
     d = decode_delta_response(raw)
     assert raw == encode_delta_response(d.system_version, d.type_url, d.nonce, d.bodies, d.removed)
-
-
-def _istio_node(namespace: str):
-    from xdsproxy.istio.node import parse_node
-
-    n = node(f"sidecar~10.0.0.1~app-0.{namespace}~{namespace}.svc.cluster.local")
-    n.metadata.update({"NAMESPACE": namespace})
-    return parse_node(n)
 
 
 def _eds_watch(connection, delta: bool, names: tuple[str, ...]) -> None:
@@ -357,7 +350,7 @@ def test_realistic_profile_emits_the_listener_shapes_of_the_real_dump() -> None:
     ]
     real_shapes = [_listener_shape(x) for x in real if not x["name"].startswith("virtual")]
     emitted = Snapshot(generate(40, profile="realistic"), "v", None).resources(
-        typeurls.LISTENER, _istio_node("ns-0")
+        typeurls.LISTENER, istio_node("ns-0")
     )
     shapes = []
     for name, body in emitted.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.test_debug import _get
+from tests.helpers import get_json
 from tests.xds_messages import sotw_request
 from xdsproxy.harness.ads import AdsClient
 from xdsproxy.harness.pki import Authority
@@ -72,6 +72,7 @@ async def test_a_renewed_serving_certificate_is_served_without_dropping_streams(
             await client.close()
 
 
+@pytest.mark.slow
 async def test_an_istiod_certificate_that_does_not_verify_is_named_in_readyz(tmp_path) -> None:
     ca, cert, key = _issue(tmp_path / "pki", "root")
     from xdsproxy.harness.ads import RecordingUpstream
@@ -87,7 +88,7 @@ async def test_an_istiod_certificate_that_does_not_verify_is_named_in_readyz(tmp
         ) as proxy:
             _, report = await eventually(
                 lambda: (
-                    (r := _get(proxy.debug.port, "/readyz"))[0] == 503
+                    (r := get_json(proxy.debug.port, "/readyz"))[0] == 503
                     and "does not verify" in r[1]["checks"]["upstream"]
                     and r
                 ),

@@ -15,6 +15,7 @@ from xdsproxy.sim.mesh import Endpoint, Port, Service, generate
 CLIENTS, ROUNDS = 40, 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_concurrent_pushes_and_self_acks_end_no_lazy_stream(delta: bool) -> None:
     mesh = generate(60)

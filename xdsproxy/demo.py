@@ -11,6 +11,7 @@ the two sidecars and writes a PNG plot.
 """
 
 import asyncio
+import signal
 import statistics
 import sys
 from contextlib import AsyncExitStack
@@ -194,8 +195,23 @@ async def _demo(services: int, calls: int, output: Path, keep_running: bool = Fa
         if keep_running:
             vip = (mesh.services[spare.host].cluster_ip, spare.port)
             print(_try_these(proxy.admin.port, targets[0], spare, vip, listen), flush=True)
-            await asyncio.Event().wait()  # until Ctrl-C cancels it; the stack stops everything
+            return 128 + await _stopped()  # the stack stops everything on the way out
     return 0
+
+
+async def _stopped() -> int:
+    """Wait for Ctrl-C or SIGTERM; the signal's number. Handled here rather than by
+    asyncio.run's KeyboardInterrupt, which a shell's background job (SIGINT ignored) never
+    gets."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda s=signum: got.done() or got.set_result(s))
+    try:
+        return await got
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 def _try_these(
