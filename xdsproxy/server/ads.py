@@ -68,6 +68,7 @@ class Session:
     # (payload, type label, when the Istiod response it answers arrived; None for local pushes)
     outbox: asyncio.Queue[tuple[bytes, str, float | None]] = field(default_factory=asyncio.Queue)
     upstream_received: float | None = None  # set while an Istiod response is being applied
+    # One writer per upstream call (docs/protocol.md R19): both readers queue here.
     upstream_outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
@@ -93,19 +94,20 @@ class Session:
 # How long a listener or route table may wait for the clusters it names to warm (their EDS
 # answered and ACKed) before it is pushed anyway: an answer that never comes must not hold a
 # sidecar's routes back for ever (Envoy then warms, or 503s, as without xdsproxy).
-WARM_WAIT_SECONDS = 5.0
+WARM_WAIT_SECONDS = 5.0  # docs/protocol.md R13
 
 
 @dataclass
 class Limits:
     max_pending_bytes: int = 128 * 1024 * 1024
-    # Backpressure: while more than this waits for a sidecar, its upstream stream is not read,
-    # so Istiod's flow control (and its push throttle) sees a slow Envoy as it would without
-    # xdsproxy, and each stream holds at most about one response. Otherwise a full push to
-    # many slow readers would sit in xdsproxy's memory all at once.
+    # Backpressure (docs/protocol.md R25): while more than this waits for a sidecar, its
+    # upstream stream is not read, so Istiod's flow control (and its push throttle) sees a slow
+    # Envoy as it would without xdsproxy, and each stream holds at most about one response.
+    # Otherwise a full push to many slow readers would sit in xdsproxy's memory all at once.
     pause_upstream_bytes: int = 1024 * 1024
     # gRPC accepts a stream's status only after the message it is sending has gone out: how
-    # long an ended stream waits for a slow reader to take it, so the status can follow.
+    # long an ended stream waits for a slow reader to take it, so the status can follow
+    # (docs/protocol.md R26).
     final_write_seconds: float = 10.0
 
 

@@ -166,8 +166,9 @@ class LazyRuntime:
         except NodeIdError:
             return PASS_THROUGH  # Istiod judges it; nothing to scope by
         if istio.proxy_type != "sidecar":
-            # A gateway (`router~`) routes what its Gateway and VirtualServices bind, not what
-            # a workload calls: scoping it would replace its vhosts, and nothing would learn.
+            # docs/protocol.md R18. A gateway (`router~`) routes what its Gateway and
+            # VirtualServices bind, not what a workload calls: scoping it would replace its
+            # vhosts, and nothing would learn.
             return PASS_THROUGH
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)

@@ -14,7 +14,7 @@ EXTENSION_CONFIG: Final = _PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
 NAME_TABLE: Final = _PREFIX + "istio.networking.nds.v1.NameTable"
 
 # Every type here keeps its resource name in field 1 (string), which lets the wire layer read
-# names without decoding the resource.
+# names without decoding the resource; any other type passes untouched (docs/protocol.md R24).
 NAMED_TYPES: Final = frozenset(
     {CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, EXTENSION_CONFIG}
 )
@@ -22,7 +22,7 @@ NAMED_TYPES: Final = frozenset(
 # Types whose empty first request subscribes to nothing, by the xDS spec. Every other type,
 # Istio's own (NDS, ProxyConfig, ...) included, takes an empty first request as a wildcard
 # subscription: Istiod's rule (pilot/pkg/xds, IsWildcardTypeURL), which its agent relies on
-# when it asks NDS and PCDS with empty requests.
+# when it asks NDS and PCDS with empty requests (docs/protocol.md R16).
 NOT_WILDCARD_TYPES: Final = frozenset({SECRET, ENDPOINT, ROUTE, EXTENSION_CONFIG})
 
 

@@ -171,10 +171,13 @@ class DeltaStream(ordering.BoundedWait):
                     events += self._push(type_url, state, upstream_nonce=None)
             return events
         if not nonce or not answered_here(nonce, state.covering_nonce):
+            # Every answer to a relayed response goes up; Istiod judges staleness
+            # (docs/protocol.md R8).
             events.append(SendUpstream(data))
         elif request.resource_names_subscribe or request.resource_names_unsubscribe:
             # The answer to a local response stays here, but a subscription change riding on
-            # it is Istiod's business: forward it as a plain subscription request.
+            # it is Istiod's business: forward it as a plain subscription request
+            # (docs/protocol.md R3, R6).
             request.response_nonce = ""
             request.ClearField("error_detail")
             events.append(SendUpstream(request.SerializeToString()))
@@ -241,8 +244,9 @@ class DeltaStream(ordering.BoundedWait):
                 state.acked = state.held
             return []
         if sent is not None:
-            # Envoy applied none of it: what it held of those names is no longer known, so
-            # the next push offers them again and nothing is ACKed here on Envoy's behalf.
+            # docs/protocol.md R14. Envoy applied none of it: what it held of those names is
+            # no longer known, so the next push offers them again and nothing is ACKed here on
+            # Envoy's behalf.
             names, removed = sent
             held = state.held
             state.held = _updated(held, names + removed, [None] * (len(names) + len(removed)), ())
@@ -255,7 +259,9 @@ class DeltaStream(ordering.BoundedWait):
         subscribe = request.resource_names_subscribe
         if not state.started:
             state.started = True
-            # An empty first request subscribes to everything for wildcard-capable types.
+            # An empty first request subscribes to everything for wildcard-capable types
+            # (docs/protocol.md R22); what Envoy says it holds counts as held
+            # (docs/protocol.md R23).
             state.wildcard = not subscribe and is_wildcard_type(request.type_url)
             initial = frozenset(request.initial_resource_versions)
             if initial:
@@ -391,7 +397,8 @@ class DeltaStream(ordering.BoundedWait):
             pairs = list(zip(names, anys, strict=True))
         held = state.held
         if type_url == typeurls.CLUSTER and held:
-            # Removals last: a cluster something Envoy holds still names stays for now.
+            # Removals last: a cluster something Envoy holds still names stays for now
+            # (docs/protocol.md R12).
             named = self._named_by_envoy(type_url)
             chosen = {n for n, _ in pairs}
             pairs += [
@@ -400,7 +407,8 @@ class DeltaStream(ordering.BoundedWait):
                 if n in named and n in held and n not in chosen
             ]
         elif self._names_cold(type_url, pairs):
-            # Additions first: wait until Envoy has warmed the clusters these name.
+            # Additions first: wait until Envoy has warmed the clusters these name
+            # (docs/protocol.md R11).
             state.deferred_nonce = upstream_nonce or _LOCAL_DUE
             if upstream_nonce:
                 state.deferred_control_plane = control_plane
@@ -420,10 +428,11 @@ class DeltaStream(ordering.BoundedWait):
         if type_url in self.view.local_types:
             removed = [name for name in held if name not in kept]
         else:
-            # Only what the view narrowed away or the upstream removed: a name Envoy held from
-            # before a reconnect that the upstream has not mentioned yet is the upstream's to
-            # keep or remove (Istiod never removes ECDS, whose removal while a listener still
-            # references it causes 5xx, envoyproxy/envoy#32823).
+            # docs/protocol.md R17, R23. Only what the view narrowed away or the upstream
+            # removed: a name Envoy held from before a reconnect that the upstream has not
+            # mentioned yet is the upstream's to keep or remove (Istiod never removes ECDS,
+            # whose removal while a listener still references it causes 5xx,
+            # envoyproxy/envoy#32823).
             upstream, gone = state.upstream, state.gone
             removed = [n for n in held if n not in kept and (n in upstream or n in gone)]
             state.gone = EMPTY_SET
@@ -434,6 +443,9 @@ class DeltaStream(ordering.BoundedWait):
             if skip_empty:
                 return []
             if upstream_nonce and state.status.accepted:
+                # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2); otherwise the
+                # response goes down, empty if need be, so its answer reaches Istiod
+                # (docs/protocol.md R5).
                 state.covering_nonce = state.status.pushed_nonce
                 ack = DeltaDiscoveryRequest(type_url=type_url, response_nonce=upstream_nonce)
                 return [AckedHere(ack.SerializeToString(), type_url)]

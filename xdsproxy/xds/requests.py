@@ -24,7 +24,8 @@ def answered_here(nonce: str, covering_nonce: str) -> bool:
 
 
 def read_request(kind: type[Request], data: bytes, node: Node | None) -> tuple[Request, Node]:
-    """Parse and check a request; the node comes from the first request of a stream only."""
+    """Parse and check a request; the node comes from the first request of a stream only
+    (docs/protocol.md R21)."""
     name = kind.DESCRIPTOR.name
     try:
         request = kind.FromString(data)

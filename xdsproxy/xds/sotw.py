@@ -157,10 +157,13 @@ class SotwStream(ordering.BoundedWait):
             return events
 
         if not nonce:
-            # A first request for the type, or Envoy's re-request after reconnecting.
+            # A first request for the type, or Envoy's re-request after reconnecting: relayed
+            # byte for byte (docs/protocol.md R20).
             state.requested_upstream = names
             return [SendUpstream(data)]
         if nonce != status.pushed_nonce:
+            # Only an answer to the newest response is acted on (docs/protocol.md R7), but for
+            # one to Istiod's newest that a local push superseded (docs/protocol.md R15).
             if nonce == status.upstream_nonce and not answered_here(nonce, state.covering_nonce):
                 # Envoy's answer to Istiod's newest response, which a local push superseded
                 # before Envoy answered: still Istiod's to hear (an ACK, or a NACK of its
@@ -178,7 +181,7 @@ class SotwStream(ordering.BoundedWait):
         elif names != state.requested_upstream and status.upstream_nonce:
             # A subscription change answered on a local or covering response is still Istiod's
             # business: send it against the newest upstream nonce, with the version Envoy
-            # holds from it.
+            # holds from it (docs/protocol.md R3, R6).
             state.requested_upstream = names
             forward = DiscoveryRequest(
                 type_url=type_url,
@@ -227,7 +230,10 @@ class SotwStream(ordering.BoundedWait):
             events: list[Event] = []
             selection = upstream
         else:
-            # Dependents first: clusters a new listener needs must reach Envoy before it.
+            # Dependents first: clusters a new listener needs must reach Envoy before it
+            # (docs/protocol.md R4); no push from inputs that have not arrived
+            # (docs/protocol.md R9, R10); none naming a cluster Envoy has not warmed
+            # (docs/protocol.md R11).
             events = self._refresh(self._dependents(type_url))
             if self._awaiting_inputs(type_url):
                 state.deferred = True
@@ -238,6 +244,7 @@ class SotwStream(ordering.BoundedWait):
                 return events
             state.deferred = False
             if self._holds_accepted(state, selection):
+                # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2).
                 state.covering_nonce = status.pushed_nonce
                 ack = DiscoveryRequest(
                     type_url=type_url,
@@ -247,6 +254,7 @@ class SotwStream(ordering.BoundedWait):
                 )
                 events.append(AckedHere(ack.SerializeToString(), type_url))
                 return events
+        # Istiod's nonce and version, narrowed or not (docs/protocol.md R1).
         if selection[1] is response.bodies:
             payload = data
         else:
