@@ -1,7 +1,8 @@
 """Istio's resource names: `outbound|PORT|SUBSET|FQDN` clusters and `FQDN:PORT` virtual hosts."""
 
 from dataclasses import dataclass
-from functools import lru_cache
+
+from xdsproxy import caches
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -21,7 +22,7 @@ def is_port(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-@lru_cache(maxsize=262_144)
+@caches.memo("outbound_cluster")
 def outbound_cluster(name: str) -> tuple[ServicePort, str] | None:
     """`outbound|9080|v1|reviews.ns.svc.cluster.local` -> (reviews...:9080, "v1"). Cached:
     every push to every sidecar asks this of the same few thousand names."""

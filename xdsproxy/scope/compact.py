@@ -24,12 +24,12 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from envoy.config.listener.v3.listener_components_pb2 import FilterChain
 from envoy.config.listener.v3.listener_pb2 import Listener
 from google.protobuf.any_pb2 import Any
 
+from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack, typed
 from xdsproxy.istio.names import ServicePort, outbound_cluster, service_namespace
 from xdsproxy.scope.listeners import ListenerRefs
@@ -170,7 +170,7 @@ def _decode(any_bytes: bytes) -> Listener:
     return listener
 
 
-@lru_cache(maxsize=4096)
+@caches.memo("mesh_chains")
 def with_mesh_chains(
     any_bytes: bytes,
     egress_cluster: str,

@@ -16,7 +16,6 @@
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
@@ -35,6 +34,7 @@ from envoy.extensions.transport_sockets.tls.v3.common_pb2 import TlsParameters
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 
+from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
 from xdsproxy.scope.listeners import listener_refs
@@ -77,7 +77,7 @@ def _is_ip(host: str) -> bool:
     return host.replace(".", "").isdigit() or ":" in host
 
 
-@lru_cache(maxsize=64)
+@caches.memo("egress_als_cluster")
 def als_cluster(settings: EgressSettings) -> bytes:
     """The cluster through which Envoys stream access logs to xdsproxy (HTTP/2)."""
     als = Cluster(
@@ -98,7 +98,7 @@ def als_cluster(settings: EgressSettings) -> bytes:
     return pack(als)
 
 
-@lru_cache(maxsize=1)
+@caches.memo("egress_original_dst")
 def original_dst_cluster() -> bytes:
     original = Cluster(
         name=ORIGINAL_DST_CLUSTER, type=Cluster.ORIGINAL_DST, lb_policy=Cluster.CLUSTER_PROVIDED
@@ -124,7 +124,7 @@ def grpc_access_log(log_name: str, flush_seconds: int = 0) -> HttpGrpcAccessLogC
     return logger
 
 
-@lru_cache(maxsize=64)
+@caches.memo("egress_listener")
 def synthesized_listener(settings: EgressSettings) -> bytes:
     manager = hcm.HttpConnectionManager(stat_prefix=EGRESS_LISTENER)
     manager.use_remote_address.value = True
@@ -185,7 +185,7 @@ def istio_mtls() -> DownstreamTlsContext:
     return context
 
 
-@lru_cache(maxsize=16384)
+@caches.memo("scoped_route")
 def scoped_route(
     table_any: bytes | None, namespace: str, port: int, tunnelled: tuple[tuple[str, str], ...]
 ) -> bytes:

@@ -10,18 +10,19 @@ flapping egress does not swing every sidecar between full and scoped config.
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from envoy.config.core.v3.health_check_pb2 import HealthStatus
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import DecodeError
 
+from xdsproxy import caches
+
 MODES = ("never", "auto")
 _READY = frozenset({HealthStatus.UNKNOWN, HealthStatus.HEALTHY})
 
 
-@lru_cache(maxsize=256)
+@caches.memo("ready_endpoints")
 def ready_endpoints(any_bytes: bytes) -> int:
     """Endpoints of a ClusterLoadAssignment that Envoy would send traffic to."""
     assignment = ClusterLoadAssignment()

@@ -1,7 +1,6 @@
 """What a listener references: the clusters of its TCP proxies and inline routes, its RDS names."""
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from envoy.config.listener.v3.listener_components_pb2 import FilterChain
 from envoy.config.listener.v3.listener_pb2 import Listener
@@ -11,6 +10,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2 import TcpProxy
 from google.protobuf.any_pb2 import Any
 
+from xdsproxy import caches
 from xdsproxy.scope.routes import route_clusters
 
 _TCP_PROXY = "type.googleapis.com/" + TcpProxy.DESCRIPTOR.full_name
@@ -45,7 +45,7 @@ def _chain_refs(chain: FilterChain, clusters: set[str], tables: set[str], tcp: s
                     clusters.update(route_clusters(route))
 
 
-@lru_cache(maxsize=16384)
+@caches.memo("listener_refs")
 def listener_refs(any_bytes: bytes) -> ListenerRefs:
     listener = Listener()
     Any.FromString(any_bytes).Unpack(listener)

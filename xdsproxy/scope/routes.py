@@ -6,13 +6,13 @@ copies are cached by the exact upstream bytes (shared by every node that receive
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from google.protobuf.any_pb2 import Any
 
+from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.istio.names import ServicePort, outbound_cluster, route_table_port, vhost_service
 
@@ -57,14 +57,14 @@ class ParsedTable:
     catch_all: tuple[bool, ...]  # per vhost
 
 
-@lru_cache(maxsize=256)
+@caches.memo("route_decode")
 def _decode(any_bytes: bytes) -> RouteConfiguration:
     table = RouteConfiguration()
     Any.FromString(any_bytes).Unpack(table)
     return table
 
 
-@lru_cache(maxsize=4096)
+@caches.memo("route_table")
 def parse_table(any_bytes: bytes) -> ParsedTable:
     table = _decode(any_bytes)
     vhosts = table.virtual_hosts
@@ -129,7 +129,7 @@ def _egress_vhost(
     return vhost
 
 
-@lru_cache(maxsize=65536)
+@caches.memo("sidecar_table")
 def sidecar_table(
     any_bytes: bytes, kept: tuple[int, ...], egress_cluster: str, namespace: str, workload: str
 ) -> bytes:
@@ -189,7 +189,7 @@ def _tunnel_vhost(
     return vhost
 
 
-@lru_cache(maxsize=1024)
+@caches.memo("egress_table")
 def egress_table(
     any_bytes: bytes | None,
     name: str,

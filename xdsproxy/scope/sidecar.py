@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from cachetools import LRUCache
 
+from xdsproxy import caches
 from xdsproxy.istio.names import outbound_cluster
 from xdsproxy.scope.compact import (
     CompactMode,
@@ -50,7 +51,7 @@ _COMPACT_LDS_INPUTS = frozenset({typeurls.CLUSTER})
 _EMPTY: Selection = ((), ())
 # The newest selection per (scope, type): replicas ask for the same one within a push, and an
 # older generation is replaced rather than kept (under churn every push is a new generation).
-_SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = LRUCache(maxsize=8192)
+_SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = caches.lru("sidecar_selection")
 
 
 class SidecarView:

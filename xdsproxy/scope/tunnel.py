@@ -15,8 +15,6 @@ Istio's sidecar bootstrap has enabled since 1.18; older sidecars NACK the intern
 with `TUNNEL_UNSUPPORTED` and keep their TCP services in scope.
 """
 
-from functools import lru_cache
-
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.config.listener.v3.listener_pb2 import Listener
@@ -26,6 +24,7 @@ from envoy.extensions.transport_sockets.internal_upstream.v3.internal_upstream_p
 )
 from envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2 import RawBuffer
 
+from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack, typed
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.routes import ORIGINAL_PORT, SOURCE_NAMESPACE, SOURCE_WORKLOAD
@@ -64,7 +63,7 @@ def tunnel_proxy(
     return proxy
 
 
-@lru_cache(maxsize=4096)
+@caches.memo("tunnel_listener")
 def tunnel_listener(egress_cluster: str, namespace: str, workload: str) -> bytes:
     """The sidecar's internal listener: every placeholder's connection becomes a CONNECT to the
     egress naming the service (`FQDN:PORT`, from the placeholder's metadata)."""
@@ -83,7 +82,7 @@ def tunnel_listener(egress_cluster: str, namespace: str, workload: str) -> bytes
     return pack(listener)
 
 
-@lru_cache(maxsize=65536)
+@caches.memo("placeholder_cluster")
 def placeholder_cluster(name: str, service: ServicePort) -> bytes:
     """A same-name stand-in for Istio's cluster `name`, sending to the tunnel listener.
 

@@ -9,8 +9,6 @@ the cost is
 one gRPC stream per sidecar and a few entries per flush.
 """
 
-from functools import lru_cache
-
 from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -19,6 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.any_pb2 import Any
 
+from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack, typed
 from xdsproxy.scope.egress import grpc_access_log
 
@@ -39,7 +38,7 @@ def usage_logger(sample_percent: float, flush_seconds: int) -> AccessLog:
     return log
 
 
-@lru_cache(maxsize=16384)
+@caches.memo("usage_logger")
 def with_usage_logger(
     listener_any: bytes, sample_percent: float, flush_seconds: int = FLUSH_SECONDS
 ) -> bytes:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 from google.protobuf.message import DecodeError
 
+from xdsproxy import caches
 from xdsproxy.wire import lean
 from xdsproxy.wire.pool import POOL, intern_names
 from xdsproxy.wire.typeurls import NAMED_TYPES
@@ -85,9 +86,9 @@ class _Seen:
 # byte (memcmp speed, several times faster than hashing them), so a match is exact. Only the
 # responses of the last few pushes are worth keeping (a push reaches every sidecar within
 # seconds), and under churn every push brings new ones: bounded by the bytes entries keep alive.
-DECODE_CACHE_BYTES = 32 * 1024 * 1024
-_DECODED: LRUCache[tuple, list[_Seen]] = LRUCache(
-    maxsize=DECODE_CACHE_BYTES, getsizeof=lambda entries: sum(e.size for e in entries) + 1
+DECODE_CACHE_BYTES = caches.CACHES["decoded_responses"].size
+_DECODED: LRUCache[tuple, list[_Seen]] = caches.lru(
+    "decoded_responses", getsizeof=lambda entries: sum(e.size for e in entries) + 1
 )
 
 

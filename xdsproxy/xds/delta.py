@@ -26,6 +26,7 @@ from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 
+from xdsproxy import caches
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import (
     WireError,
@@ -87,7 +88,7 @@ class _TypeState:
 
 
 # A held map as a selection, by the map's identity (maps are shared and never change).
-_SELECTIONS: LRUCache[int, tuple[FrozenMap, Selection]] = LRUCache(maxsize=4096)
+_SELECTIONS: LRUCache[int, tuple[FrozenMap, Selection]] = caches.lru("delta_selection")
 
 
 def _selection_of(held: FrozenMap) -> Selection:

@@ -19,19 +19,19 @@ count, so a stream never waits for a cluster that will not come.
 """
 
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 
 from cachetools import LRUCache
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import DecodeError
 
+from xdsproxy import caches
 from xdsproxy.xds.view import Selection
 
 References = Callable[[str, Selection], frozenset[str]]
 
 
-@lru_cache(maxsize=16384)
+@caches.memo("cluster_type")
 def cluster_type(any_bytes: bytes) -> int:
     """The cluster's discovery type (`Cluster.EDS`, `Cluster.ORIGINAL_DST`, ...); -1 if the
     bytes are no cluster."""
@@ -57,7 +57,7 @@ def is_original_dst(any_bytes: bytes) -> bool:
 
 # What a selection names, by the selection's identity: selections are shared by every stream
 # in the same state (the views memoize them), and hashing one would cost a pass over it.
-_NAMED: LRUCache[tuple, tuple[Selection, frozenset[str]]] = LRUCache(maxsize=4096)
+_NAMED: LRUCache[tuple, tuple[Selection, frozenset[str]]] = caches.lru("named_by_selection")
 
 
 def names_in(references: References, type_url: str, selection: Selection) -> frozenset[str]:

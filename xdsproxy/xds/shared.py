@@ -15,6 +15,8 @@ from typing import NoReturn, TypeVar
 
 from cachetools import LRUCache
 
+from xdsproxy import caches
+
 V = TypeVar("V")
 Shared = TypeVar("Shared", bound="FrozenMap | frozenset")
 
@@ -55,8 +57,10 @@ class Transitions:
     """Memoized updates of shared maps and sets, held weakly: a state lives only as long as a
     stream is in it."""
 
-    def __init__(self, size: int = 2048) -> None:
-        self._memo: LRUCache[tuple, tuple[weakref.ref, weakref.ref]] = LRUCache(size)
+    def __init__(self, memo: LRUCache | None = None) -> None:
+        self._memo: LRUCache[tuple, tuple[weakref.ref, weakref.ref]] = (
+            LRUCache(2048) if memo is None else memo
+        )
         self.computed = 0
 
     def apply(self, base: object, change: Hashable | None, compute: Callable[[], Shared]) -> Shared:
@@ -77,14 +81,14 @@ class Transitions:
         return result
 
 
-SHARED = Transitions()
+SHARED = Transitions(caches.lru("shared_transitions"))
 
 # A SotW request's resource names, by their encoding: every sidecar asks EDS for the same
 # thousands of clusters, and keeping one tuple of them (and one copy of the bytes the ACK
 # fast path compares) saves each stream its own. Bounded by the bytes kept; an evicted list
 # stays with the streams holding it.
-_NAMES: LRUCache[bytes, tuple[bytes, tuple[str, ...]]] = LRUCache(
-    maxsize=16 * 1024 * 1024, getsizeof=lambda entry: 2 * len(entry[0]) + 1
+_NAMES: LRUCache[bytes, tuple[bytes, tuple[str, ...]]] = caches.lru(
+    "request_names", getsizeof=lambda entry: 2 * len(entry[0]) + 1
 )
 
 
