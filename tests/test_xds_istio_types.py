@@ -23,7 +23,7 @@ from xdsproxy.wire.codec import (
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import SendDownstream, SendUpstream
 from xdsproxy.xds.sotw import SotwStream
-from xdsproxy.xds.view import PASS_THROUGH
+from xdsproxy.xds.view import UNSCOPED
 
 EGRESS = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
 PCDS = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"
@@ -33,7 +33,7 @@ ECDS = typeurls.EXTENSION_CONFIG
 
 def _views():
     return {
-        "passthrough": PASS_THROUGH,
+        "passthrough": UNSCOPED,
         "lazy": SidecarView(Scope(WorkloadKey("ns-0", "app")), EGRESS),
     }
 
@@ -100,7 +100,7 @@ def test_gateways_get_passthrough_in_lazy_mode() -> None:
         id="router~10.0.0.5~istio-ingressgateway-7d9f5c-abcde.istio-system~istio-system.svc.cluster.local"
     )
     gateway.metadata.update({"NAMESPACE": "istio-system", "WORKLOAD_NAME": "istio-ingressgateway"})
-    assert runtime.view_for(gateway) is PASS_THROUGH
+    assert runtime.view_for(gateway) is UNSCOPED
     sidecar = Node(id="sidecar~10.0.0.6~app-0.ns-0~ns-0.svc.cluster.local")
     sidecar.metadata.update({"NAMESPACE": "ns-0", "WORKLOAD_NAME": "app"})
     assert isinstance(runtime.view_for(sidecar), SidecarView)

@@ -35,7 +35,7 @@ from xdsproxy.xds.events import (
     UpstreamProtocolError,
 )
 from xdsproxy.xds.sotw import SotwStream
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView
+from xdsproxy.xds.view import UNSCOPED, ResourceView
 
 log = logging.getLogger("xdsproxy.ads")
 
@@ -126,9 +126,11 @@ class Runtime(Protocol):
     def nacked(self, session: "Session", nack: Nacked) -> None: ...
 
 
-class Passthrough:
+class PassthroughRuntime:
+    """Passthrough mode: every node gets Istiod's config unscoped, and nothing is learned."""
+
     def view_for(self, node: Node) -> ResourceView:
-        return PASS_THROUGH
+        return UNSCOPED
 
     def opened(self, session: "Session") -> None:
         pass
@@ -152,7 +154,7 @@ class AdsProxy:
         metrics: Metrics | None = None,
     ) -> None:
         self.channels = upstream if isinstance(upstream, Channels) else Channels(upstream)
-        self.runtime = runtime or Passthrough()
+        self.runtime = runtime or PassthroughRuntime()
         self.metrics = metrics or Metrics()
         self.limits = limits or Limits()
         self.sessions: dict[int, Session] = {}

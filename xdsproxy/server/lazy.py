@@ -34,7 +34,7 @@ from xdsproxy.store.base import Edges, Store, StoreError, Touch
 from xdsproxy.store.memory import MemoryStore
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.events import Event, Nacked
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView
+from xdsproxy.xds.view import UNSCOPED, ResourceView
 
 log = logging.getLogger("xdsproxy.lazy")
 
@@ -164,12 +164,12 @@ class LazyRuntime:
         try:
             istio = parse_node(node)
         except NodeIdError:
-            return PASS_THROUGH  # Istiod judges it; nothing to scope by
+            return UNSCOPED  # Istiod judges it; nothing to scope by
         if istio.proxy_type != "sidecar":
             # docs/protocol.md R18. A gateway (`router~`) routes what its Gateway and
             # VirtualServices bind, not what a workload calls: scoping it would replace its
             # vhosts, and nothing would learn.
-            return PASS_THROUGH
+            return UNSCOPED
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)
         key = WorkloadKey(istio.namespace, istio.workload)

@@ -46,7 +46,7 @@ from xdsproxy.xds.events import (
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, answered_here, read_request, record_answer
 from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, SHARED, FrozenMap, UpstreamMap
 from xdsproxy.xds.status import TypeStatus
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
+from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
 
 M = TypeVar("M", FrozenMap, UpstreamMap)
 
@@ -117,7 +117,7 @@ def _without(base: M, names: tuple[str, ...]) -> M:
 
 
 class DeltaStream(ordering.BoundedWait):
-    def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
+    def __init__(self, view: ResourceView = UNSCOPED) -> None:
         self.view = view
         self.node: Node | None = None
         self.local_nacks = 0
@@ -333,7 +333,7 @@ class DeltaStream(ordering.BoundedWait):
                 change,
                 lambda: _updated(held, response.names, response.anys, response.removed),
             )
-            self._pushed(state, response.system_version, response.nonce, len(data))
+            self._record_push(state, response.system_version, response.nonce, len(data))
             return [SendDownstream(data, type_url, len(response.names), relayed=True)]
         # Dependents first: clusters a new listener needs must reach Envoy before it.
         events = self.refresh(self._dependents(type_url))
@@ -456,11 +456,11 @@ class DeltaStream(ordering.BoundedWait):
         state.sent[nonce] = (tuple(sent), tuple(removed))
         while len(state.sent) > _SENT_KEPT:
             del state.sent[next(iter(state.sent))]
-        self._pushed(state, version, nonce, len(payload))
+        self._record_push(state, version, nonce, len(payload))
         return [SendDownstream(payload, type_url, len(bodies), relayed=upstream_nonce is not None)]
 
     @staticmethod
-    def _pushed(state: _TypeState, version: str, nonce: str, size: int) -> None:
+    def _record_push(state: _TypeState, version: str, nonce: str, size: int) -> None:
         status = state.status
         status.pushed_version, status.pushed_nonce = version, nonce
         status.pushed_resources = len(state.held)

@@ -55,7 +55,7 @@ from xdsproxy.xds.requests import (
 )
 from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.status import TypeStatus
-from xdsproxy.xds.view import PASS_THROUGH, ResourceView, Selection
+from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
 
 
 @dataclass(slots=True)
@@ -81,7 +81,7 @@ def _superseded_nack(request: DiscoveryRequest | lean.SotwRequestHead) -> list[E
 
 
 class SotwStream(ordering.BoundedWait):
-    def __init__(self, view: ResourceView = PASS_THROUGH) -> None:
+    def __init__(self, view: ResourceView = UNSCOPED) -> None:
         self.view = view
         self.node: Node | None = None
         self.local_nacks = 0
@@ -266,7 +266,7 @@ class SotwStream(ordering.BoundedWait):
                 response.control_plane,
                 response.canary,
             )
-        self._pushed(state, selection, response.version, response.nonce, len(payload))
+        self._record_push(state, selection, response.version, response.nonce, len(payload))
         events.append(SendDownstream(payload, type_url, len(selection[1]), relayed=True))
         return events
 
@@ -365,11 +365,11 @@ class SotwStream(ordering.BoundedWait):
             nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
             version = f"{status.upstream_version or 'local'}+{nonce}"
         payload = encode_sotw_response(version, type_url, nonce, selection[1])
-        self._pushed(state, selection, version, nonce, len(payload))
+        self._record_push(state, selection, version, nonce, len(payload))
         return [SendDownstream(payload, type_url, len(selection[1]), relayed=relay)]
 
     @staticmethod
-    def _pushed(
+    def _record_push(
         state: _TypeState, selection: Selection, version: str, nonce: str, size: int
     ) -> None:
         state.pushed = selection

@@ -34,8 +34,9 @@ class ResourceView(Protocol):
         ...
 
 
-class PassThrough:
-    """Forward everything: the passthrough mode."""
+class Unscoped:
+    """Forward every type unchanged: what passthrough mode, gateways and nodes that are not
+    Istio's get."""
 
     transparent = True
 
@@ -51,4 +52,4 @@ class PassThrough:
         return frozenset()  # relays Istiod as it is: Istiod's own order holds
 
 
-PASS_THROUGH = PassThrough()
+UNSCOPED = Unscoped()
