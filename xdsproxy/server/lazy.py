@@ -25,6 +25,7 @@ from xdsproxy.scope.compact import CompactMode
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.failopen import FailOpen, ready_endpoints
 from xdsproxy.scope.mesh import MeshTables
+from xdsproxy.scope.registry import Scopes
 from xdsproxy.scope.rules import Rules
 from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
 from xdsproxy.scope.sidecar import SidecarView
@@ -63,12 +64,13 @@ class LazyRuntime:
         self.replica = replica  # recorded as who learned an edge (the pod name in a cluster)
         self.egress_cluster = cluster_name(egress)
         self.settings = settings
-        self.rules = rules or Rules()
+        # Scopes and their static patterns (pure); `scopes` is its map, read by the debug views.
+        self.registry = Scopes(rules)
+        self.scopes = self.registry.by_workload
         self.als_allow = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in als_allow)
         self.clock = clock
         self.monotonic = monotonic
         self.metrics = metrics or Metrics()
-        self.scopes: dict[WorkloadKey, Scope] = {}
         # Every pod of the cluster (with the Kubernetes store), so that entries for sidecars
         # connected to another replica are attributed here too; else connected nodes only.
         self.pods = pods
@@ -91,8 +93,6 @@ class LazyRuntime:
         self.flush_interval = flush_interval
         self.usage_sample_percent = usage_sample_percent
         self.usage_flush_seconds = usage_flush_seconds
-        self._labels: dict[WorkloadKey, dict[str, str]] = {}
-        self._stored_static: dict[WorkloadKey, tuple[HostPattern, ...]] = {}
         self._touches: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._unsaved: dict[tuple[WorkloadKey, ServicePort], float] = {}
         self._maintainer: asyncio.Task[None] | None = None
@@ -114,32 +114,15 @@ class LazyRuntime:
     # -- streams ---------------------------------------------------------------------------
 
     def scope(self, key: WorkloadKey, labels: dict[str, str] | None = None) -> Scope:
-        scope = self.scopes.get(key)
-        if scope is None:
-            scope = self.scopes[key] = Scope(key)
-        if labels is not None:
-            self._labels[key] = labels
-            self._set_static(scope)
-        return scope
+        return self.registry.get(key, labels)
 
     def labels_of(self, key: WorkloadKey) -> dict[str, str]:
-        """The pod labels a sidecar of the workload reported (empty until one connects)."""
-        return dict(self._labels.get(key, {}))
-
-    def _set_static(self, scope: Scope) -> None:
-        """Static hosts: the rules file (by namespace and labels) plus the store's spec."""
-        from_rules = self.rules.patterns_for(scope.key.namespace, self._labels.get(scope.key, {}))
-        scope.set_static(tuple(dict.fromkeys(from_rules + self._stored_static.get(scope.key, ()))))
+        return self.registry.labels_of(key)
 
     def set_rules(self, rules: Rules) -> None:
-        """New static rules (the rules file changed): every scope they change is re-pushed;
-        a scope they narrow loses those hosts unless learned."""
-        self.rules = rules
-        for scope in list(self.scopes.values()):
-            before = scope.version
-            self._set_static(scope)
-            if scope.version != before:
-                self._repush(scope.key)
+        """New static rules (the rules file changed): every scope they change is re-pushed."""
+        for key in self.registry.set_rules(rules):
+            self._repush(key)
 
     def apply_static(self, workload: WorkloadKey, hosts: tuple[str, ...]) -> None:
         """Static hosts from the store (a LazyScope's spec.hosts); bad entries are skipped."""
@@ -153,11 +136,7 @@ class LazyRuntime:
                     "skipping a bad static host",
                     extra={"workload": str(workload), "error": str(exc)},
                 )
-        self._stored_static[workload] = tuple(patterns)
-        scope = self.scope(workload)
-        before = scope.version
-        self._set_static(scope)
-        if scope.version != before:
+        if self.registry.set_stored(workload, tuple(patterns)):
             self._repush(workload)
 
     def view_for(self, node: Node) -> ResourceView:
