@@ -9,7 +9,7 @@ from xdsproxy.harness.http import request_via_sidecar
 from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort, cluster_name
-from xdsproxy.scope.routes import LAZY_HEADERS
+from xdsproxy.scope.contract import LAZY_HEADERS
 from xdsproxy.sim.mesh import Endpoint, Port, Service
 from xdsproxy.wire.typeurls import CLUSTER as CDS
 

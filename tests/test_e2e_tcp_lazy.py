@@ -26,7 +26,7 @@ from xdsproxy.harness.lazymesh import realistic_lazy_mesh, sidecar_identity
 from xdsproxy.harness.pki import Authority, trusting_client
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import outbound_cluster
-from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
+from xdsproxy.scope.contract import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER
 
 pytestmark = pytest.mark.envoy

@@ -18,7 +18,7 @@ from xdsproxy.harness.http import request_via_sidecar
 from xdsproxy.harness.lazymesh import lazy_mesh, sidecar_identity
 from xdsproxy.harness.pki import Authority, trusting_client
 from xdsproxy.harness.stack import eventually
-from xdsproxy.scope.routes import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
+from xdsproxy.scope.contract import ORIGINAL_DST, ORIGINAL_PORT, SOURCE_NAMESPACE
 
 pytestmark = pytest.mark.envoy
 

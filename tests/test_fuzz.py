@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.attribution import AccessRecord, attribute
 from xdsproxy.learn.records import records
-from xdsproxy.scope.egress import METADATA_NAMESPACE
+from xdsproxy.scope.contract import METADATA_NAMESPACE
 from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import ProtocolError, UpstreamProtocolError

@@ -9,7 +9,8 @@ from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.attribution import AccessRecord, Learned, Rejected, attribute
-from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE, EgressSettings
+from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE
+from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.rules import RulesError, parse_rules
 from xdsproxy.scope.scope import HostPattern, WorkloadKey
 from xdsproxy.server.als import AlsService, peer_ip

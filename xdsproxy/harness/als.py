@@ -3,7 +3,7 @@
 import grpc
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
-from xdsproxy.scope.egress import METADATA_NAMESPACE
+from xdsproxy.scope.contract import METADATA_NAMESPACE
 
 ALS_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 

@@ -24,7 +24,8 @@ from xdsproxy.harness.pki import Authority
 from xdsproxy.harness.sds import SdsServer
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy
 from xdsproxy.istio.names import ServicePort, cluster_name
-from xdsproxy.scope.egress import EGRESS_ROLE, EGRESS_ROLE_LABEL, EgressSettings
+from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL
+from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.server.app import ProxyServer
 from xdsproxy.sim.mesh import Endpoint, Mesh, Port, Service, generate
 from xdsproxy.sim.server import SimServer

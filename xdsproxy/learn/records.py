@@ -6,8 +6,12 @@ from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 from google.protobuf.json_format import MessageToDict
 
 from xdsproxy.learn.attribution import AccessRecord
-from xdsproxy.scope.egress import METADATA_NAMESPACE
-from xdsproxy.scope.routes import ORIGINAL_PORT, SOURCE_NAMESPACE, SOURCE_WORKLOAD
+from xdsproxy.scope.contract import (
+    METADATA_NAMESPACE,
+    ORIGINAL_PORT,
+    SOURCE_NAMESPACE,
+    SOURCE_WORKLOAD,
+)
 
 
 def _ip(address: Address) -> str:

@@ -37,6 +37,7 @@ from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpPro
 from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
+from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
@@ -56,9 +57,6 @@ from xdsproxy.xds.view import Selection, UpstreamView
 EGRESS_LISTENER = "xdsproxy_lazy_egress"
 ALS_CLUSTER = "xdsproxy-als"
 ALS_LOG_NAME = "xdsproxy-lazy-egress"
-METADATA_NAMESPACE = "xdsproxy"
-EGRESS_ROLE_LABEL = "xdsproxy.io/role"
-EGRESS_ROLE = "lazy-egress"
 
 
 @dataclass(frozen=True, slots=True)

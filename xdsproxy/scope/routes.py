@@ -15,12 +15,13 @@ from google.protobuf.any_pb2 import Any
 from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.istio.names import ServicePort, outbound_cluster, route_table_port, vhost_service
-
-SOURCE_NAMESPACE = "x-xdsproxy-source-namespace"
-SOURCE_WORKLOAD = "x-xdsproxy-source-workload"
-ORIGINAL_DST = "x-xdsproxy-original-dst"
-ORIGINAL_PORT = "x-xdsproxy-original-port"
-LAZY_HEADERS = (SOURCE_NAMESPACE, SOURCE_WORKLOAD, ORIGINAL_DST, ORIGINAL_PORT)
+from xdsproxy.scope.contract import (
+    LAZY_HEADERS,
+    ORIGINAL_DST,
+    ORIGINAL_PORT,
+    SOURCE_NAMESPACE,
+    SOURCE_WORKLOAD,
+)
 
 EGRESS_VHOST = "xdsproxy_lazy_egress"
 PASSTHROUGH = "PassthroughCluster"

@@ -27,11 +27,15 @@ from envoy.extensions.transport_sockets.raw_buffer.v3.raw_buffer_pb2 import RawB
 from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import pack, typed
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.routes import ORIGINAL_PORT, SOURCE_NAMESPACE, SOURCE_WORKLOAD
+from xdsproxy.scope.contract import (
+    ORIGINAL_PORT,
+    SOURCE_NAMESPACE,
+    SOURCE_WORKLOAD,
+    TUNNEL_METADATA,
+)
 
 TUNNEL_LISTENER = "xdsproxy_lazy_tunnel"
 # Dynamic metadata the placeholder hands the tunnel listener (a filter-metadata namespace).
-TUNNEL_METADATA = "xdsproxy.tunnel"
 # What Envoy says when its bootstrap lacks the internal-listener extension (Istio before 1.18).
 TUNNEL_UNSUPPORTED = "InternalListener bootstrap extension is mandatory"
 # Istio's sidecar bootstrap enables the internal-listener extension from this release on.
