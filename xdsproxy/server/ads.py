@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
-from envoy.config.core.v3.base_pb2 import Node
 
 from xdsproxy.debug.metrics import Metrics, metric_type
 from xdsproxy.logs import RateLimitedLog
@@ -115,9 +114,9 @@ class Runtime(Protocol):
     """What a mode adds around the streams: the view each node gets and what happens when
     streams open, close and receive upstream config."""
 
-    def view_for(self, node: Node) -> ResourceView: ...
-
-    def opened(self, session: "Session") -> None: ...
+    def opened(self, session: "Session") -> ResourceView:
+        """A stream has its node: register it, and the view it gets."""
+        ...
 
     def closed(self, session: "Session") -> None: ...
 
@@ -129,11 +128,8 @@ class Runtime(Protocol):
 class PassthroughRuntime:
     """Passthrough mode: every node gets Istiod's config unscoped, and nothing is learned."""
 
-    def view_for(self, node: Node) -> ResourceView:
+    def opened(self, session: "Session") -> ResourceView:
         return UNSCOPED
-
-    def opened(self, session: "Session") -> None:
-        pass
 
     def closed(self, session: "Session") -> None:
         pass
@@ -224,9 +220,8 @@ class AdsProxy:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         assert stream.node is not None
-        stream.view = self.runtime.view_for(stream.node)
         self.sessions[session.id] = session
-        self.runtime.opened(session)
+        stream.view = self.runtime.opened(session)
         self.metrics.streams_opened.labels(protocol).inc()
         self.metrics.streams.labels(protocol).inc()
         log.info(

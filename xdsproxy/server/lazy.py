@@ -140,10 +140,13 @@ class LazyRuntime:
             self._repush(workload)
 
     def view_for(self, node: Node) -> ResourceView:
+        """The view a node gets (streams get theirs from `opened`, which parses once)."""
         try:
-            istio = parse_node(node)
+            return self._view(parse_node(node))
         except NodeIdError:
             return UNSCOPED  # Istiod judges it; nothing to scope by
+
+    def _view(self, istio: IstioNode) -> ResourceView:
         if istio.proxy_type != "sidecar":
             # docs/protocol.md R18. A gateway (`router~`) routes what its Gateway and
             # VirtualServices bind, not what a workload calls: scoping it would replace its
@@ -168,20 +171,23 @@ class LazyRuntime:
             compact=self.compact if tunnel else None,
         )
 
-    def opened(self, session: Session) -> None:
+    def opened(self, session: Session) -> ResourceView:
+        """Register the stream by its Istio node (parsed once, kept until it closes) and
+        return its view."""
         node = session.stream.node
         try:
             istio = parse_node(node) if node is not None else None
         except NodeIdError:
-            return
+            istio = None
         if istio is None:
-            return
+            return UNSCOPED  # Istiod judges it; nothing to scope by
         self._nodes[session.id] = istio
         if is_egress(istio.labels):
             self._egress.add(session)
             self.metrics.egress_nodes.set(len(self._egress))
         else:
             self._by_workload[WorkloadKey(istio.namespace, istio.workload)].add(session)
+        return self._view(istio)
 
     def closed(self, session: Session) -> None:
         istio = self._nodes.pop(session.id, None)
