@@ -14,6 +14,19 @@ import pytest
 pytestmark = pytest.mark.envoy
 
 
+def _demo_env(tmp_path) -> dict[str, str]:
+    """The demo's temporary files, its Envoys' working directories included, under
+    `tmp_path`: so `_envoys_left` counts this demo's Envoys only, not those of anything else
+    running on the machine."""
+    (tmp_path / "tmp").mkdir()
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+
+
+def _envoys_left(tmp_path) -> bool:
+    pattern = f"{tmp_path / 'tmp'}/xdsproxy-envoy-"
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
 def test_demo_smoke(tmp_path) -> None:
     result = subprocess.run(
         [
@@ -31,6 +44,7 @@ def test_demo_smoke(tmp_path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env=_demo_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert "[7/7] plot written to" in result.stdout
@@ -39,8 +53,7 @@ def test_demo_smoke(tmp_path) -> None:
     full, lazy = (int(value) for value in clusters.split()[1:3])
     assert full > lazy > 0
     assert (tmp_path / "xdsproxy-demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    left = subprocess.run(["pgrep", "-f", "xdsproxy-envoy-"], capture_output=True)
-    assert left.returncode == 1, "the demo left an Envoy running"
+    assert not _envoys_left(tmp_path), "the demo left an Envoy running"
 
 
 def test_demo_keep_running_serves_the_commands_it_prints_and_stops_on_ctrl_c(tmp_path) -> None:
@@ -52,6 +65,7 @@ def test_demo_keep_running_serves_the_commands_it_prints_and_stops_on_ctrl_c(tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=_demo_env(tmp_path),
         start_new_session=True,
         # As a shell's background job starts it: SIGINT ignored. Ctrl-C must still stop it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
@@ -103,5 +117,4 @@ def test_demo_keep_running_serves_the_commands_it_prints_and_stops_on_ctrl_c(tmp
             os.killpg(demo.pid, signal.SIGKILL)
             raise
     assert code == 130
-    left = subprocess.run(["pgrep", "-f", "xdsproxy-envoy-"], capture_output=True)
-    assert left.returncode == 1, "the demo left an Envoy running"
+    assert not _envoys_left(tmp_path), "the demo left an Envoy running"
