@@ -8,7 +8,7 @@ from google.protobuf import json_format
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.message import DecodeError
 
-from xdsproxy.istio.names import ServicePort, outbound_cluster
+from xdsproxy.istio.names import ServicePort, outbound_cluster, service_fqdn
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.scope.egress import is_egress
 from xdsproxy.scope.explain import DIRECT, EGRESS, WITHHELD, explain
@@ -210,8 +210,7 @@ class DebugModel:
                 f"Istiod has sent this replica no service {host!r}; give HOST:PORT to add it "
                 "anyway, or check the name with `xdsproxy config clusters`"
             )
-        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
-        return [ServicePort(fqdn, port)]
+        return [ServicePort(service_fqdn(host), port)]
 
     def _sessions_of(self, key: WorkloadKey) -> list[Session]:
         return [s for s in self.proxy.sessions.values() if _workload(s) == key]

@@ -32,6 +32,11 @@ def outbound_cluster(name: str) -> tuple[ServicePort, str] | None:
     return ServicePort(parts[3], int(parts[1])), parts[2]
 
 
+def service_fqdn(host: str) -> str:
+    """`reviews.shop` -> `reviews.shop.svc.cluster.local`; a name with more dots is kept."""
+    return host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+
+
 def cluster_name(service: ServicePort, subset: str = "") -> str:
     return f"outbound|{service.port}|{subset}|{service.host}"
 

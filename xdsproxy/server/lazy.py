@@ -15,7 +15,7 @@ from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import Node
 
 from xdsproxy.debug.metrics import Metrics
-from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
+from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster, service_fqdn
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.learn.pending import PendingEntries
@@ -383,19 +383,19 @@ class LazyRuntime:
             return None  # a request from before an operator forgot it
         await self._commit(result.workload, result.service, seen, self.replica)
         if scope.learn(result.service, seen, self.monotonic(), self.replica):
-            now = self.clock()
             self.learns += 1
             self.metrics.learns.inc()
-            if started:
-                self.learn_latencies.append(max(0.0, now - started))
-                self.metrics.learn_latency.observe(max(0.0, now - started))
+            latency = max(0.0, self.clock() - started) if started else None
+            if latency is not None:
+                self.learn_latencies.append(latency)
+                self.metrics.learn_latency.observe(latency)
             log.info(
                 "learned",
                 extra={
                     "workload": str(result.workload),
                     "service": str(result.service),
                     "scope": len(scope.learned),
-                    "ms": round(max(0.0, now - started) * 1000, 1) if started else None,
+                    "ms": round(latency * 1000, 1) if latency is not None else None,
                 },
             )
             self._repush(result.workload)
@@ -427,7 +427,7 @@ class LazyRuntime:
     ) -> list[ServicePort]:
         """The services Istiod sent for `host` (FQDN, or `name.namespace`), on `port` if
         given, and those of `workload`'s learned scope."""
-        fqdn = host if host.count(".") > 1 else f"{host}.svc.cluster.local"
+        fqdn = service_fqdn(host)
         scope = self.scopes.get(workload) if workload else None
         candidates = self.known_services | set(scope.learned if scope else ())
         return sorted(
@@ -470,9 +470,10 @@ class LazyRuntime:
         gone = []
         for service, at in forgotten.items():
             edge = scope.learned.get(service)
-            if edge is None or edge.first_seen <= at:
-                self.dropped[(workload, service)] = ("forgotten", at)
-            if edge is not None and edge.first_seen <= at:
+            if edge is not None and edge.first_seen > at:
+                continue  # learned again since the forget
+            self.dropped[(workload, service)] = ("forgotten", at)
+            if edge is not None:
                 gone.append(service)
                 self._touches.pop((workload, service), None)
                 self._unsaved.pop((workload, service), None)
