@@ -22,7 +22,8 @@ from google.protobuf.any_pb2 import Any
 
 from benchmarks.report import save_json, update_section
 from xdsproxy.harness.ads import AdsClient, RecordingUpstream
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.model import WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.server.app import ProxyServer, ServeConfig
 from xdsproxy.sim import envoyconfig

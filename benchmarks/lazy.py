@@ -43,8 +43,8 @@ from xdsproxy.harness.stack import (
     settled,
 )
 from xdsproxy.istio.names import ServicePort
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.egress import EgressSettings
-from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.sim.mesh import Endpoint, Mesh, generate
 from xdsproxy.wire import typeurls
 

@@ -22,8 +22,8 @@ from xdsproxy.harness.lazymesh import EGRESS_HOST, egress_service, pick_services
 from xdsproxy.harness.stack import running_envoy, running_proxy, running_sim
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.records import records
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.egress import EgressSettings
-from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.sim.mesh import generate
 from xdsproxy.xds.sotw import SotwStream

@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.config.core.v3.base_pb2 import Node
 
 from tests.istio_fixtures import dump_files, load_dump
 from xdsproxy.harness.dump import dynamic_config
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.istio.node import IstioNode, parse_node
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.model import WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import placeholder_cluster
 from xdsproxy.sim.istiod import Snapshot
 from xdsproxy.sim.mesh import Mesh, generate
 from xdsproxy.wire import typeurls
+from xdsproxy.xds.sotw import SotwStream
 
 CDS, LDS, RDS = typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE
 EGRESS = "outbound|80||lazy-egress.istio-system.svc.cluster.local"
@@ -159,3 +162,26 @@ def named_clusters(node: object) -> set[str]:
 def rejected(envoy) -> int:
     """CDS and LDS updates Envoy rejected."""
     return sum(envoy.stat(name) for name in _REJECTED)
+
+
+class StandInSession:
+    """Enough of a server session for the runtime: an id, a real SotW stream with its node,
+    and what it was told changed (`refresh(inputs)` queues pushes on a real session)."""
+
+    def __init__(self, node: Node) -> None:
+        self.id = id(self)
+        self.stream = SotwStream()
+        self.stream.node = node
+        self.refreshed: list[frozenset[str]] = []
+
+    def refresh(self, inputs: frozenset[str]) -> None:
+        self.refreshed.append(inputs)
+
+
+def sidecar_node(ip: str, workload: str, labels: dict | None = None) -> Node:
+    """A sidecar's node in `ns-0`, with the metadata the runtime reads."""
+    node = Node(id=f"sidecar~{ip}~{workload}-0.ns-0~ns-0.svc.cluster.local")
+    node.metadata.update(
+        {"NAMESPACE": "ns-0", "WORKLOAD_NAME": workload, "INSTANCE_IPS": ip, "LABELS": labels or {}}
+    )
+    return node

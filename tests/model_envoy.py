@@ -29,6 +29,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 )
 from google.protobuf.any_pb2 import Any
 
+from tests.xds_messages import receive_upstream
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import route_clusters
 from xdsproxy.sim.istiod import DeltaConnection, SotwConnection
@@ -215,7 +216,7 @@ class Loop:
             if self.to_proxy:
                 self.handle(self.stream.receive_downstream(self.to_proxy.pop(0)))
             elif self.from_istiod:
-                self.handle(self.stream.receive_upstream(self.from_istiod.pop(0)))
+                self.handle(receive_upstream(self.stream, self.from_istiod.pop(0)))
             else:
                 return
         raise AssertionError("the loop never settled")

@@ -1,16 +1,15 @@
 """The lazy runtime's state: commit before push, batched last seen, ageing, clock jumps, and a
 store that fails."""
 
-from envoy.config.core.v3.base_pb2 import Node
-
+from tests.helpers import StandInSession, sidecar_node
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.attribution import AccessRecord
+from xdsproxy.model import Edge, WorkloadKey
 from xdsproxy.scope.egress import EgressSettings
-from xdsproxy.scope.scope import Edge, HostPattern, WorkloadKey
+from xdsproxy.scope.scope import HostPattern
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.store.base import StoreError
 from xdsproxy.store.memory import MemoryStore
-from xdsproxy.xds.sotw import SotwStream
 
 W = WorkloadKey("ns-0", "app")
 A = ServicePort("a.ns-1.svc.cluster.local", 8080)
@@ -46,15 +45,6 @@ class FlakyStore(MemoryStore):
         await super().forget(workload, services, at)
 
 
-class _Session:
-    def __init__(self, ip: str, workload: str) -> None:
-        self.id = id(self)
-        self.stream = SotwStream()
-        node = Node(id=f"sidecar~{ip}~{workload}-0.ns-0~ns-0.svc.cluster.local")
-        node.metadata.update({"NAMESPACE": "ns-0", "WORKLOAD_NAME": workload, "INSTANCE_IPS": ip})
-        self.stream.node = node
-
-
 async def runtime(store=None, ttl: float = 100.0) -> tuple[LazyRuntime, Clock, list]:
     clock = Clock()
     rt = LazyRuntime(
@@ -65,12 +55,11 @@ async def runtime(store=None, ttl: float = 100.0) -> tuple[LazyRuntime, Clock, l
         clock=lambda: clock.wall,
         monotonic=lambda: clock.mono,
     )
-    pushed: list = []
-    rt.deliver = lambda session, events: pushed.append(session)
     rt.known_services.add(A)
-    rt.opened(_Session("10.0.0.1", "app"))
+    session = StandInSession(sidecar_node("10.0.0.1", "app"))
+    rt.opened(session)
     await rt.store.start()
-    return rt, clock, pushed
+    return rt, clock, session.refreshed
 
 
 def _record() -> AccessRecord:

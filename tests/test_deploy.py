@@ -96,7 +96,7 @@ def test_crd_schema_rejects_a_bad_lazyscope() -> None:
 
 def test_store_writes_what_the_crd_accepts() -> None:
     from xdsproxy.istio.names import ServicePort
-    from xdsproxy.scope.scope import Edge
+    from xdsproxy.model import Edge
     from xdsproxy.store.kubernetes import _status
 
     crd = yaml.safe_load(CRD.read_text())

@@ -7,7 +7,7 @@ from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from google.protobuf.any_pb2 import Any
 
 from tests.helpers import istio_node
-from tests.xds_messages import delta_request, sotw_request
+from tests.xds_messages import delta_request, receive_upstream, sotw_request
 from xdsproxy.scope.egress import EgressSettings, EgressView
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.sim.istiod import Snapshot
@@ -86,8 +86,8 @@ def test_an_egress_reconnect_keeps_every_scope(delta: bool) -> None:
         # The egress listener's scopes, re-requested with what Envoy holds.
         assert stream.receive_downstream(delta_request(SRDS, initial=held)) == []
         stream.receive_downstream(delta_request(RDS, subscribe=upstream[RDS][0]))
-        assert stream.receive_upstream(_delta_response(CDS, upstream[CDS], "u-c"))[1:] == []
-        events = stream.receive_upstream(_delta_response(RDS, upstream[RDS], "u-r"))
+        assert receive_upstream(stream, _delta_response(CDS, upstream[CDS], "u-c"))[1:] == []
+        events = receive_upstream(stream, _delta_response(RDS, upstream[RDS], "u-r"))
         [srds] = [e for e in events if e.type_url == SRDS]
         response = decode_delta_response(srds.payload)
         assert not response.removed and set(response.names) == set(expected)
@@ -96,9 +96,9 @@ def test_an_egress_reconnect_keeps_every_scope(delta: bool) -> None:
         stream.receive_downstream(sotw_request(CDS, version="v0", with_node=True))
         assert stream.receive_downstream(sotw_request(SRDS, version="v0")) == []
         stream.receive_downstream(sotw_request(RDS, upstream[RDS][0], version="v0"))
-        events = stream.receive_upstream(_sotw_response(CDS, upstream[CDS], "u-c"))
+        events = receive_upstream(stream, _sotw_response(CDS, upstream[CDS], "u-c"))
         assert not [e for e in events if e.type_url == SRDS]
-        events = stream.receive_upstream(_sotw_response(RDS, upstream[RDS], "u-r"))
+        events = receive_upstream(stream, _sotw_response(RDS, upstream[RDS], "u-r"))
         [srds] = [e for e in events if isinstance(e, SendDownstream) and e.type_url == SRDS]
         names = [r.value.name for r in lean.SotwNames.FromString(srds.payload).resources]
         assert len(names) == len(expected)

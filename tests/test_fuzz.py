@@ -7,11 +7,12 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.xds_messages import receive_upstream
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.attribution import AccessRecord, attribute
 from xdsproxy.learn.records import records
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.contract import METADATA_NAMESPACE
-from xdsproxy.scope.scope import WorkloadKey
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import ProtocolError, UpstreamProtocolError
 from xdsproxy.xds.sotw import SotwStream
@@ -86,4 +87,4 @@ def test_streams_raise_only_protocol_errors(messages: list[bytes]) -> None:
             with contextlib.suppress(ProtocolError):
                 stream.receive_downstream(data)
             with contextlib.suppress(UpstreamProtocolError):
-                stream.receive_upstream(data)
+                receive_upstream(stream, data)

@@ -4,18 +4,18 @@ import asyncio
 
 import grpc
 import pytest
-from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
+from tests.helpers import StandInSession, sidecar_node
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.learn.attribution import AccessRecord, Learned, Rejected, attribute
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE
 from xdsproxy.scope.egress import EgressSettings
 from xdsproxy.scope.rules import RulesError, parse_rules
-from xdsproxy.scope.scope import HostPattern, WorkloadKey
+from xdsproxy.scope.scope import HostPattern
 from xdsproxy.server.als import AlsService, peer_ip
 from xdsproxy.server.lazy import LazyRuntime
-from xdsproxy.xds.sotw import SotwStream
 
 A = ServicePort("svc-a.ns-1.svc.cluster.local", 8080)
 W = WorkloadKey("ns-0", "app")
@@ -149,23 +149,6 @@ def _message(ip: str, claim: tuple[str, str], cluster: str) -> bytes:
     return message.SerializeToString()
 
 
-class _Session:
-    """Enough of a server session for the runtime: an id and a real stream with its node."""
-
-    def __init__(self, node: Node) -> None:
-        self.id = id(self)
-        self.stream = SotwStream()
-        self.stream.node = node
-
-
-def _node(ip: str, workload: str, labels=None) -> Node:
-    node = Node(id=f"sidecar~{ip}~{workload}-0.ns-0~ns-0.svc.cluster.local")
-    node.metadata.update(
-        {"NAMESPACE": "ns-0", "WORKLOAD_NAME": workload, "INSTANCE_IPS": ip, "LABELS": labels or {}}
-    )
-    return node
-
-
 async def _als(runtime: LazyRuntime):
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AlsService(runtime).handler(),))
@@ -192,8 +175,8 @@ async def test_als_refuses_peers_that_are_not_allowed() -> None:
 
 async def test_als_learns_from_an_allowed_peer_and_counts_bad_entries() -> None:
     runtime = _runtime(als_allow=["127.0.0.0/8"])
-    runtime.opened(_Session(_node("10.0.0.1", "app")))
-    runtime.opened(_Session(_node("10.0.0.2", "victim")))
+    runtime.opened(StandInSession(sidecar_node("10.0.0.1", "app")))
+    runtime.opened(StandInSession(sidecar_node("10.0.0.2", "victim")))
     server, channel, method = await _als(runtime)
     try:
         messages = [
@@ -222,8 +205,10 @@ async def test_als_learns_from_an_allowed_peer_and_counts_bad_entries() -> None:
 
 def test_als_roles_by_peer_ip() -> None:
     runtime = _runtime()
-    runtime.opened(_Session(_node("10.0.0.5", "lazy-egress", {EGRESS_ROLE_LABEL: EGRESS_ROLE})))
-    runtime.opened(_Session(_node("10.0.0.7", "app")))
+    runtime.opened(
+        StandInSession(sidecar_node("10.0.0.5", "lazy-egress", {EGRESS_ROLE_LABEL: EGRESS_ROLE}))
+    )
+    runtime.opened(StandInSession(sidecar_node("10.0.0.7", "app")))
     assert runtime.als_role("10.0.0.5") == "egress"
     assert runtime.als_role("10.0.0.7") == "sidecar"
     assert runtime.als_role("10.0.0.6") is None

@@ -8,7 +8,7 @@ from kubernetes import client
 from xdsproxy.harness.kubeapi import KubeApiStandIn
 from xdsproxy.harness.stack import eventually
 from xdsproxy.learn.pods import PodDirectory, workload_name
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 from xdsproxy.server.podwatch import PodWatch
 
 

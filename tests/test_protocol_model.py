@@ -9,7 +9,8 @@ from tests.model_envoy import CDS, Loop, ModelEnvoy
 from tests.xds_messages import node
 from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.istio.node import parse_node
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.model import WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.sim.istiod import DeltaConnection, Snapshot, SotwConnection
 from xdsproxy.sim.mesh import Endpoint, Port, Service, generate

@@ -12,7 +12,7 @@ from xdsproxy.harness.kubeapi import KubeApiStandIn, write_kubeconfig
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 from xdsproxy.sim.mesh import generate
 
 pytestmark = pytest.mark.envoy

@@ -4,9 +4,10 @@ Sidecar resource written for a scope."""
 import pytest
 
 from xdsproxy.istio.names import ServicePort
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.explain import DIRECT, EGRESS, WITHHELD, explain
 from xdsproxy.scope.rules import parse_rules
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar_resource import NoSelector, sidecar_resource
 
 W = WorkloadKey("shop", "frontend")

@@ -2,9 +2,10 @@
 namespace and its sidecars' labels) and from the store, and which workloads a change touches."""
 
 from xdsproxy.istio.names import ServicePort
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.registry import Scopes
 from xdsproxy.scope.rules import parse_rules
-from xdsproxy.scope.scope import HostPattern, WorkloadKey
+from xdsproxy.scope.scope import HostPattern
 
 FRONTEND = WorkloadKey("shop", "frontend")
 CART = WorkloadKey("shop", "cart")

@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from tests.helpers import EGRESS, scope_of, sim_upstream, upstream_from_dump, upstream_of
 from tests.istio_fixtures import dump_files, load_dump
 from xdsproxy.istio.names import ServicePort, outbound_cluster
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.contract import LAZY_HEADERS
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import EGRESS_VHOST, route_clusters
-from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.scope import HostPattern, Scope
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.sim.mesh import generate
 from xdsproxy.wire import typeurls

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.xds_messages import delta_request, delta_response, sotw_request, sotw_response
+from tests.xds_messages import (
+    delta_request,
+    delta_response,
+    receive_upstream,
+    sotw_request,
+    sotw_response,
+)
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import decode_delta_response, encode_delta_response
 from xdsproxy.xds.delta import DeltaStream
@@ -51,9 +57,9 @@ def test_identical_resources_under_other_nonces_get_one_resources_id() -> None:
 def _delta_sidecar(nonce_prefix: str, names: list[str]) -> DeltaStream:
     stream = DeltaStream()
     stream.receive_downstream(delta_request(with_node=True))
-    stream.receive_upstream(delta_response(names, f"{nonce_prefix}-1"))
+    receive_upstream(stream, delta_response(names, f"{nonce_prefix}-1"))
     stream.receive_downstream(delta_request(EDS, subscribe=tuple(names)))
-    stream.receive_upstream(delta_response(names[:1], f"{nonce_prefix}-2", type_url=EDS))
+    receive_upstream(stream, delta_response(names[:1], f"{nonce_prefix}-2", type_url=EDS))
     return stream
 
 
@@ -93,7 +99,7 @@ def test_sotw_streams_asking_for_the_same_names_share_them() -> None:
     assert a.subscribed == names and a.subscribed is b.subscribed
     assert a.names_bytes is b.names_bytes
     stream = streams[0]
-    stream.receive_upstream(sotw_response(list(names), "v1", "e-1", EDS))
+    receive_upstream(stream, sotw_response(list(names), "v1", "e-1", EDS))
     more = sotw_request(EDS, (*names, "outbound|80||new.ns.svc.cluster.local"), "v1", "e-1")
     assert len(stream.receive_downstream(more)) == 1  # a changed list is still seen
     assert len(stream._types[EDS].subscribed) == 51 and b.subscribed == names
@@ -156,7 +162,7 @@ def _drive(stream: DeltaStream, ops: list, nonce_prefix: str) -> None:
         else:
             names = list(dict.fromkeys(op[1]))
             nonce = f"{nonce_prefix}-{index}"
-            stream.receive_upstream(delta_response(names, nonce, tuple(op[2]), EDS))
+            receive_upstream(stream, delta_response(names, nonce, tuple(op[2]), EDS))
 
 
 def _check(stream: DeltaStream, ops: list) -> None:
@@ -190,8 +196,8 @@ def test_the_same_resources_with_other_removals_are_another_change() -> None:
     a, b = DeltaStream(), DeltaStream()
     for stream, prefix in ((a, "a"), (b, "b")):
         stream.receive_downstream(delta_request(EDS, with_node=True, subscribe=tuple(names)))
-        stream.receive_upstream(delta_response(names, f"{prefix}-1", type_url=EDS))
+        receive_upstream(stream, delta_response(names, f"{prefix}-1", type_url=EDS))
     assert a._types[EDS].held is b._types[EDS].held
-    a.receive_upstream(delta_response([], "a-2", removed=(names[0],), type_url=EDS))
-    b.receive_upstream(delta_response([], "b-2", removed=(names[1],), type_url=EDS))
+    receive_upstream(a, delta_response([], "a-2", removed=(names[0],), type_url=EDS))
+    receive_upstream(b, delta_response([], "b-2", removed=(names[1],), type_url=EDS))
     assert a.held(EDS) == {names[1]} and b.held(EDS) == {names[0]}

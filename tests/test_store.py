@@ -12,7 +12,7 @@ import time
 import pytest
 
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 from xdsproxy.store.base import Touch, open_store
 from xdsproxy.store.memory import MemoryStore
 from xdsproxy.store.sqlite import SqliteStore
@@ -73,7 +73,7 @@ _WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from xdsproxy.istio.names import ServicePort
-    from xdsproxy.scope.scope import WorkloadKey
+    from xdsproxy.model import WorkloadKey
     from xdsproxy.store.sqlite import SqliteStore
 
     async def main():

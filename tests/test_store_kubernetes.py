@@ -12,7 +12,7 @@ from kubernetes import client
 from xdsproxy.harness.kubeapi import KubeApiStandIn
 from xdsproxy.harness.stack import eventually
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 from xdsproxy.store.base import Touch
 from xdsproxy.store.kubernetes import KubernetesStore, resource_name
 
@@ -157,8 +157,6 @@ async def test_operator_written_static_hosts_apply_and_follow_edits(api) -> None
     runtime = LazyRuntime(
         ServicePort("e.istio-system.svc.cluster.local", 80), EgressSettings(), store=_store(api)
     )
-    pushes: list = []
-    runtime.deliver = lambda session, events: pushes.append(session)
     await runtime.start()
     try:
         for _ in range(40):

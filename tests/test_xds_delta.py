@@ -3,7 +3,7 @@
 import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse
 
-from tests.xds_messages import KeepPrefix, delta_request, delta_response
+from tests.xds_messages import KeepPrefix, delta_request, delta_response, receive_upstream
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import AckedHere, Nacked, ProtocolError, SendDownstream, SendUpstream
@@ -48,22 +48,22 @@ def test_explicit_wildcard_subscription() -> None:
 def test_relay_is_byte_identical_and_tracks_what_envoy_holds() -> None:
     stream = started()
     response = delta_response(["a", "b"], "up-1")
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert isinstance(down, SendDownstream) and down.payload == response
     assert set(stream.held(CDS)) == {"a", "b"}
     removal = delta_response([], "up-2", removed=("a",))
-    [down] = stream.receive_upstream(removal)
+    [down] = receive_upstream(stream, removal)
     assert down.payload == removal
     assert set(stream.held(CDS)) == {"b"}
 
 
 def test_ack_and_nack_go_upstream_verbatim() -> None:
     stream = started()
-    stream.receive_upstream(delta_response(["a"], "up-1"))
+    receive_upstream(stream, delta_response(["a"], "up-1"))
     ack = delta_request(nonce="up-1")
     assert stream.receive_downstream(ack) == [SendUpstream(ack)]
     assert stream.status()[CDS].state == "SYNCED"
-    stream.receive_upstream(delta_response(["bad"], "up-2"))
+    receive_upstream(stream, delta_response(["bad"], "up-2"))
     nack = delta_request(nonce="up-2", error="bad cluster")
     events = stream.receive_downstream(nack)
     assert events == [Nacked(CDS, "up-2", "bad cluster", True), SendUpstream(nack)]
@@ -78,7 +78,7 @@ def test_initial_resource_versions_count_as_held() -> None:
 def test_narrowing_view_removes_only_what_envoy_holds() -> None:
     stream = started(KeepPrefix("keep"), initial={"drop-old": ""})
     response = delta_response(["keep-a", "drop-b", "drop-old"], "up-1", removed=("never-held",))
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     sent = DeltaDiscoveryResponse.FromString(down.payload)
     original = DeltaDiscoveryResponse.FromString(response)
     assert sent.nonce == "up-1"
@@ -107,14 +107,14 @@ def test_unknown_type_passes_through() -> None:
     request = delta_request(url, subscribe=("x",))
     assert stream.receive_downstream(request) == [SendUpstream(request)]
     response = delta_response(["x"], "p-1", type_url=url)
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert down.payload == response
 
 
 def test_widened_view_sends_only_the_new_resources_locally() -> None:
     view = KeepPrefix("keep")
     stream = started(view)
-    stream.receive_upstream(delta_response(["keep-a", "other-b", "other-c"], "up-1"))
+    receive_upstream(stream, delta_response(["keep-a", "other-b", "other-c"], "up-1"))
     assert stream.refresh() == []
     view.prefixes.append("other")
     [push] = stream.refresh()
@@ -130,8 +130,8 @@ def test_widened_view_sends_only_the_new_resources_locally() -> None:
 
 def test_upstream_response_that_changes_nothing_in_view_is_still_relayed_for_its_ack() -> None:
     stream = started(KeepPrefix("keep"))
-    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
-    [down] = stream.receive_upstream(delta_response(["drop-x"], "up-2"))
+    receive_upstream(stream, delta_response(["keep-a"], "up-1"))
+    [down] = receive_upstream(stream, delta_response(["drop-x"], "up-2"))
     sent = DeltaDiscoveryResponse.FromString(down.payload)
     assert down.relayed and sent.nonce == "up-2"
     assert not sent.resources and not sent.removed_resources
@@ -141,10 +141,10 @@ def test_upstream_response_that_changes_nothing_in_view_is_still_relayed_for_its
 
 def test_an_accepted_view_left_unchanged_is_acked_here_and_envoy_is_sent_nothing() -> None:
     stream = started(KeepPrefix("keep"))
-    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
+    receive_upstream(stream, delta_response(["keep-a"], "up-1"))
     stream.receive_downstream(delta_request(nonce="up-1"))
     # Istiod resends everything on a full push; a change outside the view changes nothing.
-    [ack] = stream.receive_upstream(delta_response(["keep-a", "drop-x"], "up-2"))
+    [ack] = receive_upstream(stream, delta_response(["keep-a", "drop-x"], "up-2"))
     assert isinstance(ack, AckedHere) and ack.type_url == CDS
     sent = DeltaDiscoveryRequest.FromString(ack.payload)
     assert (sent.type_url, sent.response_nonce) == (CDS, "up-2")
@@ -155,31 +155,31 @@ def test_an_accepted_view_left_unchanged_is_acked_here_and_envoy_is_sent_nothing
     # A spontaneous subscription change still goes up; a change in view is relayed again.
     spontaneous = delta_request(EDS, subscribe=("keep-a",))
     assert stream.receive_downstream(spontaneous) == [SendUpstream(spontaneous)]
-    [down] = stream.receive_upstream(delta_response(["keep-b"], "up-3"))
+    [down] = receive_upstream(stream, delta_response(["keep-b"], "up-3"))
     assert isinstance(down, SendDownstream) and down.relayed
 
 
 def test_passthrough_relays_even_an_unchanged_resend() -> None:
     stream = started()
-    stream.receive_upstream(delta_response(["a"], "up-1"))
+    receive_upstream(stream, delta_response(["a"], "up-1"))
     stream.receive_downstream(delta_request(nonce="up-1"))
-    [down] = stream.receive_upstream(delta_response(["a"], "up-2"))
+    [down] = receive_upstream(stream, delta_response(["a"], "up-2"))
     assert isinstance(down, SendDownstream) and down.relayed
 
 
 def test_unchanged_resource_is_not_resent() -> None:
     stream = started(KeepPrefix("keep"))
-    stream.receive_upstream(delta_response(["keep-a"], "up-1"))
-    [down] = stream.receive_upstream(delta_response(["keep-a", "keep-b"], "up-2"))
+    receive_upstream(stream, delta_response(["keep-a"], "up-1"))
+    [down] = receive_upstream(stream, delta_response(["keep-a", "keep-b"], "up-2"))
     assert [r.name for r in DeltaDiscoveryResponse.FromString(down.payload).resources] == ["keep-b"]
 
 
 def test_dependent_type_is_pushed_before_the_relay_that_needs_it() -> None:
     stream = started(KeepPrefix("keep", cds_follows_lds=True))
-    stream.receive_upstream(delta_response(["keep-a", "tcp-svc"], "up-1"))
+    receive_upstream(stream, delta_response(["keep-a", "tcp-svc"], "up-1"))
     stream.receive_downstream(delta_request(typeurls.LISTENER))
-    events = stream.receive_upstream(
-        delta_response(["needs:tcp-svc"], "lds-1", type_url=typeurls.LISTENER)
+    events = receive_upstream(
+        stream, delta_response(["needs:tcp-svc"], "lds-1", type_url=typeurls.LISTENER)
     )
     assert [(e.type_url, e.relayed) for e in events] == [(CDS, False), (typeurls.LISTENER, True)]
     assert stream.held(CDS) == {"keep-a", "tcp-svc"}
@@ -197,7 +197,7 @@ def test_local_type_is_served_here() -> None:
 def test_unsubscribe_forgets_the_resource() -> None:
     stream = started(KeepPrefix("keep"))
     stream.receive_downstream(delta_request(EDS, subscribe=("keep-a",)))
-    stream.receive_upstream(delta_response(["keep-a"], "e-1", type_url=EDS))
+    receive_upstream(stream, delta_response(["keep-a"], "e-1", type_url=EDS))
     assert stream.held(EDS) == {"keep-a"}
     stream.receive_downstream(delta_request(EDS, unsubscribe=("keep-a",), nonce="e-1"))
     assert stream.held(EDS) == frozenset() and stream.upstream(EDS) == ((), ())

@@ -6,6 +6,7 @@ from tests.xds_messages import (
     KeepPrefix,
     delta_request,
     delta_response,
+    receive_upstream,
     sotw_request,
     sotw_response,
 )
@@ -33,8 +34,8 @@ def test_sotw_cds_waits_for_the_requested_lds_then_relays_istiods_nonce() -> Non
     stream.receive_downstream(sotw_request(CDS, version="v1", with_node=True))
     stream.receive_downstream(sotw_request(LDS, version="v1"))
     # Istiod answers CDS first: the clusters the listeners keep are not known yet.
-    assert stream.receive_upstream(sotw_response(["svc-a", "db"], "v2", "up-c")) == []
-    events = stream.receive_upstream(sotw_response(["needs:db"], "v2", "up-l", LDS))
+    assert receive_upstream(stream, sotw_response(["svc-a", "db"], "v2", "up-c")) == []
+    events = receive_upstream(stream, sotw_response(["needs:db"], "v2", "up-l", LDS))
     cds, lds = events
     assert isinstance(cds, SendDownstream) and cds.type_url == CDS and cds.relayed
     assert _sotw_names(cds) == ["svc-a", "db"]  # nothing Envoy holds was dropped
@@ -49,7 +50,7 @@ def test_sotw_cds_is_answered_at_once_when_no_input_was_requested() -> None:
     """A fresh Envoy asks LDS only after CDS is answered: waiting would never end."""
     stream = SotwStream(_view())
     stream.receive_downstream(sotw_request(CDS, with_node=True))
-    [cds] = stream.receive_upstream(sotw_response(["svc-a", "db"], "v1", "up-c"))
+    [cds] = receive_upstream(stream, sotw_response(["svc-a", "db"], "v1", "up-c"))
     assert _sotw_names(cds) == ["svc-a"]
 
 
@@ -58,10 +59,10 @@ def test_sotw_a_local_push_waits_for_inputs_too() -> None:
     stream = SotwStream(view)
     stream.receive_downstream(sotw_request(CDS, version="v1", with_node=True))
     stream.receive_downstream(sotw_request(LDS, version="v1"))
-    stream.receive_upstream(sotw_response(["svc-a", "db", "x-1"], "v2", "up-c"))
+    receive_upstream(stream, sotw_response(["svc-a", "db", "x-1"], "v2", "up-c"))
     view.prefixes.append("x-")  # a learn, before LDS arrived
     assert stream.refresh() == []
-    [cds, _] = stream.receive_upstream(sotw_response(["needs:db"], "v2", "up-l", LDS))
+    [cds, _] = receive_upstream(stream, sotw_response(["needs:db"], "v2", "up-l", LDS))
     assert _sotw_names(cds) == ["svc-a", "db", "x-1"]
 
 
@@ -70,8 +71,8 @@ def test_delta_cds_waits_for_lds_and_removes_nothing_envoy_keeps() -> None:
     held = {"svc-a": "1", "db": "1"}
     stream.receive_downstream(delta_request(CDS, initial=held, with_node=True))
     stream.receive_downstream(delta_request(LDS, initial={"needs:db": "1"}))
-    assert stream.receive_upstream(delta_response(["svc-a", "db"], "up-c")) == []
-    cds, lds = stream.receive_upstream(delta_response(["needs:db"], "up-l", type_url=LDS))
+    assert receive_upstream(stream, delta_response(["svc-a", "db"], "up-c")) == []
+    cds, lds = receive_upstream(stream, delta_response(["needs:db"], "up-l", type_url=LDS))
     response = decode_delta_response(cds.payload)
     assert cds.relayed and response.nonce == "up-c"
     assert not response.removed and sorted(response.names) == ["db", "svc-a"]
@@ -83,5 +84,5 @@ def test_delta_before_the_fix_would_have_removed_the_tcp_cluster() -> None:
     listener), so the test above is what the inputs rule changes."""
     stream = DeltaStream(_view())
     stream.receive_downstream(delta_request(CDS, initial={"svc-a": "1", "db": "1"}, with_node=True))
-    [cds] = stream.receive_upstream(delta_response(["svc-a", "db"], "up-c"))
+    [cds] = receive_upstream(stream, delta_response(["svc-a", "db"], "up-c"))
     assert list(decode_delta_response(cds.payload).removed) == ["db"]

@@ -6,10 +6,11 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from google.protobuf.any_pb2 import Any
 
-from tests.xds_messages import node
+from tests.xds_messages import node, receive_upstream
 from xdsproxy.istio.names import ServicePort
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.egress import EgressSettings
-from xdsproxy.scope.scope import Scope, WorkloadKey
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.wire import typeurls
@@ -54,7 +55,7 @@ def test_delta_agent_types_with_empty_requests_reach_envoy(mode: str, type_url: 
     assert stream.receive_downstream(first) == [SendUpstream(first)]
     body = _unnamed(type_url)
     response = encode_delta_response("v1", type_url, "up-1", [encode_delta_resource("", body)])
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert isinstance(down, SendDownstream) and down.relayed
     assert decode_delta_response(down.payload).anys == (body,)
 
@@ -67,7 +68,7 @@ def test_sotw_agent_types_pass_byte_for_byte(mode: str, type_url: str) -> None:
     request.node.CopyFrom(node())
     stream.receive_downstream(request.SerializeToString())
     response = encode_sotw_response("v1", type_url, "up-1", [_unnamed(type_url)])
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert isinstance(down, SendDownstream) and down.payload == response
     assert decode_sotw_response(down.payload).bodies == (_unnamed(type_url),)
 
@@ -86,11 +87,11 @@ def test_delta_reconnect_never_removes_ecds_istiod_did_not_remove(mode: str) -> 
     stream.receive_downstream(request.SerializeToString())
     body = _unnamed(ECDS)
     response = encode_delta_response("v2", ECDS, "up-1", [encode_delta_resource("wasm-a", body)])
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert not decode_delta_response(down.payload).removed
     # An explicit removal by the upstream is passed on.
     removal = encode_delta_response("v3", ECDS, "up-2", [], removed=["wasm-b"])
-    [down] = stream.receive_upstream(removal)
+    [down] = receive_upstream(stream, removal)
     assert list(decode_delta_response(down.payload).removed) == ["wasm-b"]
 
 

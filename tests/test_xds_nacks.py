@@ -8,6 +8,7 @@ from tests.xds_messages import (
     KeepPrefix,
     delta_request,
     delta_response,
+    receive_upstream,
     sotw_request,
     sotw_response,
 )
@@ -23,34 +24,34 @@ def _names(event: SendDownstream) -> list[str]:
 def test_delta_a_nacked_resource_is_offered_again_and_never_acked_here() -> None:
     stream = DeltaStream(KeepPrefix("keep"))
     stream.receive_downstream(delta_request(with_node=True))
-    stream.receive_upstream(delta_response(["keep-a"], "u1"))
+    receive_upstream(stream, delta_response(["keep-a"], "u1"))
     stream.receive_downstream(delta_request(nonce="u1"))
-    [down] = stream.receive_upstream(delta_response(["keep-a", "keep-bad"], "u2"))
+    [down] = receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u2"))
     assert _names(down) == ["keep-bad"]
     events = stream.receive_downstream(delta_request(nonce="u2", error="keep-bad: invalid"))
     assert [type(e) for e in events] == [Nacked, SendUpstream]
     assert "keep-bad" in stream.held(down.type_url)  # Envoy may hold an older one: unknown
     # Istiod's next full push resends it unchanged: Envoy is offered it again.
-    [down] = stream.receive_upstream(delta_response(["keep-a", "keep-bad"], "u3"))
+    [down] = receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u3"))
     assert isinstance(down, SendDownstream) and _names(down) == ["keep-bad"]
     stream.receive_downstream(delta_request(nonce="u3", error="keep-bad: invalid"))
-    [again] = stream.receive_upstream(delta_response(["keep-a", "keep-bad"], "u4"))
+    [again] = receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u4"))
     assert not isinstance(again, AckedHere), "ACKed Istiod for an Envoy that rejected it"
     # Once Envoy accepts it, unchanged resends are ACKed here as usual.
     stream.receive_downstream(delta_request(nonce="u4"))
-    [acked] = stream.receive_upstream(delta_response(["keep-a", "keep-bad"], "u5"))
+    [acked] = receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u5"))
     assert isinstance(acked, AckedHere)
 
 
 def test_delta_a_nacked_removal_is_sent_again() -> None:
     stream = DeltaStream(KeepPrefix("keep"))
     stream.receive_downstream(delta_request(with_node=True))
-    stream.receive_upstream(delta_response(["keep-a", "keep-b"], "u1"))
+    receive_upstream(stream, delta_response(["keep-a", "keep-b"], "u1"))
     stream.receive_downstream(delta_request(nonce="u1"))
-    [down] = stream.receive_upstream(delta_response([], "u2", removed=("keep-b",)))
+    [down] = receive_upstream(stream, delta_response([], "u2", removed=("keep-b",)))
     assert list(DeltaDiscoveryResponse.FromString(down.payload).removed_resources) == ["keep-b"]
     stream.receive_downstream(delta_request(nonce="u2", error="rejected"))
-    [down] = stream.receive_upstream(delta_response(["keep-a"], "u3"))
+    [down] = receive_upstream(stream, delta_response(["keep-a"], "u3"))
     assert "keep-b" in DeltaDiscoveryResponse.FromString(down.payload).removed_resources
 
 
@@ -58,9 +59,9 @@ def test_sotw_answer_to_a_superseded_relayed_response_reaches_istiod() -> None:
     view = KeepPrefix("keep")
     stream = SotwStream(view)
     stream.receive_downstream(sotw_request(with_node=True))
-    stream.receive_upstream(sotw_response(["keep-a"], "v1", "u1"))
+    receive_upstream(stream, sotw_response(["keep-a"], "v1", "u1"))
     stream.receive_downstream(sotw_request(version="v1", nonce="u1"))
-    stream.receive_upstream(sotw_response(["keep-a", "keep-bad", "other-x"], "v2", "u2"))
+    receive_upstream(stream, sotw_response(["keep-a", "keep-bad", "other-x"], "v2", "u2"))
     view.prefixes.append("other")  # a learn lands before Envoy answered u2
     [local] = stream.refresh()
     nack = sotw_request(version="v1", nonce="u2", error="keep-bad invalid")
@@ -68,7 +69,7 @@ def test_sotw_answer_to_a_superseded_relayed_response_reaches_istiod() -> None:
     assert events[-1] == SendUpstream(nack), "Istiod never hears its config was rejected"
     assert isinstance(events[0], Nacked) and events[0].relayed
     # An ACK of a superseded relayed response goes up too, so Istiod does not stay STALE.
-    stream.receive_upstream(sotw_response(["keep-a", "other-x", "more-y"], "v3", "u3"))
+    receive_upstream(stream, sotw_response(["keep-a", "other-x", "more-y"], "v3", "u3"))
     view.prefixes.append("more")
     assert stream.refresh()
     ack = sotw_request(version="v3", nonce="u3")

@@ -3,7 +3,7 @@
 import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
-from tests.xds_messages import KeepPrefix, sotw_request, sotw_response
+from tests.xds_messages import KeepPrefix, receive_upstream, sotw_request, sotw_response
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.events import (
     AckedHere,
@@ -56,7 +56,7 @@ def test_node_is_kept_from_the_first_request_only() -> None:
 def test_relay_is_byte_identical_and_ack_goes_upstream() -> None:
     stream = started()
     response = sotw_response(["a", "b"], "v1", "up-1")
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert isinstance(down, SendDownstream) and down.payload == response and down.relayed
     ack = sotw_request(version="v1", nonce="up-1")
     assert stream.receive_downstream(ack) == [SendUpstream(ack)]
@@ -66,9 +66,9 @@ def test_relay_is_byte_identical_and_ack_goes_upstream() -> None:
 
 def test_nack_goes_upstream_with_error_detail() -> None:
     stream = started()
-    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    receive_upstream(stream, sotw_response(["a"], "v1", "up-1"))
     stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
-    stream.receive_upstream(sotw_response(["a", "bad"], "v2", "up-2"))
+    receive_upstream(stream, sotw_response(["a", "bad"], "v2", "up-2"))
     nack = sotw_request(version="v1", nonce="up-2", error="cluster bad: invalid")
     events = stream.receive_downstream(nack)
     assert Nacked(CDS, "up-2", "cluster bad: invalid", True) in events
@@ -83,8 +83,8 @@ def test_nack_goes_upstream_with_error_detail() -> None:
 
 def test_stale_nonce_is_dropped_not_forwarded() -> None:
     stream = started()
-    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
-    stream.receive_upstream(sotw_response(["a", "b"], "v2", "up-2"))
+    receive_upstream(stream, sotw_response(["a"], "v1", "up-1"))
+    receive_upstream(stream, sotw_response(["a", "b"], "v2", "up-2"))
     assert stream.receive_downstream(sotw_request(version="v1", nonce="up-1")) == []
     assert stream.status()[CDS].state == "STALE"
     ack = sotw_request(version="v2", nonce="up-2")
@@ -100,22 +100,22 @@ def test_changed_resource_names_are_forwarded() -> None:
     stream = started()
     first = sotw_request(EDS, ("a",))
     assert stream.receive_downstream(first) == [SendUpstream(first)]
-    stream.receive_upstream(sotw_response(["a"], "v1", "e-1", EDS))
+    receive_upstream(stream, sotw_response(["a"], "v1", "e-1", EDS))
     more = sotw_request(EDS, ("a", "b"), version="v1", nonce="e-1")
     assert stream.receive_downstream(more) == [SendUpstream(more)]
 
 
 def test_passthrough_never_acks_upstream_on_envoys_behalf() -> None:
     stream = started()
-    stream.receive_upstream(sotw_response(["a"], "v1", "up-1"))
+    receive_upstream(stream, sotw_response(["a"], "v1", "up-1"))
     stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
-    events = stream.receive_upstream(sotw_response(["a"], "v2", "up-2"))  # same resources
+    events = receive_upstream(stream, sotw_response(["a"], "v2", "up-2"))  # same resources
     assert not any(isinstance(e, SendUpstream | AckedHere) for e in events)
     assert [e.relayed for e in events if isinstance(e, SendDownstream)] == [True]
 
 
 def _accepted(stream: SotwStream, names: list[str], version: str, nonce: str, type_url=CDS):
-    stream.receive_upstream(sotw_response(names, version, nonce, type_url))
+    receive_upstream(stream, sotw_response(names, version, nonce, type_url))
     subscribed = tuple(names) if type_url == EDS else ()
     stream.receive_downstream(sotw_request(type_url, subscribed, version, nonce))
 
@@ -123,7 +123,7 @@ def _accepted(stream: SotwStream, names: list[str], version: str, nonce: str, ty
 def test_a_change_outside_the_view_is_acked_here_and_envoy_is_sent_nothing() -> None:
     stream = started(KeepPrefix("keep"))
     _accepted(stream, ["keep-a", "drop-b"], "v1", "up-1")
-    events = stream.receive_upstream(sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
+    events = receive_upstream(stream, sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
     [ack] = events
     assert isinstance(ack, AckedHere) and ack.type_url == CDS
     sent = DiscoveryRequest.FromString(ack.payload)
@@ -134,7 +134,7 @@ def test_a_change_outside_the_view_is_acked_here_and_envoy_is_sent_nothing() -> 
     # Envoy repeating its ACK of what it holds goes nowhere: Istiod has its answer.
     assert stream.receive_downstream(sotw_request(version="v1", nonce="up-1")) == []
     # A change inside the view is relayed as usual, under the newest upstream nonce.
-    [down] = stream.receive_upstream(sotw_response(["keep-a", "keep-d"], "v3", "up-3"))
+    [down] = receive_upstream(stream, sotw_response(["keep-a", "keep-d"], "v3", "up-3"))
     assert isinstance(down, SendDownstream) and down.relayed
     assert DiscoveryResponse.FromString(down.payload).nonce == "up-3"
     ack = sotw_request(version="v3", nonce="up-3")
@@ -143,11 +143,11 @@ def test_a_change_outside_the_view_is_acked_here_and_envoy_is_sent_nothing() -> 
 
 def test_an_unchanged_view_is_still_relayed_while_envoy_has_not_accepted_it() -> None:
     stream = started(KeepPrefix("keep"))
-    stream.receive_upstream(sotw_response(["keep-a"], "v1", "up-1"))  # not ACKed yet
-    [down] = stream.receive_upstream(sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
+    receive_upstream(stream, sotw_response(["keep-a"], "v1", "up-1"))  # not ACKed yet
+    [down] = receive_upstream(stream, sotw_response(["keep-a", "drop-c"], "v2", "up-2"))
     assert isinstance(down, SendDownstream) and down.relayed
     stream.receive_downstream(sotw_request(version="v1", nonce="up-2", error="bad"))  # NACK
-    [again] = stream.receive_upstream(sotw_response(["keep-a", "drop-d"], "v3", "up-3"))
+    [again] = receive_upstream(stream, sotw_response(["keep-a", "drop-d"], "v3", "up-3"))
     assert isinstance(again, SendDownstream) and again.relayed
 
 
@@ -155,7 +155,7 @@ def test_subscription_change_answered_on_a_covering_nonce_goes_up_against_the_ne
     stream = started(KeepPrefix("keep"))
     stream.receive_downstream(sotw_request(EDS, ("keep-a",)))
     _accepted(stream, ["keep-a"], "e1", "eds-1", EDS)
-    [ack] = stream.receive_upstream(sotw_response(["keep-a", "drop-x"], "e2", "eds-2", EDS))
+    [ack] = receive_upstream(stream, sotw_response(["keep-a", "drop-x"], "e2", "eds-2", EDS))
     assert list(DiscoveryRequest.FromString(ack.payload).resource_names) == ["keep-a"]
     [up] = stream.receive_downstream(sotw_request(EDS, ("keep-a", "keep-b"), "e1", "eds-1"))
     forwarded = DiscoveryRequest.FromString(up.payload)
@@ -171,7 +171,7 @@ def test_reconnect_request_with_version_is_relayed() -> None:
 
 def test_wildcard_empty_response_is_relayed() -> None:
     stream = started()
-    [down] = stream.receive_upstream(sotw_response([], "v1", "up-1"))
+    [down] = receive_upstream(stream, sotw_response([], "v1", "up-1"))
     assert isinstance(down, SendDownstream) and down.resource_count == 0
 
 
@@ -181,14 +181,14 @@ def test_unknown_type_passes_through() -> None:
     request = sotw_request(url)
     assert stream.receive_downstream(request) == [SendUpstream(request)]
     response = sotw_response(["x"], "v1", "nds-1", url)
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     assert down.payload == response
 
 
 def test_narrowing_view_keeps_nonce_and_exact_bytes() -> None:
     stream = started(KeepPrefix("keep"))
     response = sotw_response(["keep-a", "drop-b", "keep-c"], "v1", "up-1")
-    [down] = stream.receive_upstream(response)
+    [down] = receive_upstream(stream, response)
     sent = DiscoveryResponse.FromString(down.payload)
     original = DiscoveryResponse.FromString(response)
     assert sent.nonce == "up-1" and sent.version_info == "v1"
@@ -203,7 +203,7 @@ def test_narrowing_view_keeps_nonce_and_exact_bytes() -> None:
 def test_widened_view_pushes_locally_and_its_ack_stays_local() -> None:
     view = KeepPrefix("keep")
     stream = started(view)
-    stream.receive_upstream(sotw_response(["keep-a", "other-b"], "v1", "up-1"))
+    receive_upstream(stream, sotw_response(["keep-a", "other-b"], "v1", "up-1"))
     stream.receive_downstream(sotw_request(version="v1", nonce="up-1"))
     assert stream.refresh() == []  # nothing changed, nothing pushed
     view.prefixes.append("other")
@@ -225,7 +225,7 @@ def test_subscription_change_on_a_local_nonce_goes_up_against_the_upstream_nonce
     view = KeepPrefix("keep")
     stream = started(view)
     stream.receive_downstream(sotw_request(EDS, ("keep-a",)))
-    stream.receive_upstream(sotw_response(["keep-a", "x"], "e1", "eds-1", EDS))
+    receive_upstream(stream, sotw_response(["keep-a", "x"], "e1", "eds-1", EDS))
     view.prefixes.append("x")
     [push] = stream.refresh()
     local_nonce = DiscoveryResponse.FromString(push.payload).nonce
@@ -238,11 +238,11 @@ def test_subscription_change_on_a_local_nonce_goes_up_against_the_upstream_nonce
 def test_dependent_type_is_pushed_before_the_relay_that_needs_it() -> None:
     view = KeepPrefix("keep", cds_follows_lds=True)
     stream = started(view)
-    stream.receive_upstream(sotw_response(["keep-a", "tcp-svc"], "v1", "up-1"))
+    receive_upstream(stream, sotw_response(["keep-a", "tcp-svc"], "v1", "up-1"))
     assert stream.pushed_names(CDS) == ("keep-a",)
     stream.receive_downstream(sotw_request(typeurls.LISTENER))
-    events = stream.receive_upstream(
-        sotw_response(["needs:tcp-svc"], "l1", "lds-1", typeurls.LISTENER)
+    events = receive_upstream(
+        stream, sotw_response(["needs:tcp-svc"], "l1", "lds-1", typeurls.LISTENER)
     )
     assert [(e.type_url, e.relayed) for e in events] == [
         (CDS, False),
@@ -268,7 +268,7 @@ def test_acks_repeating_the_names_are_read_without_them_and_changes_are_still_se
     stream = started()
     names = tuple(f"outbound|80||svc-{i}.ns.svc.cluster.local" for i in range(50))
     assert stream.receive_downstream(sotw_request(EDS, names)) != []
-    stream.receive_upstream(sotw_response(list(names), "v1", "e-1", EDS))
+    receive_upstream(stream, sotw_response(list(names), "v1", "e-1", EDS))
     ack = sotw_request(EDS, names, version="v1", nonce="e-1")
     assert stream.receive_downstream(ack) == [SendUpstream(ack)]
     assert stream.status()[EDS].acked_nonce == "e-1"
@@ -276,12 +276,12 @@ def test_acks_repeating_the_names_are_read_without_them_and_changes_are_still_se
     swapped = (*names[:-1], "outbound|80||svc-x.ns.svc.cluster.local")
     change = sotw_request(EDS, swapped, version="v1", nonce="e-1")
     assert stream.receive_downstream(change) == [SendUpstream(change)]
-    stream.receive_upstream(sotw_response(list(swapped), "v2", "e-2", EDS))
+    receive_upstream(stream, sotw_response(list(swapped), "v2", "e-2", EDS))
     again = sotw_request(EDS, swapped, version="v2", nonce="e-2")
     assert stream.receive_downstream(again) == [SendUpstream(again)]
     assert stream.pushed_names(EDS) == swapped
     # A NACK repeating the names is still read in full.
-    stream.receive_upstream(sotw_response(list(swapped), "v3", "e-3", EDS))
+    receive_upstream(stream, sotw_response(list(swapped), "v3", "e-3", EDS))
     nack = sotw_request(EDS, swapped, version="v2", nonce="e-3", error="bad endpoint")
     assert [type(e).__name__ for e in stream.receive_downstream(nack)] == [
         "Nacked",

@@ -7,6 +7,9 @@ from google.protobuf.any_pb2 import Any
 
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, encode_sotw_response
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.events import Event, UpstreamApplied
+from xdsproxy.xds.sotw import SotwStream
 
 NODE_ID = "sidecar~10.0.0.1~app-7d9f8c6b5d-abcde.ns-0~ns-0.svc.cluster.local"
 
@@ -136,3 +139,13 @@ class KeepPrefix:
         if len(kept) == len(names):
             return names, bodies
         return tuple(n for n, _ in kept), tuple(b for _, b in kept)
+
+
+def receive_upstream(stream: SotwStream | DeltaStream, data: bytes) -> list[Event]:
+    """The stream's events for an upstream response, less the `UpstreamApplied` that always
+    ends them (checked here: it carries what the stream now holds from the upstream)."""
+    *events, applied = stream.receive_upstream(data)
+    assert isinstance(applied, UpstreamApplied), applied
+    assert applied.upstream == stream.upstream(applied.type_url)
+    assert applied.size == len(data)
+    return events

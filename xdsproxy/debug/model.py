@@ -10,9 +10,10 @@ from google.protobuf.message import DecodeError
 
 from xdsproxy.istio.names import ServicePort, outbound_cluster, service_fqdn
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.egress import is_egress
 from xdsproxy.scope.explain import DIRECT, EGRESS, WITHHELD, explain
-from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.scope import HostPattern, Scope
 from xdsproxy.scope.sidecar_resource import NoSelector, sidecar_resource
 from xdsproxy.server.ads import AdsProxy, Session
 from xdsproxy.server.lazy import LazyRuntime

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xdsproxy.istio.names import ServicePort, is_port, outbound_cluster
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from xdsproxy.scope.scope import WorkloadKey
+from xdsproxy.model import WorkloadKey
 
 # The label that overrides the derived name (istio/api label.ServiceWorkloadName).
 WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"

@@ -37,6 +37,7 @@ from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpPro
 from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
+from xdsproxy.scope import inputs
 from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.mesh import MeshTables
@@ -55,6 +56,11 @@ from xdsproxy.xds.ordering import is_original_dst
 from xdsproxy.xds.view import Selection, UpstreamView
 
 EGRESS_LISTENER = "xdsproxy_lazy_egress"
+# The scoped routes read the egress's own CDS, RDS and LDS, and every namespace's tables; the
+# rest of its config is Istio's, plus fixed resources.
+_SCOPED_ROUTE_INPUTS = frozenset(
+    {typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER, inputs.MESH_ROUTE_TABLES}
+)
 ALS_CLUSTER = "xdsproxy-als"
 ALS_LOG_NAME = "xdsproxy-lazy-egress"
 
@@ -205,7 +211,7 @@ class EgressView:
 
     def depends_on(self, type_url: str) -> frozenset[str]:
         if type_url == typeurls.SCOPED_ROUTE:
-            return frozenset({typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER})
+            return _SCOPED_ROUTE_INPUTS
         return frozenset()
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:

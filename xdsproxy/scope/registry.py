@@ -2,8 +2,9 @@
 and the labels its sidecars report) and the store's (a LazyScope's `spec.hosts`). Pure: the
 runtime re-pushes the workloads a change returns."""
 
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.rules import Rules
-from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.scope import HostPattern, Scope
 
 
 class Scopes:

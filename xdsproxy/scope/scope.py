@@ -5,17 +5,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 from xdsproxy.istio.names import ServicePort, is_port
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class WorkloadKey:
-    """Scope is per workload (namespace + workload name), so a new replica starts warm."""
-
-    namespace: str
-    workload: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.workload}"
+from xdsproxy.model import Edge, WorkloadKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +57,6 @@ class HostPattern:
             if len(parts) < 2 or parts[1] != self.namespace:
                 return False
         return fnmatch.fnmatchcase(service.host, self.host)
-
-
-@dataclass(slots=True)
-class Edge:
-    """Wall-clock first and last seen (persisted), and the monotonic time of the last evidence
-    seen by this process, which is what ageing uses: a wall-clock jump must not age anything."""
-
-    first_seen: float
-    last_seen: float
-    evidence: float = 0.0
-    learned_by: str = ""  # the replica whose egress entry taught it, where known
 
 
 _SCOPE_IDS = itertools.count(1)

@@ -28,6 +28,7 @@ from cachetools import LRUCache
 
 from xdsproxy import caches
 from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.scope import inputs
 from xdsproxy.scope.compact import (
     CompactMode,
     service_listener,
@@ -45,9 +46,16 @@ from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
 from xdsproxy.xds.view import Selection, UpstreamView
 
-_CDS_INPUTS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
+_CDS_UPSTREAM = frozenset({typeurls.LISTENER, typeurls.ROUTE})
 # In compact mode a listener is left out only if it is a service VIP's (an EDS cluster).
-_COMPACT_LDS_INPUTS = frozenset({typeurls.CLUSTER})
+_COMPACT_LDS_UPSTREAM = frozenset({typeurls.CLUSTER})
+# Every input each type's selection reads (see `inputs`); EDS and the rest read none.
+_INPUTS = {
+    typeurls.CLUSTER: _CDS_UPSTREAM | {inputs.SCOPE, inputs.FAIL_OPEN, inputs.TUNNEL},
+    typeurls.ROUTE: frozenset({inputs.SCOPE, inputs.FAIL_OPEN}),
+    typeurls.LISTENER: frozenset({inputs.FAIL_OPEN, inputs.TUNNEL}),
+}
+_COMPACT_LDS_INPUTS = _INPUTS[typeurls.LISTENER] | _COMPACT_LDS_UPSTREAM | {inputs.SCOPE}
 _EMPTY: Selection = ((), ())
 # The newest selection per (scope, type): replicas ask for the same one within a push, and an
 # older generation is replaced rather than kept (under churn every push is a new generation).
@@ -84,11 +92,9 @@ class SidecarView:
         self.usage_flush_seconds = usage_flush_seconds
 
     def depends_on(self, type_url: str) -> frozenset[str]:
-        if type_url == typeurls.CLUSTER:
-            return _CDS_INPUTS
         if type_url == typeurls.LISTENER and self.compact is not None:
             return _COMPACT_LDS_INPUTS
-        return frozenset()
+        return _INPUTS.get(type_url, frozenset())
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, _EMPTY)
@@ -102,13 +108,13 @@ class SidecarView:
                 if service_listener(refs, clusters)
             )
         if type_url == typeurls.CLUSTER:
-            inputs = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_INPUTS)))
-            return self._memo(type_url, inputs, lambda: self._clusters(current, upstream))
+            read = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_UPSTREAM)))
+            return self._memo(type_url, read, lambda: self._clusters(current, upstream))
         if type_url == typeurls.ROUTE:
             return self._memo(type_url, (current,), lambda: self._routes(current))
         if type_url == typeurls.LISTENER:
-            inputs = (current, *(upstream.get(t, _EMPTY) for t in self.depends_on(type_url)))
-            return self._memo(type_url, inputs, lambda: self._listeners(current, upstream))
+            read = (current, upstream.get(typeurls.CLUSTER, _EMPTY) if self.compact else _EMPTY)
+            return self._memo(type_url, read, lambda: self._listeners(current, upstream))
         return current
 
     def _listeners(self, current: Selection, upstream: UpstreamView) -> Selection:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +32,7 @@ from xdsproxy.xds.events import (
     ProtocolError,
     SendDownstream,
     SendUpstream,
+    UpstreamApplied,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.sotw import SotwStream
@@ -63,6 +65,8 @@ class Session:
     protocol: str
     peer: str
     stream: SotwStream | DeltaStream
+    # The proxy's way of queueing a stream's events (its outboxes, the warm-wait timer)
+    apply: Callable[["Session", list[Event]], None] = field(repr=False)
     connected_at: float = field(default_factory=time.time)
     # (payload, type label, when the Istiod response it answers arrived; None for local pushes)
     outbox: asyncio.Queue[tuple[bytes, str, float | None]] = field(default_factory=asyncio.Queue)
@@ -83,6 +87,11 @@ class Session:
     @property
     def node_id(self) -> str:
         return self.stream.node.id if self.stream.node is not None else ""
+
+    def refresh(self, inputs: frozenset[str]) -> None:
+        """Inputs this stream's view reads besides the upstream changed (a scope widened, the
+        mesh's route tables): push what they change."""
+        self.apply(self, self.stream.inputs_changed(inputs))
 
     def end(self, code: grpc.StatusCode, message: str) -> None:
         """The first reason to end wins; the writer is cancelled even if blocked on Envoy."""
@@ -120,7 +129,9 @@ class Runtime(Protocol):
 
     def closed(self, session: "Session") -> None: ...
 
-    def upstream_applied(self, session: "Session", type_url: str) -> None: ...
+    def upstream_applied(self, session: "Session", applied: UpstreamApplied) -> None:
+        """An upstream response is the stream's current content of its type."""
+        ...
 
     def nacked(self, session: "Session", nack: Nacked) -> None: ...
 
@@ -134,7 +145,7 @@ class PassthroughRuntime:
     def closed(self, session: "Session") -> None:
         pass
 
-    def upstream_applied(self, session: "Session", type_url: str) -> None:
+    def upstream_applied(self, session: "Session", applied: UpstreamApplied) -> None:
         pass
 
     def nacked(self, session: "Session", nack: Nacked) -> None:
@@ -157,12 +168,6 @@ class AdsProxy:
         self._ids = itertools.count(1)
         self._upstream_warnings = RateLimitedLog(log)
         self._closing = False
-
-    def deliver(self, session: Session, events: list[Event]) -> None:
-        """Queue responses xdsproxy originated (a learn, a shared table changed) for Envoy."""
-        for event in events:
-            assert isinstance(event, SendDownstream), "a local push never talks upstream"
-        self._apply(session, events)
 
     def _enqueue(self, session: Session, event: SendDownstream) -> None:
         kind = metric_type(event.type_url)
@@ -208,7 +213,7 @@ class AdsProxy:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "xdsproxy is shutting down")
         protocol = "SotW" if method == SOTW_METHOD else "Delta"
-        session = Session(next(self._ids), protocol, context.peer(), stream)
+        session = Session(next(self._ids), protocol, context.peer(), stream, self._apply)
         try:
             first = await context.read()
         except asyncio.CancelledError:
@@ -375,14 +380,9 @@ class AdsProxy:
     def _on_upstream(self, session: Session, data: bytes) -> None:
         session.upstream_received = time.monotonic()
         try:
-            events = session.stream.receive_upstream(data)
-            self._apply(session, events)
+            self._apply(session, session.stream.receive_upstream(data))
         finally:
             session.upstream_received = None
-        if events and isinstance(events[-1], SendDownstream | AckedHere):
-            type_url = events[-1].type_url
-            self.metrics.upstream_bytes.labels(metric_type(type_url)).inc(len(data))
-            self.runtime.upstream_applied(session, type_url)
 
     def _apply(self, session: Session, events: list[Event]) -> None:
         self._apply_events(session, events)
@@ -420,3 +420,6 @@ class AdsProxy:
                     },
                 )
                 self.runtime.nacked(session, event)
+            elif isinstance(event, UpstreamApplied):
+                self.metrics.upstream_bytes.labels(metric_type(event.type_url)).inc(event.size)
+                self.runtime.upstream_applied(session, event)

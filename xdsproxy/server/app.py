@@ -148,8 +148,6 @@ class ProxyServer:
             Limits(config.max_pending_bytes, config.pause_upstream_bytes),
             self.metrics,
         )
-        if self.runtime is not None:
-            self.runtime.deliver = self.proxy.deliver
         self.metrics.watch_sync_states(
             lambda: (
                 (type_url, status.state)

@@ -21,20 +21,22 @@ from xdsproxy.learn.attribution import AccessRecord, Learned, attribute
 from xdsproxy.learn.pending import PendingEntries
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
+from xdsproxy.model import WorkloadKey
+from xdsproxy.scope import inputs
 from xdsproxy.scope.compact import CompactMode
 from xdsproxy.scope.egress import EgressSettings, EgressView, is_egress
 from xdsproxy.scope.failopen import FailOpen, ready_endpoints
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.registry import Scopes
 from xdsproxy.scope.rules import Rules
-from xdsproxy.scope.scope import HostPattern, Scope, WorkloadKey
+from xdsproxy.scope.scope import HostPattern, Scope
 from xdsproxy.scope.sidecar import SidecarView
 from xdsproxy.scope.tunnel import TUNNEL_UNSUPPORTED, supports_tunnel
 from xdsproxy.server.ads import Session
 from xdsproxy.store.base import Edges, Store, StoreError, Touch
 from xdsproxy.store.memory import MemoryStore
 from xdsproxy.wire import typeurls
-from xdsproxy.xds.events import Event, Nacked
+from xdsproxy.xds.events import Nacked, UpstreamApplied
 from xdsproxy.xds.view import UNSCOPED, ResourceView
 
 log = logging.getLogger("xdsproxy.lazy")
@@ -86,7 +88,6 @@ class LazyRuntime:
         self.pending = PendingEntries()
         # Seconds from the egress seeing the request to the re-push being queued, per learn.
         self.learn_latencies: list[float] = []
-        self.deliver: Callable[[Session, list[Event]], None] = lambda session, events: None
         self.store: Store = store or MemoryStore()
         self.store_healthy = False  # until start() has loaded the store
         self.ttl = ttl
@@ -122,7 +123,7 @@ class LazyRuntime:
     def set_rules(self, rules: Rules) -> None:
         """New static rules (the rules file changed): every scope they change is re-pushed."""
         for key in self.registry.set_rules(rules):
-            self._repush(key)
+            self._repush(key, inputs.SCOPE)
 
     def apply_static(self, workload: WorkloadKey, hosts: tuple[str, ...]) -> None:
         """Static hosts from the store (a LazyScope's spec.hosts); bad entries are skipped."""
@@ -137,7 +138,7 @@ class LazyRuntime:
                     extra={"workload": str(workload), "error": str(exc)},
                 )
         if self.registry.set_stored(workload, tuple(patterns)):
-            self._repush(workload)
+            self._repush(workload, inputs.SCOPE)
 
     def view_for(self, node: Node) -> ResourceView:
         """The view a node gets (streams get theirs from `opened`, which parses once)."""
@@ -220,24 +221,28 @@ class LazyRuntime:
 
     def _refresh_open(self, session: Session) -> None:
         if session.id in self._nodes:
-            self.deliver(session, session.stream.refresh())
+            session.refresh(frozenset({inputs.TUNNEL}))
 
-    def upstream_applied(self, session: Session, type_url: str) -> None:
+    def upstream_applied(self, session: Session, applied: UpstreamApplied) -> None:
+        """Istiod's config as a stream just stored it: the services it names (held access log
+        entries wait for them), the egress's endpoints (fail-open), and a namespace's route
+        tables (the egress's scoped routes read them)."""
         istio = self._nodes.get(session.id)
         if istio is None:
             return
+        type_url = applied.type_url
         if type_url == typeurls.CLUSTER:
-            self._note_services(session.stream.upstream(typeurls.CLUSTER)[0])
+            self._note_services(applied.upstream[0])
         if type_url == typeurls.ENDPOINT and self.fail_open.mode != "never":
-            self._note_egress_endpoints(session.stream.upstream(typeurls.ENDPOINT))
+            self._note_egress_endpoints(applied.upstream)
         routes_changed = (
             type_url == typeurls.ROUTE
             and session not in self._egress
-            and self.tables.record(istio.namespace, session.stream.upstream(typeurls.ROUTE))
+            and self.tables.record(istio.namespace, applied.upstream)
         )
         if routes_changed:
             for egress in list(self._egress):
-                self.deliver(egress, egress.stream.refresh())
+                egress.refresh(frozenset({inputs.MESH_ROUTE_TABLES}))
 
     def _note_egress_endpoints(self, endpoints: tuple[tuple[str, ...], tuple[bytes, ...]]) -> None:
         names, bodies = endpoints
@@ -272,7 +277,7 @@ class LazyRuntime:
             extra={"egress": self.egress_cluster},
         )
         for workload in list(self._by_workload):
-            self._repush(workload)
+            self._repush(workload, inputs.FAIL_OPEN)
 
     def _note_services(self, names: tuple[str, ...]) -> None:
         new = set()
@@ -401,9 +406,9 @@ class LazyRuntime:
             self._repush(result.workload)
         return result
 
-    def _repush(self, workload: WorkloadKey) -> None:
+    def _repush(self, workload: WorkloadKey, changed: str = inputs.SCOPE) -> None:
         for session in list(self._by_workload.get(workload, ())):
-            self.deliver(session, session.stream.refresh())
+            session.refresh(frozenset({changed}))
 
     async def _commit(
         self, workload: WorkloadKey, service: ServicePort, seen: float, by: str

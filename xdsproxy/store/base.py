@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import Edge, WorkloadKey
+from xdsproxy.model import Edge, WorkloadKey
 
 Edges = dict[ServicePort, Edge]
 ChangeCallback = Callable[[WorkloadKey, Edges], None]

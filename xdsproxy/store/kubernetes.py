@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import Edge, WorkloadKey
+from xdsproxy.model import Edge, WorkloadKey
 from xdsproxy.store.base import (
     ChangeCallback,
     Edges,

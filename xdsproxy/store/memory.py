@@ -3,7 +3,7 @@
 from collections.abc import Iterable
 
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import Edge, WorkloadKey
+from xdsproxy.model import Edge, WorkloadKey
 from xdsproxy.store.base import ChangeCallback, Edges, ForgetCallback, StaticCallback, Touch
 
 

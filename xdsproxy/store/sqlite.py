@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from xdsproxy.istio.names import ServicePort
-from xdsproxy.scope.scope import Edge, WorkloadKey
+from xdsproxy.model import Edge, WorkloadKey
 from xdsproxy.store.base import (
     ChangeCallback,
     Edges,

@@ -29,6 +29,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 from xdsproxy import caches
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import (
+    DeltaResponse,
     WireError,
     decode_delta_response,
     encode_delta_resource,
@@ -41,6 +42,7 @@ from xdsproxy.xds.events import (
     Event,
     SendDownstream,
     SendUpstream,
+    UpstreamApplied,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, answered_here, read_request, record_answer
@@ -325,7 +327,16 @@ class DeltaStream(ordering.BoundedWait):
         status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
         status.upstream_resources = len(upstream)
         status.upstream_bytes += len(data)
+        events = self._relay(state, response, data, change)
+        events.append(UpstreamApplied(type_url, upstream.selection(), len(data)))
+        return events
 
+    def _relay(
+        self, state: _TypeState, response: DeltaResponse, data: bytes, change: tuple | None
+    ) -> list[Event]:
+        """What Envoy gets for the response just stored: the difference it makes to what Envoy
+        holds, an ACK here, or nothing yet (deferred)."""
+        type_url = response.type_url
         if self.view.transparent:
             held = state.held
             state.held = SHARED.apply(
@@ -360,6 +371,11 @@ class DeltaStream(ordering.BoundedWait):
             if state is not None and state.started and not state.received:
                 return True
         return False
+
+    def inputs_changed(self, inputs: frozenset[str]) -> list[Event]:
+        """Inputs the view reads besides the upstream (a scope, the mesh's route tables)
+        changed: recompute only the types that declare them; push what differs."""
+        return self.refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
     def refresh(self, type_urls: frozenset[str] | None = None) -> list[Event]:
         """Recompute types (all started ones by default) and push what Envoy lacks; a type

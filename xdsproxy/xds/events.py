@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from xdsproxy.xds.view import Selection
+
 
 class ProtocolError(ValueError):
     """The downstream peer broke the xDS protocol; the stream ends with INVALID_ARGUMENT."""
@@ -43,4 +45,15 @@ class Nacked:
     relayed: bool
 
 
-Event = SendUpstream | AckedHere | SendDownstream | Nacked
+@dataclass(frozen=True, slots=True)
+class UpstreamApplied:
+    """An upstream response is now the stream's current content of its type (whatever went to
+    Envoy for it, if anything): what a runtime learns from Istiod's config (the services it
+    knows, a namespace's route tables) it learns from here, not by reading the stream back."""
+
+    type_url: str
+    upstream: Selection
+    size: int  # bytes of the upstream response
+
+
+Event = SendUpstream | AckedHere | SendDownstream | Nacked | UpstreamApplied

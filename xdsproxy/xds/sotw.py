@@ -34,7 +34,12 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean, typeurls
-from xdsproxy.wire.codec import WireError, decode_sotw_response, encode_sotw_response
+from xdsproxy.wire.codec import (
+    SotwResponse,
+    WireError,
+    decode_sotw_response,
+    encode_sotw_response,
+)
 from xdsproxy.wire.pool import intern_names
 from xdsproxy.wire.typeurls import push_order
 from xdsproxy.xds import ordering
@@ -44,6 +49,7 @@ from xdsproxy.xds.events import (
     Nacked,
     SendDownstream,
     SendUpstream,
+    UpstreamApplied,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.requests import (
@@ -225,7 +231,15 @@ class SotwStream(ordering.BoundedWait):
         status.upstream_resources, status.upstream_bytes = len(response.bodies), len(data)
         upstream = (response.names, response.bodies)
         self._upstream[type_url] = upstream
+        applied = UpstreamApplied(type_url, upstream, len(data))
+        return [*self._relay(state, response, data, upstream), applied]
 
+    def _relay(
+        self, state: _TypeState, response: SotwResponse, data: bytes, upstream: Selection
+    ) -> list[Event]:
+        """What Envoy gets for the response just stored: it relayed (narrowed or not), ACKed
+        here, or nothing yet (deferred)."""
+        type_url, status = response.type_url, state.status
         if self.view.transparent:
             events: list[Event] = []
             selection = upstream
@@ -329,8 +343,13 @@ class SotwStream(ordering.BoundedWait):
         return self._refresh(type_urls)
 
     def refresh(self) -> list[Event]:
-        """Recompute every pushed type (after the scope changed); push what differs."""
+        """Recompute every pushed type; push what differs."""
         return self._refresh(frozenset(self._types))
+
+    def inputs_changed(self, inputs: frozenset[str]) -> list[Event]:
+        """Inputs the view reads besides the upstream (a scope, the mesh's route tables)
+        changed: recompute only the types that declare them; push what differs."""
+        return self._refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
     def _refresh(self, type_urls: frozenset[str]) -> list[Event]:
         events: list[Event] = []
