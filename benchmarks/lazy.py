@@ -184,7 +184,7 @@ async def learn_latency(n: int, learns: int) -> dict:
             await learn_through_egress(sidecar, listen, mesh, target, "127.0.0.2")
             for target in targets
         ]
-        inner = [s * 1000 for s in proxy.runtime.learn_latencies]
+        inner = [s * 1000 for s in proxy.runtime.learner.learn_latencies]
     return {
         "services": n,
         "learns": len(samples),

@@ -54,7 +54,7 @@ async def held(runs: int) -> list[float]:
                 )
                 cluster = f"outbound|8080||{late.fqdn}"
                 await asyncio.to_thread(send_access_log, proxy.als_port, "127.0.0.2", cluster)
-                await eventually(lambda: len(proxy.runtime.pending) == 1, timeout=10)
+                await eventually(lambda: len(proxy.runtime.learner.pending) == 1, timeout=10)
                 start = time.perf_counter()
                 sim.mutate(lambda m, late=late: m.add(late))
                 await eventually(lambda c=cluster: _has(envoy, c), timeout=10, interval=0.005)

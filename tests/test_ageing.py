@@ -55,7 +55,7 @@ async def runtime(store=None, ttl: float = 100.0) -> tuple[LazyRuntime, Clock, l
         clock=lambda: clock.wall,
         monotonic=lambda: clock.mono,
     )
-    rt.known_services.add(A)
+    rt.learner.known_services.add(A)
     session = StandInSession(sidecar_node("10.0.0.1", "app"))
     rt.opened(session)
     await rt.store.start()
@@ -83,7 +83,7 @@ async def test_repeated_use_is_batched_not_written_per_entry() -> None:
         await rt.observe(_record(), clock.wall)
         rt.observe_usage(_record(), "10.0.0.1")
     assert store.calls == ["add"]
-    await rt.flush()
+    await rt.learner.flush()
     assert store.calls == ["add", "touch:1"]
     assert (await store.load())[W][A].last_seen == clock.wall
 
@@ -93,14 +93,14 @@ async def test_unused_dependency_ages_out_and_is_repushed() -> None:
     rt, clock, pushed = await runtime(store, ttl=100)
     await rt.observe(_record(), clock.wall)
     clock.mono += 60
-    await rt.age()
+    await rt.learner.age()
     assert rt.scope(W).covers(A)
     rt.observe_usage(_record(), "10.0.0.1")  # direct use seen by the sidecar's sampled logger
     clock.mono += 90
-    await rt.age()
+    await rt.learner.age()
     assert rt.scope(W).covers(A)
     clock.mono += 101
-    await rt.age()
+    await rt.learner.age()
     assert not rt.scope(W).covers(A)
     assert "forget" in store.calls and W not in {w for w, e in (await store.load()).items() if e}
     assert len(pushed) == 2  # the learn, then the narrowing
@@ -110,7 +110,7 @@ async def test_static_rules_never_age() -> None:
     rt, clock, _ = await runtime(ttl=10)
     rt.scope(W).set_static((HostPattern.parse("ns-1/*"),))
     clock.mono += 10_000
-    await rt.age()
+    await rt.learner.age()
     assert rt.scope(W).covers(A)
 
 
@@ -119,7 +119,7 @@ async def test_wall_clock_jumps_do_not_age_anything() -> None:
     await rt.observe(_record(), clock.wall)
     for jump in (+10_000_000, -20_000_000):
         clock.wall += jump
-        await rt.age()
+        await rt.learner.age()
         assert rt.scope(W).covers(A)
 
 
@@ -143,7 +143,7 @@ async def test_restart_ages_from_stored_last_seen_bounded_by_ttl() -> None:
     try:
         assert rt.store_healthy and {A, stale, future} <= set(rt.scope(W).learned)
         clock.mono += 1
-        await rt.age()
+        await rt.learner.age()
         assert set(rt.scope(W).learned) == {A, future}
     finally:
         await rt.stop()
@@ -158,14 +158,14 @@ async def test_failing_store_serves_from_memory_then_catches_up() -> None:
     assert not rt.store_healthy
     assert rt.metrics.value("xdsproxy_store_errors_total") == 1
     store.failing = False
-    await rt.flush()
+    await rt.learner.flush()
     assert rt.store_healthy and A in (await store.load())[W]
 
 
 async def test_edges_from_another_replica_only_widen() -> None:
     rt, clock, pushed = await runtime()
-    rt.apply_remote(W, {A: Edge(clock.wall, clock.wall)})
+    rt.learner.apply_remote(W, {A: Edge(clock.wall, clock.wall)})
     assert rt.scope(W).covers(A) and len(pushed) == 1
-    rt.apply_remote(W, {A: Edge(clock.wall, clock.wall)})  # our own write coming back
-    rt.apply_remote(W, {})  # a late event from before the learn
+    rt.learner.apply_remote(W, {A: Edge(clock.wall, clock.wall)})  # our own write coming back
+    rt.learner.apply_remote(W, {})  # a late event from before the learn
     assert rt.scope(W).covers(A) and len(pushed) == 1

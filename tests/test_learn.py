@@ -133,7 +133,7 @@ def _runtime(als_allow=()) -> LazyRuntime:
         EgressSettings(),
         als_allow=als_allow,
     )
-    runtime.known_services.add(A)
+    runtime.learner.known_services.add(A)
     return runtime
 
 
@@ -166,8 +166,8 @@ async def test_als_refuses_peers_that_are_not_allowed() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await method(iter([_message("10.0.0.1", ("ns-0", "app"), f"outbound|8080||{A.host}")]))
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert runtime.rejections["peer_not_allowed"] == 1
-        assert runtime.learns == 0
+        assert runtime.learner.rejections["peer_not_allowed"] == 1
+        assert runtime.learner.learns == 0
     finally:
         await channel.close()
         await server.stop(0)
@@ -186,14 +186,15 @@ async def test_als_learns_from_an_allowed_peer_and_counts_bad_entries() -> None:
             _message("10.7.7.7", ("ns-0", "victim"), f"outbound|8080||{A.host}"),  # unknown ip
         ]
         await asyncio.wait_for(method(iter(messages)), 10)
-        assert runtime.rejections["malformed"] == 1
+        assert runtime.learner.rejections["malformed"] == 1
         # Not rejected: held until the service's config reaches this replica.
-        assert len(runtime.pending) == 1 and not runtime.rejections["unknown_service"]
-        assert runtime.rejections["forged_claim"] == 1
-        assert runtime.rejections["forged_source"] == 1
+        learner = runtime.learner
+        assert len(learner.pending) == 1 and not learner.rejections["unknown_service"]
+        assert runtime.learner.rejections["forged_claim"] == 1
+        assert runtime.learner.rejections["forged_source"] == 1
         assert runtime.scope(W).covers(A)
         assert not runtime.scope(V).covers(A), "an edge reached the workload a header claimed"
-        assert runtime.learns == 1
+        assert runtime.learner.learns == 1
         metric = "xdsproxy_als_rejections_total"
         assert runtime.metrics.value(metric, {"reason": "forged_source"}) == 1
         assert runtime.metrics.value(metric, {"reason": "malformed"}) == 1

@@ -85,9 +85,9 @@ async def test_no_request_fails_across_a_learn_and_an_ageing(delta: bool) -> Non
 
             runtime.observe = paused
             key = next(k for k in runtime.scopes if k.workload == "app")
-            runtime.ttl = 1.0
+            runtime.learner.ttl = 1.0
             runtime.scope(key).learned[target].evidence -= 10.0
-            await runtime.age()
+            await runtime.learner.age()
             await eventually(
                 lambda: cluster not in dynamic_config(sidecar.config_dump())["clusters"],
                 timeout=20,

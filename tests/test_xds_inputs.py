@@ -2,6 +2,10 @@
 Delta state machines: after a reconnect Istiod answers CDS before LDS, and a scoped view's
 clusters depend on its listeners. Driven with bytes, asserting events."""
 
+from collections import Counter
+
+import pytest
+
 from tests.xds_messages import (
     KeepPrefix,
     delta_request,
@@ -16,7 +20,7 @@ from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import SendDownstream, SendUpstream
 from xdsproxy.xds.sotw import SotwStream
 
-CDS, LDS = typeurls.CLUSTER, typeurls.LISTENER
+CDS, EDS, LDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER
 
 
 def _view() -> KeepPrefix:
@@ -86,3 +90,58 @@ def test_delta_before_the_fix_would_have_removed_the_tcp_cluster() -> None:
     stream.receive_downstream(delta_request(CDS, initial={"svc-a": "1", "db": "1"}, with_node=True))
     [cds] = receive_upstream(stream, delta_response(["svc-a", "db"], "up-c"))
     assert list(decode_delta_response(cds.payload).removed) == ["db"]
+
+
+class _ReadsPrefixes(KeepPrefix):
+    """CDS reads the prefixes as a named input besides the upstream; EDS reads the upstream
+    only. Counts the selections it computes."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__(*prefixes, narrows=frozenset({CDS}))
+        self.selected: Counter[str] = Counter()
+
+    def depends_on(self, type_url):
+        return frozenset({"prefixes"}) if type_url == CDS else frozenset()
+
+    def select(self, type_url, upstream):
+        self.selected[type_url] += 1
+        return super().select(type_url, upstream)
+
+
+def _synced(delta: bool) -> tuple[SotwStream | DeltaStream, _ReadsPrefixes]:
+    """A stream whose Envoy holds and has ACKed `svc-a` (of `svc-a`, `x-b`) and their
+    endpoints."""
+    view = _ReadsPrefixes("svc-")
+    if delta:
+        stream = DeltaStream(view)
+        stream.receive_downstream(delta_request(CDS, with_node=True))
+        receive_upstream(stream, delta_response(["svc-a", "x-b"], "c1"))
+        stream.receive_downstream(delta_request(CDS, nonce="c1"))
+        stream.receive_downstream(delta_request(EDS, subscribe=("svc-a",)))
+        receive_upstream(stream, delta_response(["svc-a"], "e1", type_url=EDS))
+        stream.receive_downstream(delta_request(EDS, nonce="e1"))
+    else:
+        stream = SotwStream(view)
+        stream.receive_downstream(sotw_request(CDS, with_node=True))
+        receive_upstream(stream, sotw_response(["svc-a", "x-b"], "v1", "c1"))
+        stream.receive_downstream(sotw_request(CDS, version="v1", nonce="c1"))
+        stream.receive_downstream(sotw_request(EDS, ("svc-a",)))
+        receive_upstream(stream, sotw_response(["svc-a"], "v1", "e1", EDS))
+        stream.receive_downstream(sotw_request(EDS, ("svc-a",), "v1", "e1"))
+    view.selected.clear()
+    return stream, view
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_changed_input_recomputes_only_the_types_that_read_it(delta: bool) -> None:
+    """docs/protocol.md R27: a learn widens a sidecar's CDS and RDS without recomputing its
+    EDS; a namespace's new route table recomputes only the egress's scoped routes."""
+    stream, view = _synced(delta)
+    view.prefixes.append("x-")
+    [cds] = stream.inputs_changed(frozenset({"prefixes"}))
+    assert isinstance(cds, SendDownstream) and cds.type_url == CDS and not cds.relayed
+    names = decode_delta_response(cds.payload).names if delta else _sotw_names(cds)
+    assert set(names) == ({"x-b"} if delta else {"svc-a", "x-b"})
+    assert view.selected == Counter({CDS: 1})
+    assert stream.inputs_changed(frozenset({"something else"})) == []
+    assert view.selected == Counter({CDS: 1})

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from xdsproxy.istio.names import ServicePort, outbound_cluster, service_fqdn
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.model import WorkloadKey
-from xdsproxy.scope.egress import is_egress
+from xdsproxy.scope.contract import is_egress
 from xdsproxy.scope.explain import DIRECT, EGRESS, WITHHELD, explain
 from xdsproxy.scope.scope import HostPattern, Scope
 from xdsproxy.scope.sidecar_resource import NoSelector, sidecar_resource
@@ -71,7 +71,7 @@ def _role(istio: IstioNode | None) -> str:
 
 def _workload(session: Session) -> WorkloadKey | None:
     istio = _istio(session)
-    return WorkloadKey(istio.namespace, istio.workload) if istio else None
+    return istio.workload_key if istio else None
 
 
 class DebugModel:
@@ -203,7 +203,7 @@ class DebugModel:
     def _services(self, key: WorkloadKey, host: str, port: int | None) -> list[ServicePort]:
         """The services `host` names: those Istiod sent here and those in the workload's
         scope; with a port, that one service even if neither knows it."""
-        known = self._lazy().services_named(host, port, key)
+        known = self._lazy().learner.services_named(host, port, key)
         if known:
             return known
         if port is None:
@@ -220,6 +220,7 @@ class DebugModel:
         key = workload_key(workload)
         host, port = service_query(service)
         runtime = self._lazy()
+        learner = runtime.learner
         services = self._services(key, host, port)
         scope = runtime.scopes.get(key) or Scope(key)
         sessions = self._sessions_of(key)
@@ -228,16 +229,16 @@ class DebugModel:
             "workload": str(key),
             "replica": self.replica,
             "sidecars": sorted(s.node_id for s in sessions),
-            "known": bool(runtime.services_named(host, port)),
+            "known": bool(learner.services_named(host, port)),
             "services": explain(
-                scope, services, lambda s: runtime.dropped.get((key, s)), clusters, referrers
+                scope, services, lambda s: learner.dropped.get((key, s)), clusters, referrers
             ),
         }
 
     async def add(self, workload: str, service: str) -> dict[str, Any]:
         key = workload_key(workload)
         services = self._services(key, *service_query(service))
-        added = await self._lazy().add_dependencies(key, services)
+        added = await self._lazy().learner.add_dependencies(key, services)
         return {
             "workload": str(key),
             "replica": self.replica,
@@ -249,7 +250,7 @@ class DebugModel:
         key = workload_key(workload)
         runtime = self._lazy()
         services = self._services(key, *service_query(service))
-        removed = await runtime.forget_dependencies(key, services)
+        removed = await runtime.learner.forget_dependencies(key, services)
         return {
             "workload": str(key),
             "replica": self.replica,

@@ -6,6 +6,8 @@ from typing import Any
 from envoy.config.core.v3.base_pb2 import Node
 from google.protobuf.json_format import MessageToDict
 
+from xdsproxy.model import WorkloadKey
+
 PROXY_TYPES = ("sidecar", "router")
 
 
@@ -27,6 +29,10 @@ class IstioNode:
     cluster_id: str = ""
     proxy_config: dict[str, Any] = field(default_factory=dict)
     istio_version: str = ""
+
+    @property
+    def workload_key(self) -> WorkloadKey:
+        return WorkloadKey(self.namespace, self.workload)
 
 
 def parse_node(node: Node) -> IstioNode:

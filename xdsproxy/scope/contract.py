@@ -18,3 +18,8 @@ TUNNEL_METADATA = "xdsproxy.tunnel"
 
 EGRESS_ROLE_LABEL = "xdsproxy.io/role"
 EGRESS_ROLE = "lazy-egress"
+
+
+def is_egress(labels: dict[str, str]) -> bool:
+    """A lazy egress node: it holds the whole mesh and streams the access logs learned from."""
+    return labels.get(EGRESS_ROLE_LABEL) == EGRESS_ROLE

@@ -38,7 +38,7 @@ from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
 from xdsproxy.istio.names import is_port, outbound_cluster, service_namespace
 from xdsproxy.scope import inputs
-from xdsproxy.scope.contract import EGRESS_ROLE, EGRESS_ROLE_LABEL, METADATA_NAMESPACE
+from xdsproxy.scope.contract import METADATA_NAMESPACE
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.mesh import MeshTables
 from xdsproxy.scope.routes import (
@@ -294,7 +294,3 @@ def _tunnelled(
     return tuple(
         (c, vips.get(c, "")) for c in clusters if (p := outbound_cluster(c)) and p[0] not in routed
     )
-
-
-def is_egress(labels: dict[str, str]) -> bool:
-    return labels.get(EGRESS_ROLE_LABEL) == EGRESS_ROLE

@@ -41,7 +41,7 @@ class AlsService:
         ip = peer_ip(context.peer())
         role = self.runtime.als_role(ip)
         if role is None:
-            self.runtime.reject("peer_not_allowed")
+            self.runtime.learner.reject("peer_not_allowed")
             self._warn.warning(
                 "peer", "access log stream from a peer that is not allowed", extra={"peer": ip}
             )
@@ -53,7 +53,7 @@ class AlsService:
             try:
                 message = StreamAccessLogsMessage.FromString(data)
             except DecodeError:
-                self.runtime.reject("malformed")
+                self.runtime.learner.reject("malformed")
                 self._warn.warning("malformed", "malformed access log message", extra={"peer": ip})
                 continue
             for record, started in records(message):
@@ -63,6 +63,6 @@ class AlsService:
                     else:
                         self.runtime.observe_usage(record, ip)
                 except Exception:  # one bad entry must not end the egress's log stream
-                    self.runtime.reject("internal_error")
+                    self.runtime.learner.reject("internal_error")
                     log.exception("failed to process an access log entry")
         return b""

@@ -9,7 +9,7 @@ selects and what Envoy holds, so removals are sent only for names Envoy holds.
 The exception: when that difference is empty and Envoy has accepted what it holds (a change
 outside a scoped sidecar's view, or Istiod resending unchanged resources on a full push),
 xdsproxy ACKs the upstream response itself and sends Envoy nothing. Envoy's pushed response then
-stands for it (`covering_nonce`), as a local response would.
+stands for it (`Exchange.cover`), as a local response would.
 
 As in SotW, nothing is pushed from inputs that have not arrived on this stream: a type whose
 selection depends on a type Envoy requested here and the upstream has not answered yet waits,
@@ -18,9 +18,7 @@ reconnect, where Istiod sends CDS before LDS, would remove the clusters Envoy's 
 """
 
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import Node
@@ -36,7 +34,7 @@ from xdsproxy.wire.codec import (
     encode_delta_response,
 )
 from xdsproxy.wire.typeurls import is_wildcard_type, push_order
-from xdsproxy.xds import ordering
+from xdsproxy.xds import ordering, shared
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -45,12 +43,10 @@ from xdsproxy.xds.events import (
     UpstreamApplied,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.requests import LOCAL_NONCE_PREFIX, answered_here, read_request, record_answer
-from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, SHARED, FrozenMap, UpstreamMap
-from xdsproxy.xds.status import TypeStatus
+from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Exchange, TypeStatus
+from xdsproxy.xds.requests import read_request
+from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, FrozenMap, UpstreamMap
 from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
-
-M = TypeVar("M", FrozenMap, UpstreamMap)
 
 WILDCARD = "*"
 # `deferred_nonce` of a locally served type whose first answer waits for its inputs
@@ -82,8 +78,7 @@ class _TypeState:
     sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
-    covering_nonce: str = ""
-    status: TypeStatus = field(default_factory=TypeStatus)
+    exchange: Exchange = field(default_factory=Exchange)
 
     def upstream_selection(self) -> Selection:
         return self.upstream.selection()
@@ -103,21 +98,6 @@ def _selection_of(held: FrozenMap) -> Selection:
     return selection
 
 
-def _updated(base: M, names: Iterable[str], values: Iterable, removed: Iterable[str]) -> M:
-    """A copy of `base` with `names` set to `values` and `removed` gone."""
-    result = dict(base)
-    result.update(zip(names, values, strict=True))
-    for name in removed:
-        result.pop(name, None)
-    return type(base)(result)
-
-
-def _without(base: M, names: tuple[str, ...]) -> M:
-    if not any(name in base for name in names):
-        return base
-    return _updated(base, (), (), names)
-
-
 class DeltaStream(ordering.BoundedWait):
     def __init__(self, view: ResourceView = UNSCOPED) -> None:
         self.view = view
@@ -127,7 +107,7 @@ class DeltaStream(ordering.BoundedWait):
         self._local_nonces = itertools.count(1)
 
     def status(self) -> dict[str, TypeStatus]:
-        return {type_url: state.status for type_url, state in self._types.items()}
+        return {type_url: state.exchange.status() for type_url, state in self._types.items()}
 
     def held(self, type_url: str) -> frozenset[str]:
         """Names Envoy holds for the type."""
@@ -173,7 +153,7 @@ class DeltaStream(ordering.BoundedWait):
                 else:
                     events += self._push(type_url, state, upstream_nonce=None)
             return events
-        if not nonce or not answered_here(nonce, state.covering_nonce):
+        if not nonce or not state.exchange.classify(nonce).ours:
             # Every answer to a relayed response goes up; Istiod judges staleness
             # (docs/protocol.md R8).
             events.append(SendUpstream(data))
@@ -184,7 +164,7 @@ class DeltaStream(ordering.BoundedWait):
             request.response_nonce = ""
             request.ClearField("error_detail")
             events.append(SendUpstream(request.SerializeToString()))
-        if nonce and state.status.accepted and nonce == state.status.acked_nonce:
+        if nonce and state.exchange.accepted and nonce == state.exchange.acked_nonce:
             events += self._settle(type_url)
         return events
 
@@ -230,7 +210,7 @@ class DeltaStream(ordering.BoundedWait):
         acked_endpoints = endpoints.acked if endpoints and endpoints.acked else ()
         upstream = {name: pair[1] for name, pair in clusters.upstream.items()}
         # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
-        acked_clusters = clusters.acked if clusters.status.accepted else ()
+        acked_clusters = clusters.acked if clusters.exchange.accepted else ()
         return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
     def _held_types(self) -> frozenset[str]:
@@ -240,10 +220,10 @@ class DeltaStream(ordering.BoundedWait):
         return self.refresh(type_urls)
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
-        nacked = record_answer(request, state.status, state.status.pushed_version)
+        nacked = state.exchange.answered(request, state.exchange.pushed_version)
         sent = state.sent.pop(request.response_nonce, None)
         if nacked is None:
-            if state.status.accepted:
+            if state.exchange.accepted:
                 state.acked = state.held
             return []
         if sent is not None:
@@ -252,7 +232,8 @@ class DeltaStream(ordering.BoundedWait):
             # Envoy's behalf.
             names, removed = sent
             held = state.held
-            state.held = _updated(held, names + removed, [None] * (len(names) + len(removed)), ())
+            unknown = names + removed
+            state.held = shared.updated(held, unknown, (None,) * len(unknown), ())
             state.gone = state.gone | frozenset(removed)  # to be removed again if still due
         self.local_nacks += not nacked.relayed
         return [nacked]
@@ -266,32 +247,19 @@ class DeltaStream(ordering.BoundedWait):
             # (docs/protocol.md R22); what Envoy says it holds counts as held
             # (docs/protocol.md R23).
             state.wildcard = not subscribe and is_wildcard_type(request.type_url)
-            initial = frozenset(request.initial_resource_versions)
-            if initial:
-                state.held = SHARED.apply(
-                    state.held, ("initial", initial), lambda: FrozenMap(dict.fromkeys(initial))
-                )
+            if request.initial_resource_versions:
+                state.held = shared.held_unknown(frozenset(request.initial_resource_versions))
         if WILDCARD in subscribe:
             state.wildcard = True
         if WILDCARD in request.resource_names_unsubscribe:
             state.wildcard = False
         added = tuple(n for n in subscribe if n != WILDCARD)
         dropped = tuple(n for n in request.resource_names_unsubscribe if n != WILDCARD)
-        if not (added or dropped):
-            return
-        subscribed = state.subscribed
-        state.subscribed = SHARED.apply(
-            subscribed,
-            ("subscribe", added, dropped),
-            lambda: subscribed.union(added).difference(dropped),
-        )
+        state.subscribed = shared.subscribed(state.subscribed, added, dropped)
         if dropped:
             # Envoy drops what it unsubscribes; the upstream stops sending it.
-            held, upstream = state.held, state.upstream
-            state.held = SHARED.apply(held, ("drop", dropped), lambda: _without(held, dropped))
-            state.upstream = SHARED.apply(
-                upstream, ("drop", dropped), lambda: _without(upstream, dropped)
-            )
+            state.held = shared.without(state.held, dropped)
+            state.upstream = shared.without(state.upstream, dropped)
 
     # -- from Istiod -----------------------------------------------------------------------
 
@@ -303,19 +271,13 @@ class DeltaStream(ordering.BoundedWait):
         type_url = response.type_url
         state = self._types.setdefault(type_url, _TypeState())
         # Named by content, so every stream that gets these resources shares the result.
-        change = (
-            ("update", response.resources_id, response.removed) if response.resources_id else None
-        )
-        base = state.upstream
-        upstream = state.upstream = SHARED.apply(
-            base,
-            change,
-            lambda: _updated(
-                base,
-                response.names,
-                zip(response.bodies, response.anys, strict=True),
-                response.removed,
-            ),
+        content = response.resources_id or None
+        upstream = state.upstream = shared.updated(
+            state.upstream,
+            response.names,
+            zip(response.bodies, response.anys, strict=True),
+            response.removed,
+            content,
         )
         state.system_version = response.system_version
         state.received = True
@@ -323,26 +285,23 @@ class DeltaStream(ordering.BoundedWait):
             gone = frozenset(n for n in response.removed if n in state.held)
             if gone:
                 state.gone = state.gone | gone
-        status = state.status
-        status.upstream_version, status.upstream_nonce = response.system_version, response.nonce
-        status.upstream_resources = len(upstream)
-        status.upstream_bytes += len(data)
-        events = self._relay(state, response, data, change)
+        exchange = state.exchange
+        exchange.received(response.system_version, response.nonce)
+        exchange.upstream_resources = len(upstream)
+        exchange.upstream_bytes += len(data)
+        events = self._relay(state, response, data, content)
         events.append(UpstreamApplied(type_url, upstream.selection(), len(data)))
         return events
 
     def _relay(
-        self, state: _TypeState, response: DeltaResponse, data: bytes, change: tuple | None
+        self, state: _TypeState, response: DeltaResponse, data: bytes, content: object
     ) -> list[Event]:
         """What Envoy gets for the response just stored: the difference it makes to what Envoy
         holds, an ACK here, or nothing yet (deferred)."""
         type_url = response.type_url
         if self.view.transparent:
-            held = state.held
-            state.held = SHARED.apply(
-                held,
-                change,
-                lambda: _updated(held, response.names, response.anys, response.removed),
+            state.held = shared.updated(
+                state.held, response.names, response.anys, response.removed, content
             )
             self._record_push(state, response.system_version, response.nonce, len(data))
             return [SendDownstream(data, type_url, len(response.names), relayed=True)]
@@ -374,7 +333,8 @@ class DeltaStream(ordering.BoundedWait):
 
     def inputs_changed(self, inputs: frozenset[str]) -> list[Event]:
         """Inputs the view reads besides the upstream (a scope, the mesh's route tables)
-        changed: recompute only the types that declare them; push what differs."""
+        changed: recompute only the types that declare them; push what differs
+        (docs/protocol.md R27)."""
         return self.refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
     def refresh(self, type_urls: frozenset[str] | None = None) -> list[Event]:
@@ -459,11 +419,11 @@ class DeltaStream(ordering.BoundedWait):
         if not bodies and not removed:
             if skip_empty:
                 return []
-            if upstream_nonce and state.status.accepted:
+            if upstream_nonce and state.exchange.accepted:
                 # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2); otherwise the
                 # response goes down, empty if need be, so its answer reaches Istiod
                 # (docs/protocol.md R5).
-                state.covering_nonce = state.status.pushed_nonce
+                state.exchange.cover()
                 ack = DeltaDiscoveryRequest(type_url=type_url, response_nonce=upstream_nonce)
                 return [AckedHere(ack.SerializeToString(), type_url)]
         nonce = upstream_nonce or f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
@@ -477,7 +437,7 @@ class DeltaStream(ordering.BoundedWait):
 
     @staticmethod
     def _record_push(state: _TypeState, version: str, nonce: str, size: int) -> None:
-        status = state.status
-        status.pushed_version, status.pushed_nonce = version, nonce
-        status.pushed_resources = len(state.held)
-        status.pushed_bytes += size
+        exchange = state.exchange
+        exchange.pushed(version, nonce)
+        exchange.pushed_resources = len(state.held)
+        exchange.pushed_bytes += size

@@ -8,19 +8,9 @@ from google.protobuf.message import DecodeError
 
 from xdsproxy.wire import lean
 from xdsproxy.wire.codec import span_between
-from xdsproxy.xds.events import Nacked, ProtocolError
-from xdsproxy.xds.status import TypeStatus
+from xdsproxy.xds.events import ProtocolError
 
 Request = TypeVar("Request", DiscoveryRequest, DeltaDiscoveryRequest)
-
-#: Marks responses xdsproxy originated; Envoy's answers to them never go upstream.
-LOCAL_NONCE_PREFIX = "xdsproxy-"
-
-
-def answered_here(nonce: str, covering_nonce: str) -> bool:
-    """Whether Envoy's answer to `nonce` stays with xdsproxy: the response was xdsproxy's own,
-    or it stands for newer upstream responses xdsproxy already ACKed (`covering_nonce`)."""
-    return nonce.startswith(LOCAL_NONCE_PREFIX) or nonce == covering_nonce
 
 
 def read_request(kind: type[Request], data: bytes, node: Node | None) -> tuple[Request, Node]:
@@ -38,22 +28,6 @@ def read_request(kind: type[Request], data: bytes, node: Node | None) -> tuple[R
     if not request.type_url:
         raise ProtocolError(f"{name} without type_url on an aggregated stream")
     return request, node
-
-
-def record_answer(
-    request: DiscoveryRequest | DeltaDiscoveryRequest, status: TypeStatus, acked_version: str
-) -> Nacked | None:
-    """Note Envoy's ACK or NACK of the response with `request.response_nonce`."""
-    nonce = request.response_nonce
-    if request.HasField("error_detail"):
-        status.last_nack = request.error_detail.message
-        status.nack_count += 1
-        relayed = not nonce.startswith(LOCAL_NONCE_PREFIX)
-        return Nacked(request.type_url, nonce, request.error_detail.message, relayed)
-    status.acked_version = acked_version
-    status.acked_nonce = nonce
-    status.last_nack = ""
-    return None
 
 
 def names_span(data: bytes, head: "lean.SotwRequestHead") -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ was not cached) gets maps of its own, and nothing else changes.
 """
 
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import NoReturn, TypeVar
 
 from cachetools import LRUCache
@@ -82,6 +82,56 @@ class Transitions:
 
 
 SHARED = Transitions(caches.lru("shared_transitions"))
+
+M = TypeVar("M", FrozenMap, UpstreamMap)
+
+
+def _updated(base: M, names: Iterable[str], values: Iterable, removed: Iterable[str]) -> M:
+    result = dict(base)
+    result.update(zip(names, values, strict=True))
+    for name in removed:
+        result.pop(name, None)
+    return type(base)(result)
+
+
+# The updates a Delta stream makes, each shared by every stream that makes it to the same map.
+
+
+def updated(
+    base: M,
+    names: Sequence[str],
+    values: Iterable,
+    removed: Sequence[str],
+    content: Hashable | None = None,
+) -> M:
+    """`base` with `names` set to `values` and `removed` gone. `content` names the names and
+    values by content (a response's `resources_id`), so streams applying the same response
+    share the result; None computes a map of the caller's own. `values` is read only when the
+    result is computed, not when it is shared."""
+    change = ("update", content, tuple(removed)) if content is not None else None
+    return SHARED.apply(base, change, lambda: _updated(base, names, values, removed))
+
+
+def without(base: M, names: tuple[str, ...]) -> M:
+    """`base` without `names` (Envoy unsubscribed them)."""
+    if not any(name in base for name in names):
+        return base
+    return SHARED.apply(base, ("drop", names), lambda: _updated(base, (), (), names))
+
+
+def subscribed(base: frozenset[str], added: tuple[str, ...], dropped: tuple[str, ...]) -> frozenset:
+    """A subscription with `added` in and `dropped` out."""
+    if not (added or dropped):
+        return base
+    return SHARED.apply(
+        base, ("subscribe", added, dropped), lambda: base.union(added).difference(dropped)
+    )
+
+
+def held_unknown(names: frozenset[str]) -> FrozenMap:
+    """What a reconnecting Envoy says it holds: the names, their content unknown here."""
+    return SHARED.apply(EMPTY_MAP, ("initial", names), lambda: FrozenMap(dict.fromkeys(names)))
+
 
 # A SotW request's resource names, by their encoding: every sidecar asks EDS for the same
 # thousands of clusters, and keeping one tuple of them (and one copy of the bytes the ACK

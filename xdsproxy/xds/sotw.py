@@ -10,7 +10,7 @@ answers the newest one too.
 An upstream response that leaves what Envoy holds unchanged (a change outside a scoped
 sidecar's view) is not sent to Envoy when Envoy has accepted what it holds: xdsproxy ACKs it to
 Istiod itself, so such a change costs Envoy nothing and xdsproxy no encode or write. Envoy's
-pushed response then stands for the upstream's newest one (`covering_nonce`), and Envoy's later
+pushed response then stands for the upstream's newest one (`Exchange.cover`), and Envoy's later
 answers to it are treated like answers to a local response.
 
 A selection computed before its inputs have arrived on this stream is never pushed: after a
@@ -52,15 +52,9 @@ from xdsproxy.xds.events import (
     UpstreamApplied,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.requests import (
-    LOCAL_NONCE_PREFIX,
-    answered_here,
-    names_span,
-    read_request,
-    record_answer,
-)
+from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, TypeStatus
+from xdsproxy.xds.requests import names_span, read_request
 from xdsproxy.xds.shared import shared_names
-from xdsproxy.xds.status import TypeStatus
 from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
 
 
@@ -70,13 +64,11 @@ class _TypeState:
     names_bytes: bytes = b""  # `subscribed` as Envoy encoded it, to spot an unchanged list
     requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
     pushed: Selection | None = None
-    # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
-    covering_nonce: str = ""
     # A response is due once the inputs of the type's selection have arrived and the clusters
     # it names are warm (module doc)
     deferred: bool = False
     acked: Selection | None = None  # the selection of the newest response Envoy ACKed
-    status: TypeStatus = field(default_factory=TypeStatus)
+    exchange: Exchange = field(default_factory=Exchange)
 
 
 def _superseded_nack(request: DiscoveryRequest | lean.SotwRequestHead) -> list[Event]:
@@ -96,7 +88,7 @@ class SotwStream(ordering.BoundedWait):
         self._local_nonces = itertools.count(1)
 
     def status(self) -> dict[str, TypeStatus]:
-        return {type_url: state.status for type_url, state in self._types.items()}
+        return {type_url: state.exchange.status() for type_url, state in self._types.items()}
 
     def pushed_names(self, type_url: str) -> tuple[str, ...]:
         return self.pushed(type_url)[0]
@@ -152,11 +144,11 @@ class SotwStream(ordering.BoundedWait):
         changed = names != state.subscribed
         state.subscribed = names
         nonce = request.response_nonce
-        status = state.status
+        exchange = state.exchange
 
         if type_url in self.view.local_types:
             events: list[Event] = []
-            if nonce and nonce == status.pushed_nonce:
+            if nonce and exchange.is_newest(nonce):
                 events += self._record_answer(request)
             if not nonce or changed:
                 events += self._push_local(type_url, force=True)
@@ -167,24 +159,20 @@ class SotwStream(ordering.BoundedWait):
             # byte for byte (docs/protocol.md R20).
             state.requested_upstream = names
             return [SendUpstream(data)]
-        if nonce != status.pushed_nonce:
-            # Only an answer to the newest response is acted on (docs/protocol.md R7), but for
-            # one to Istiod's newest that a local push superseded (docs/protocol.md R15).
-            if nonce == status.upstream_nonce and not answered_here(nonce, state.covering_nonce):
-                # Envoy's answer to Istiod's newest response, which a local push superseded
-                # before Envoy answered: still Istiod's to hear (an ACK, or a NACK of its
-                # config), or its watch stays un-ACKed.
-                state.requested_upstream = names
-                nacked = _superseded_nack(request)
-                return [*nacked, SendUpstream(data)]
-            return []
+        answer = exchange.classify(nonce)
+        if answer in (Answer.STALE, Answer.STALE_LOCAL):
+            return []  # docs/protocol.md R7
+        if answer is Answer.SUPERSEDED:
+            # Envoy's answer to Istiod's newest response, which a local push superseded
+            # before Envoy answered: still Istiod's to hear (an ACK, or a NACK of its config),
+            # or its watch stays un-ACKed (docs/protocol.md R15).
+            state.requested_upstream = names
+            return [*_superseded_nack(request), SendUpstream(data)]
         events = self._record_answer(request)
-        if not answered_here(nonce, state.covering_nonce):
+        if answer is Answer.RELAYED:
             state.requested_upstream = names
             events.append(SendUpstream(data))
-            events += self._settle(type_url, state)
-            return events
-        elif names != state.requested_upstream and status.upstream_nonce:
+        elif names != state.requested_upstream and exchange.upstream_nonce:
             # A subscription change answered on a local or covering response is still Istiod's
             # business: send it against the newest upstream nonce, with the version Envoy
             # holds from it (docs/protocol.md R3, R6).
@@ -192,15 +180,15 @@ class SotwStream(ordering.BoundedWait):
             forward = DiscoveryRequest(
                 type_url=type_url,
                 resource_names=names,
-                version_info=status.upstream_version,
-                response_nonce=status.upstream_nonce,
+                version_info=exchange.upstream_version,
+                response_nonce=exchange.upstream_nonce,
             )
             events.append(SendUpstream(forward.SerializeToString()))
         return events + self._settle(type_url, state)
 
     def _record_answer(self, request: DiscoveryRequest) -> list[Event]:
         state = self._types[request.type_url]
-        nacked = record_answer(request, state.status, request.version_info)
+        nacked = state.exchange.answered(request, request.version_info)
         if nacked is None:
             state.acked = state.pushed
             return []
@@ -210,7 +198,7 @@ class SotwStream(ordering.BoundedWait):
     def _settle(self, type_url: str, state: _TypeState) -> list[Event]:
         """After Envoy ACKed a type: what waited for it to warm a cluster, and clusters kept
         only for what it no longer names, can go out now."""
-        if not state.status.accepted or self.view.transparent:
+        if not state.exchange.accepted or self.view.transparent:
             return []
         due = {t for t, s in self._types.items() if s.deferred}
         if type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT):
@@ -226,9 +214,9 @@ class SotwStream(ordering.BoundedWait):
             raise UpstreamProtocolError(str(exc)) from None
         type_url = response.type_url
         state = self._types.setdefault(type_url, _TypeState())
-        status = state.status
-        status.upstream_version, status.upstream_nonce = response.version, response.nonce
-        status.upstream_resources, status.upstream_bytes = len(response.bodies), len(data)
+        exchange = state.exchange
+        exchange.received(response.version, response.nonce)
+        exchange.upstream_resources, exchange.upstream_bytes = len(response.bodies), len(data)
         upstream = (response.names, response.bodies)
         self._upstream[type_url] = upstream
         applied = UpstreamApplied(type_url, upstream, len(data))
@@ -239,7 +227,7 @@ class SotwStream(ordering.BoundedWait):
     ) -> list[Event]:
         """What Envoy gets for the response just stored: it relayed (narrowed or not), ACKed
         here, or nothing yet (deferred)."""
-        type_url, status = response.type_url, state.status
+        type_url = response.type_url
         if self.view.transparent:
             events: list[Event] = []
             selection = upstream
@@ -259,7 +247,7 @@ class SotwStream(ordering.BoundedWait):
             state.deferred = False
             if self._holds_accepted(state, selection):
                 # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2).
-                state.covering_nonce = status.pushed_nonce
+                state.exchange.cover()
                 ack = DiscoveryRequest(
                     type_url=type_url,
                     version_info=response.version,
@@ -287,7 +275,7 @@ class SotwStream(ordering.BoundedWait):
     @staticmethod
     def _holds_accepted(state: _TypeState, selection: Selection) -> bool:
         """Envoy holds exactly `selection` and has ACKed the response that brought it."""
-        return state.status.accepted and selection == state.pushed
+        return state.exchange.accepted and selection == state.pushed
 
     # -- originated here -------------------------------------------------------------------
 
@@ -333,7 +321,7 @@ class SotwStream(ordering.BoundedWait):
         acked_endpoints = endpoints.acked[0] if endpoints and endpoints.acked else ()
         upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, ((), ())), strict=True))
         # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
-        acked_clusters = clusters.acked[0] if clusters.status.accepted else ()
+        acked_clusters = clusters.acked[0] if clusters.exchange.accepted else ()
         return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
 
     def _held_types(self) -> frozenset[str]:
@@ -348,7 +336,8 @@ class SotwStream(ordering.BoundedWait):
 
     def inputs_changed(self, inputs: frozenset[str]) -> list[Event]:
         """Inputs the view reads besides the upstream (a scope, the mesh's route tables)
-        changed: recompute only the types that declare them; push what differs."""
+        changed: recompute only the types that declare them; push what differs
+        (docs/protocol.md R27)."""
         return self._refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
     def _refresh(self, type_urls: frozenset[str]) -> list[Event]:
@@ -377,12 +366,12 @@ class SotwStream(ordering.BoundedWait):
             state.deferred = True
             return []
         relay, state.deferred = state.deferred and not local, False
-        status = state.status
+        exchange = state.exchange
         if relay:  # the upstream response held back for its inputs: Istiod's nonce
-            nonce, version = status.upstream_nonce, status.upstream_version
+            nonce, version = exchange.upstream_nonce, exchange.upstream_version
         else:
             nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
-            version = f"{status.upstream_version or 'local'}+{nonce}"
+            version = f"{exchange.upstream_version or 'local'}+{nonce}"
         payload = encode_sotw_response(version, type_url, nonce, selection[1])
         self._record_push(state, selection, version, nonce, len(payload))
         return [SendDownstream(payload, type_url, len(selection[1]), relayed=relay)]
@@ -392,6 +381,6 @@ class SotwStream(ordering.BoundedWait):
         state: _TypeState, selection: Selection, version: str, nonce: str, size: int
     ) -> None:
         state.pushed = selection
-        status = state.status
-        status.pushed_version, status.pushed_nonce = version, nonce
-        status.pushed_resources, status.pushed_bytes = len(selection[1]), size
+        exchange = state.exchange
+        exchange.pushed(version, nonce)
+        exchange.pushed_resources, exchange.pushed_bytes = len(selection[1]), size
