@@ -31,6 +31,7 @@ from xdsproxy.sim.mesh import generate
 from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import clear_decode_cache, encode_sotw_response
 from xdsproxy.xds.sotw import SotwStream
+from xdsproxy.xds.view import Selection
 
 SIZES = (1000, 5000, 10000)
 
@@ -65,7 +66,7 @@ class KeepOnePercent:
 
     def select(self, type_url, upstream):
         names, bodies = upstream[type_url]
-        return names[::100], bodies[::100]
+        return Selection(names[::100], bodies[::100])
 
 
 def hot_path(data: bytes, repeat: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ from xdsproxy.wire.codec import encode_delta_resource, encode_delta_response, en
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import Event, UpstreamApplied
 from xdsproxy.xds.sotw import SotwStream
+from xdsproxy.xds.view import NOTHING, Selection
 
 NODE_ID = "sidecar~10.0.0.1~app-7d9f8c6b5d-abcde.ns-0~ns-0.svc.cluster.local"
 
@@ -123,13 +124,13 @@ class KeepPrefix:
     def select(self, type_url, upstream):
         if type_url in self.local_types:
             entries = self.local_resources[type_url]
-            return tuple(n for n, _ in entries), tuple(b for _, b in entries)
-        names, bodies = upstream.get(type_url, ((), ()))
+            return Selection(tuple(n for n, _ in entries), tuple(b for _, b in entries))
+        names, bodies = current = upstream.get(type_url, NOTHING)
         if self.narrows is not None and type_url not in self.narrows:
-            return names, bodies
+            return current
         wanted = set()
         if type_url == typeurls.CLUSTER and self.cds_follows_lds:
-            listeners = upstream.get(typeurls.LISTENER, ((), ()))[0]
+            listeners = upstream.get(typeurls.LISTENER, NOTHING).names
             wanted = {n.split(":", 1)[1] for n in listeners if n.startswith("needs:")}
         kept = [
             (n, b)
@@ -137,8 +138,8 @@ class KeepPrefix:
             if n in wanted or any(n.startswith(p) for p in self.prefixes)
         ]
         if len(kept) == len(names):
-            return names, bodies
-        return tuple(n for n, _ in kept), tuple(b for _, b in kept)
+            return current
+        return Selection(tuple(n for n, _ in kept), tuple(b for _, b in kept))
 
 
 def receive_upstream(stream: SotwStream | DeltaStream, data: bytes) -> list[Event]:

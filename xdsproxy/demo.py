@@ -172,7 +172,7 @@ async def _demo(services: int, calls: int, output: Path, keep_running: bool = Fa
         lazy_bytes = {k: status[t].pushed_bytes for k, t in TYPES.items() if t in status}
         pushed = session_of(proxy, "app-0").stream.pushed(typeurls.CLUSTER)
         placeholders = sum(
-            body == placeholder_cluster(name, parsed[0])
+            body == placeholder_cluster(name, parsed.service)
             for name, body in zip(*pushed, strict=True)
             if (parsed := outbound_cluster(name))
         )

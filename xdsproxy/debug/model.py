@@ -20,6 +20,7 @@ from xdsproxy.server.lazy import LazyRuntime
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.registry import load_envoy_types
 from xdsproxy.wire.typeurls import short_name
+from xdsproxy.xds.view import Selection
 
 
 class NotFound(LookupError):
@@ -168,7 +169,7 @@ class DebugModel:
                     else (f"{pattern.namespace}/{pattern.host}")
                 )
                 out.append({"host": host, "port": pattern.port, "origin": "static"})
-        for name in session.stream.pushed(typeurls.CLUSTER)[0]:
+        for name in session.stream.pushed(typeurls.CLUSTER).names:
             if outbound_cluster(name) is None:
                 out.append({"host": name, "port": None, "origin": "always"})
         return out
@@ -320,15 +321,15 @@ def _pushed_clusters(
     clusters: dict[ServicePort, dict[str, str]] = {}
     for name, body in zip(*stream.upstream(typeurls.CLUSTER), strict=True):
         parsed = outbound_cluster(name)
-        if parsed is None or parsed[0] not in wanted:
+        if parsed is None or parsed.service not in wanted:
             continue
         sent = pushed.get(name)
         how = WITHHELD if sent is None else DIRECT if sent == body else EGRESS
-        clusters.setdefault(parsed[0], {})[name] = how
+        clusters.setdefault(parsed.service, {})[name] = how
     names = {name for per in clusters.values() for name in per}
     referrers: dict[str, list[str]] = {}
     for type_url, kind in ((typeurls.LISTENER, "listener"), (typeurls.ROUTE, "route table")):
         for name, body in zip(*stream.pushed(type_url), strict=True):
-            for cluster in stream.view.references(type_url, ((name,), (body,))) & names:
+            for cluster in stream.view.references(type_url, Selection((name,), (body,))) & names:
                 referrers.setdefault(cluster, []).append(f"{kind} {name}")
     return clusters, referrers

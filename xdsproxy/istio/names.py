@@ -1,6 +1,7 @@
 """Istio's resource names: `outbound|PORT|SUBSET|FQDN` clusters and `FQDN:PORT` virtual hosts."""
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from xdsproxy import caches
 
@@ -22,14 +23,22 @@ def is_port(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+class OutboundCluster(NamedTuple):
+    """What an Istio outbound cluster name says: the service and port, and the subset ("" for
+    the service's own cluster)."""
+
+    service: ServicePort
+    subset: str
+
+
 @caches.memo("outbound_cluster")
-def outbound_cluster(name: str) -> tuple[ServicePort, str] | None:
+def outbound_cluster(name: str) -> OutboundCluster | None:
     """`outbound|9080|v1|reviews.ns.svc.cluster.local` -> (reviews...:9080, "v1"). Cached:
     every push to every sidecar asks this of the same few thousand names."""
     parts = name.split("|")
     if len(parts) != 4 or parts[0] != "outbound" or not is_port(parts[1]) or not parts[3]:
         return None
-    return ServicePort(parts[3], int(parts[1])), parts[2]
+    return OutboundCluster(ServicePort(parts[3], int(parts[1])), parts[2])
 
 
 def service_fqdn(host: str) -> str:

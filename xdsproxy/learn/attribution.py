@@ -51,7 +51,7 @@ class Directory(Protocol):
 def destination(record: AccessRecord, known: Callable[[ServicePort], bool]) -> ServicePort | None:
     parsed = outbound_cluster(record.upstream_cluster)
     if parsed is not None:
-        return parsed[0]
+        return parsed.service
     host = (
         record.authority.rsplit(":", 1)[0] if record.authority.count(":") == 1 else record.authority
     )

@@ -78,9 +78,9 @@ class Learner:
         new = set()
         for name in cluster_names:
             parsed = outbound_cluster(name)
-            if parsed is not None and parsed[0] not in self.known_services:
-                self.known_services.add(parsed[0])
-                new.add(parsed[0])
+            if parsed is not None and parsed.service not in self.known_services:
+                self.known_services.add(parsed.service)
+                new.add(parsed.service)
         released = self.pending.take(new, self.monotonic())
         self._count_pending()
         return released, bool(new)
@@ -157,7 +157,7 @@ class Learner:
         if parsed is None:
             return
         for workload in self.directory.workloads_at(peer):
-            self._touch(workload, parsed[0], self.clock())
+            self._touch(workload, parsed.service, self.clock())
 
     def _touch(self, workload: WorkloadKey, service: ServicePort, seen: float) -> None:
         edge = self.scopes.get(workload).learned.get(service)

@@ -117,9 +117,9 @@ def service_listener(refs: ListenerRefs, clusters: Mapping[str, bytes]) -> Servi
         body = clusters.get(cluster)
         if parsed is None or body is None or not is_eds_cluster(body):
             return None
-        if not service_namespace(parsed[0].host):
+        if not service_namespace(parsed.service.host):
             return None
-        services.add(parsed[0])
+        services.add(parsed.service)
     return services.pop() if len(services) == 1 else None
 
 

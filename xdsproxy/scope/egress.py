@@ -1,12 +1,13 @@
 """The lazy egress: full config, plus what xdsproxy synthesizes for it.
 
 - A listener (`--egress-port`) whose HTTP connection manager picks a route table per request
-  by scoped routes keyed on (source namespace, original port), takes the caller's address from
-  the socket (`use_remote_address`), moves the `x-xdsproxy-*` headers into dynamic metadata
-  (so backends never see them but the access log does), and streams one access log entry per
-  request to xdsproxy's ALS endpoint without buffering.
-- Scoped route configurations (served by xdsproxy only), one per (namespace, port) of the
-  mesh, each with the caller namespace's own table inline; a namespace whose tables this
+  by the caller's (namespace, original port), through Envoy's scoped routes (SRDS); it takes
+  the caller's address from the socket (`use_remote_address`), moves the `x-xdsproxy-*`
+  headers into dynamic metadata (so backends never see them but the access log does), and
+  streams one access log entry per request to xdsproxy's ALS endpoint without buffering.
+- Caller routes (Envoy's `ScopedRouteConfiguration`s, served by xdsproxy only; "scope" here
+  is kept for a workload's dependencies), one per (namespace, port) of the mesh, each with the
+  caller namespace's own table inline; a namespace whose tables this
   replica does not hold falls back to the egress's own table for that port. TCP and sniffed
   services (no vhost in a port table) get a vhost there that terminates the CONNECT of a
   sidecar's tunnel (see `tunnel`); the listener keeps tunnels open however idle, and logs each
@@ -53,10 +54,10 @@ from xdsproxy.scope.routes import (
 )
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
-from xdsproxy.xds.view import Selection, UpstreamView
+from xdsproxy.xds.view import NOTHING, Selection, UpstreamView
 
 EGRESS_LISTENER = "xdsproxy_lazy_egress"
-# The scoped routes read the egress's own CDS, RDS and LDS, and every namespace's tables; the
+# The caller routes read the egress's own CDS, RDS and LDS, and every namespace's tables; the
 # rest of its config is Istio's, plus fixed resources.
 _SCOPED_ROUTE_INPUTS = frozenset(
     {typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER, inputs.MESH_ROUTE_TABLES}
@@ -189,16 +190,17 @@ def istio_mtls() -> DownstreamTlsContext:
     return context
 
 
-@caches.memo("scoped_route")
-def scoped_route(
+@caches.memo("caller_route")
+def caller_route(
     table_any: bytes | None, namespace: str, port: int, tunnelled: tuple[tuple[str, str], ...]
 ) -> bytes:
+    """The route table for callers from `namespace` to `port`, keyed for Envoy's SRDS."""
     name = f"{namespace}/{port}"
-    scope = ScopedRouteConfiguration(name=name)
-    scope.route_configuration.CopyFrom(egress_table(table_any, name, namespace, tunnelled))
-    scope.key.fragments.add(string_key=namespace)
-    scope.key.fragments.add(string_key=str(port))
-    return pack(scope)
+    entry = ScopedRouteConfiguration(name=name)
+    entry.route_configuration.CopyFrom(egress_table(table_any, name, namespace, tunnelled))
+    entry.key.fragments.add(string_key=namespace)
+    entry.key.fragments.add(string_key=str(port))
+    return pack(entry)
 
 
 class EgressView:
@@ -216,31 +218,32 @@ class EgressView:
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:
         # The egress holds every cluster Istiod sends and never narrows them; its scopes fall
-        # back to its own tables for clusters it lacks (see `_scopes`).
+        # back to its own tables for clusters it lacks (see `_caller_routes`).
         return frozenset()
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
-        current = upstream.get(type_url, ((), ()))
+        current = upstream.get(type_url, NOTHING)
         if type_url == typeurls.CLUSTER:
-            return current[0] + (ALS_CLUSTER, ORIGINAL_DST_CLUSTER), current[1] + (
-                als_cluster(self.settings),
-                original_dst_cluster(),
+            return Selection(
+                (*current.names, ALS_CLUSTER, ORIGINAL_DST_CLUSTER),
+                (*current.bodies, als_cluster(self.settings), original_dst_cluster()),
             )
         if type_url == typeurls.LISTENER:
-            return current[0] + (EGRESS_LISTENER,), current[1] + (
-                synthesized_listener(self.settings),
+            return Selection(
+                (*current.names, EGRESS_LISTENER),
+                (*current.bodies, synthesized_listener(self.settings)),
             )
         if type_url == typeurls.SCOPED_ROUTE:
-            return self._scopes(upstream)
+            return self._caller_routes(upstream)
         return current
 
-    def _scopes(self, upstream: UpstreamView) -> Selection:
+    def _caller_routes(self, upstream: UpstreamView) -> Selection:
         own = {
             int(name): body
-            for name, body in zip(*upstream.get(typeurls.ROUTE, ((), ())), strict=True)
+            for name, body in zip(*upstream.get(typeurls.ROUTE, NOTHING), strict=True)
             if is_port(name)
         }
-        clusters, cluster_bodies = upstream.get(typeurls.CLUSTER, ((), ()))
+        clusters, cluster_bodies = upstream.get(typeurls.CLUSTER, NOTHING)
         namespaces = set(self.tables.namespaces())
         by_port: dict[int, list[str]] = {}
         for cluster, body in zip(clusters, cluster_bodies, strict=True):
@@ -253,7 +256,7 @@ class EgressView:
             # A headless service's ORIGINAL_DST cluster would connect back to the egress itself.
             if not subset and not is_original_dst(body):
                 by_port.setdefault(service.port, []).append(cluster)
-        vips = _vips(upstream.get(typeurls.LISTENER, ((), ()))[1])
+        vips = _vips(upstream.get(typeurls.LISTENER, NOTHING)[1])
         held = frozenset(clusters) | {PASSTHROUGH}
         names: list[str] = []
         bodies: list[bytes] = []
@@ -267,9 +270,9 @@ class EgressView:
                     table = own.get(port)
                 names.append(f"{namespace}/{port}")
                 bodies.append(
-                    scoped_route(table, namespace, port, _tunnelled(table, by_port.get(port), vips))
+                    caller_route(table, namespace, port, _tunnelled(table, by_port.get(port), vips))
                 )
-        return tuple(names), tuple(bodies)
+        return Selection(tuple(names), tuple(bodies))
 
 
 def _vips(listeners: tuple[bytes, ...]) -> dict[str, str]:
@@ -292,5 +295,7 @@ def _tunnelled(
         return ()
     routed = set(parse_table(table).services) if table is not None else set()
     return tuple(
-        (c, vips.get(c, "")) for c in clusters if (p := outbound_cluster(c)) and p[0] not in routed
+        (c, vips.get(c, ""))
+        for c in clusters
+        if (p := outbound_cluster(c)) and p.service not in routed
     )

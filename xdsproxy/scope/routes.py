@@ -79,7 +79,7 @@ def parse_table(any_bytes: bytes) -> ParsedTable:
         services=services,
         clusters=clusters,
         targets=tuple(
-            frozenset(parsed[0] for c in names if (parsed := outbound_cluster(c)))
+            frozenset(parsed.service for c in names if (parsed := outbound_cluster(c)))
             for names in clusters
         ),
         referenced=frozenset().union(*clusters),
@@ -216,7 +216,7 @@ def egress_table(
                 if entry.name == PASSTHROUGH:
                     entry.name = ORIGINAL_DST_CLUSTER
     table.virtual_hosts.extend(
-        _tunnel_vhost(cluster, vip, parsed[0], caller_namespace)
+        _tunnel_vhost(cluster, vip, parsed.service, caller_namespace)
         for cluster, vip in tunnelled
         if (parsed := outbound_cluster(cluster))
     )

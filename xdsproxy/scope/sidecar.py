@@ -44,7 +44,7 @@ from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_l
 from xdsproxy.scope.usage import FLUSH_SECONDS, with_usage_logger
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
-from xdsproxy.xds.view import Selection, UpstreamView
+from xdsproxy.xds.view import NOTHING, Selection, UpstreamView
 
 _CDS_UPSTREAM = frozenset({typeurls.LISTENER, typeurls.ROUTE})
 # In compact mode a listener is left out only if it is a service VIP's (an EDS cluster).
@@ -56,7 +56,6 @@ _INPUTS = {
     typeurls.LISTENER: frozenset({inputs.FAIL_OPEN, inputs.TUNNEL}),
 }
 _COMPACT_LDS_INPUTS = _INPUTS[typeurls.LISTENER] | _COMPACT_LDS_UPSTREAM | {inputs.SCOPE}
-_EMPTY: Selection = ((), ())
 # The newest selection per (scope, type): replicas ask for the same one within a push, and an
 # older generation is replaced rather than kept (under churn every push is a new generation).
 _SELECTIONS: LRUCache[tuple[int, str], tuple[tuple, Selection]] = caches.lru("sidecar_selection")
@@ -97,23 +96,23 @@ class SidecarView:
         return _INPUTS.get(type_url, frozenset())
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
-        current = upstream.get(type_url, _EMPTY)
+        current = upstream.get(type_url, NOTHING)
         if self.fail_open is not None and self.fail_open.active:
             return current  # Istio's full config, as without xdsproxy (see `failopen`)
         if self.compact is not None and not self.compact.ranges.networks:
-            clusters = dict(zip(*upstream.get(typeurls.CLUSTER, _EMPTY), strict=True))
+            clusters = dict(zip(*upstream.get(typeurls.CLUSTER, NOTHING), strict=True))
             self.compact.ranges.settle(
                 refs.address
-                for refs in map(listener_refs, upstream.get(typeurls.LISTENER, _EMPTY)[1])
+                for refs in map(listener_refs, upstream.get(typeurls.LISTENER, NOTHING)[1])
                 if service_listener(refs, clusters)
             )
         if type_url == typeurls.CLUSTER:
-            read = (current, *(upstream.get(t, _EMPTY) for t in sorted(_CDS_UPSTREAM)))
+            read = (current, *(upstream.get(t, NOTHING) for t in sorted(_CDS_UPSTREAM)))
             return self._memo(type_url, read, lambda: self._clusters(current, upstream))
         if type_url == typeurls.ROUTE:
             return self._memo(type_url, (current,), lambda: self._routes(current))
         if type_url == typeurls.LISTENER:
-            read = (current, upstream.get(typeurls.CLUSTER, _EMPTY) if self.compact else _EMPTY)
+            read = (current, upstream.get(typeurls.CLUSTER, NOTHING) if self.compact else NOTHING)
             return self._memo(type_url, read, lambda: self._listeners(current, upstream))
         return current
 
@@ -128,7 +127,7 @@ class SidecarView:
             key = self.scope.key
             names = (*names, TUNNEL_LISTENER)
             bodies = (*bodies, tunnel_listener(self.egress_cluster, key.namespace, key.workload))
-        return names, bodies
+        return Selection(names, bodies)
 
     def _compact(self, names: tuple, bodies: tuple, left_out: frozenset[bytes]) -> Selection:
         key = self.scope.key
@@ -143,7 +142,7 @@ class SidecarView:
             if takes_mesh_chains(name, refs.address):
                 body = with_mesh_chains(body, *chains)
             kept_bodies.append(body)
-        return tuple(kept_names), tuple(kept_bodies)
+        return Selection(tuple(kept_names), tuple(kept_bodies))
 
     def _networks(self) -> tuple:
         return self.compact.ranges.networks if self.compact is not None else ()
@@ -152,9 +151,9 @@ class SidecarView:
         """Compact mode: the listeners of out-of-scope services' VIPs in the mesh ranges."""
         if not self._networks():
             return frozenset()
-        clusters = dict(zip(*upstream.get(typeurls.CLUSTER, _EMPTY), strict=True))
+        clusters = dict(zip(*upstream.get(typeurls.CLUSTER, NOTHING), strict=True))
         left_out = set()
-        for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
+        for body in upstream.get(typeurls.LISTENER, NOTHING)[1]:
             refs = listener_refs(body)
             service = service_listener(refs, clusters)
             if service and self.compact.leaves_out(refs) and not self.scope.covers(service):
@@ -196,13 +195,13 @@ class SidecarView:
             )
             for body in bodies
         )
-        return names, rewritten
+        return Selection(names, rewritten)
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:
         if type_url == typeurls.LISTENER:
-            return frozenset().union(*(listener_refs(body).clusters for body in selection[1]))
+            return frozenset().union(*(listener_refs(body).clusters for body in selection.bodies))
         if type_url == typeurls.ROUTE:
-            return frozenset().union(*(parse_table(body).referenced for body in selection[1]))
+            return frozenset().union(*(parse_table(body).referenced for body in selection.bodies))
         return frozenset()
 
     def _clusters(self, current: Selection, upstream: UpstreamView) -> Selection:
@@ -211,13 +210,13 @@ class SidecarView:
         direct = {self.egress_cluster}
         tcp: set[str] = set()
         left_out = self._left_out(upstream)
-        for body in upstream.get(typeurls.LISTENER, _EMPTY)[1]:
+        for body in upstream.get(typeurls.LISTENER, NOTHING)[1]:
             if body in left_out:
                 continue  # compact mode: its service has neither listener nor cluster
             refs = listener_refs(body)
             direct |= refs.clusters - refs.tcp_clusters
             tcp |= refs.tcp_clusters
-        for body in upstream.get(typeurls.ROUTE, _EMPTY)[1]:
+        for body in upstream.get(typeurls.ROUTE, NOTHING)[1]:
             parsed = parse_table(body)
             for index in kept_vhosts(parsed, covers):
                 direct |= parsed.clusters[index]
@@ -225,16 +224,16 @@ class SidecarView:
         kept_bodies: list[bytes] = []
         for name, body in zip(names, bodies, strict=True):
             parsed = outbound_cluster(name)
-            if parsed is None or name in direct or covers(parsed[0]):
+            if parsed is None or name in direct or covers(parsed.service):
                 kept_names.append(name)
                 kept_bodies.append(body)
             elif name in tcp:
                 tunnelled = self.tunnel and not is_original_dst(body)
                 kept_names.append(name)
-                kept_bodies.append(placeholder_cluster(name, parsed[0]) if tunnelled else body)
+                kept_bodies.append(placeholder_cluster(name, parsed.service) if tunnelled else body)
         if self.usage is not None:
             kept_names.append(ALS_CLUSTER)
             kept_bodies.append(als_cluster(self.usage))
         if kept_bodies == list(bodies):
             return current
-        return tuple(kept_names), tuple(kept_bodies)
+        return Selection(tuple(kept_names), tuple(kept_bodies))

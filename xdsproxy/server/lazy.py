@@ -3,7 +3,7 @@
 - `istio.sessions`: the Istio node of every open stream, parsed once;
 - `scope.registry`: each workload's scope and static rules (pure);
 - `learn.learner`: attribution, the store, last seen and ageing; it reports each scope change;
-- `scope.mesh`: the namespaces' route tables the egress's scoped routes read;
+- `scope.mesh`: the namespaces' route tables the egress's caller routes read;
 - fail-open and the tunnel fallback.
 
 What changes a view's input (a scope, fail-open, the tunnel, the mesh's tables) is told to the
@@ -229,13 +229,13 @@ class LazyRuntime:
     def upstream_applied(self, session: Session, applied: UpstreamApplied) -> None:
         """Istiod's config as a stream just stored it: the services it names (held access log
         entries wait for them), the egress's endpoints (fail-open), and a namespace's route
-        tables (the egress's scoped routes read them)."""
+        tables (the egress's caller routes read them)."""
         istio = self.sessions.node(session)
         if istio is None:
             return
         type_url = applied.type_url
         if type_url == typeurls.CLUSTER:
-            self._note_services(applied.upstream[0])
+            self._note_services(applied.upstream.names)
         if type_url == typeurls.ENDPOINT and self.fail_open.mode != "never":
             self._note_egress_endpoints(applied.upstream)
         routes_changed = (

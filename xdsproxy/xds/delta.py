@@ -46,7 +46,7 @@ from xdsproxy.xds.events import (
 from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Exchange, TypeStatus
 from xdsproxy.xds.requests import read_request
 from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, FrozenMap, UpstreamMap
-from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
+from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 
 WILDCARD = "*"
 # `deferred_nonce` of a locally served type whose first answer waits for its inputs
@@ -93,7 +93,7 @@ def _selection_of(held: FrozenMap) -> Selection:
     if found is not None and found[0] is held:
         return found[1]
     known = [(n, a) for n, a in held.items() if a is not None]
-    selection = (tuple(n for n, _ in known), tuple(a for _, a in known))
+    selection = Selection(tuple(n for n, _ in known), tuple(a for _, a in known))
     _SELECTIONS[id(held)] = (held, selection)
     return selection
 
@@ -122,9 +122,9 @@ class DeltaStream(ordering.BoundedWait):
         reconnect and was not sent again are left out)."""
         state = self._types.get(type_url)
         if state is None:
-            return (), ()
+            return NOTHING
         held = sorted((n, a) for n, a in state.held.items() if a is not None)
-        return tuple(n for n, _ in held), tuple(a for _, a in held)
+        return Selection(tuple(n for n, _ in held), tuple(a for _, a in held))
 
     def subscription(self, type_url: str) -> tuple[bool, frozenset[str]]:
         state = self._types.get(type_url)
@@ -132,7 +132,7 @@ class DeltaStream(ordering.BoundedWait):
 
     def upstream(self, type_url: str) -> Selection:
         state = self._types.get(type_url)
-        return state.upstream_selection() if state else ((), ())
+        return state.upstream_selection() if state else NOTHING
 
     # -- from Envoy ------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class DeltaStream(ordering.BoundedWait):
         if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT) or type_url in self.view.local_types:
             return False
         state = self._types[type_url]
-        selection = (tuple(n for n, _ in pairs), tuple(a for _, a in pairs))
+        selection = Selection(tuple(n for n, _ in pairs), tuple(a for _, a in pairs))
         names = self.view.references(type_url, selection)
         if state.acked:
             names -= ordering.names_in(self.view.references, type_url, _selection_of(state.acked))

@@ -88,7 +88,7 @@ def keep_named(
 ) -> Selection:
     """`selection` plus the upstream's clusters that Envoy holds and something it holds still
     names: their removal waits for that listener or route to be ACKed without them."""
-    chosen = set(selection[0])
+    chosen = set(selection.names)
     held_names = set(held)
     extra = [
         (name, body)
@@ -97,7 +97,9 @@ def keep_named(
     ]
     if not extra:
         return selection
-    return selection[0] + tuple(n for n, _ in extra), selection[1] + tuple(b for _, b in extra)
+    return Selection(
+        selection.names + tuple(n for n, _ in extra), selection.bodies + tuple(b for _, b in extra)
+    )
 
 
 def cold(

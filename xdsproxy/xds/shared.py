@@ -16,6 +16,7 @@ from typing import NoReturn, TypeVar
 from cachetools import LRUCache
 
 from xdsproxy import caches
+from xdsproxy.xds.view import Selection
 
 V = TypeVar("V")
 Shared = TypeVar("Shared", bound="FrozenMap | frozenset")
@@ -38,12 +39,12 @@ class UpstreamMap(FrozenMap[tuple[bytes, bytes]]):
 
     __slots__ = ("_selection",)
 
-    def selection(self) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    def selection(self) -> Selection:
         """Names and Anys, as a view takes them."""
         try:
             return self._selection
         except AttributeError:
-            self._selection = (tuple(self), tuple([any_ for _, any_ in self.values()]))
+            self._selection = Selection(tuple(self), tuple([any_ for _, any_ in self.values()]))
             return self._selection
 
 

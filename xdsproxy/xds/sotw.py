@@ -55,7 +55,7 @@ from xdsproxy.xds.events import (
 from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, TypeStatus
 from xdsproxy.xds.requests import names_span, read_request
 from xdsproxy.xds.shared import shared_names
-from xdsproxy.xds.view import UNSCOPED, ResourceView, Selection
+from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 
 
 @dataclass(slots=True)
@@ -91,15 +91,15 @@ class SotwStream(ordering.BoundedWait):
         return {type_url: state.exchange.status() for type_url, state in self._types.items()}
 
     def pushed_names(self, type_url: str) -> tuple[str, ...]:
-        return self.pushed(type_url)[0]
+        return self.pushed(type_url).names
 
     def pushed(self, type_url: str) -> Selection:
         """What Envoy was last sent for the type: names and serialized `Any`s."""
         state = self._types.get(type_url)
-        return state.pushed if state and state.pushed else ((), ())
+        return state.pushed if state and state.pushed else NOTHING
 
     def upstream(self, type_url: str) -> Selection:
-        return self._upstream.get(type_url, ((), ()))
+        return self._upstream.get(type_url, NOTHING)
 
     # -- from Envoy ------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class SotwStream(ordering.BoundedWait):
         exchange = state.exchange
         exchange.received(response.version, response.nonce)
         exchange.upstream_resources, exchange.upstream_bytes = len(response.bodies), len(data)
-        upstream = (response.names, response.bodies)
+        upstream = Selection(response.names, response.bodies)
         self._upstream[type_url] = upstream
         applied = UpstreamApplied(type_url, upstream, len(data))
         return [*self._relay(state, response, data, upstream), applied]
@@ -257,19 +257,19 @@ class SotwStream(ordering.BoundedWait):
                 events.append(AckedHere(ack.SerializeToString(), type_url))
                 return events
         # Istiod's nonce and version, narrowed or not (docs/protocol.md R1).
-        if selection[1] is response.bodies:
+        if selection.bodies is response.bodies:
             payload = data
         else:
             payload = encode_sotw_response(
                 response.version,
                 type_url,
                 response.nonce,
-                selection[1],
+                selection.bodies,
                 response.control_plane,
                 response.canary,
             )
         self._record_push(state, selection, response.version, response.nonce, len(payload))
-        events.append(SendDownstream(payload, type_url, len(selection[1]), relayed=True))
+        events.append(SendDownstream(payload, type_url, len(selection.bodies), relayed=True))
         return events
 
     @staticmethod
@@ -300,7 +300,7 @@ class SotwStream(ordering.BoundedWait):
             ((t, s.pushed, s.acked) for t, s in self._types.items() if t != type_url),
         )
         return ordering.keep_named(
-            selection, self._upstream.get(type_url, ((), ())), state.pushed[0], named
+            selection, self._upstream.get(type_url, NOTHING), state.pushed.names, named
         )
 
     def _names_cold(self, type_url: str, selection: Selection) -> bool:
@@ -319,7 +319,7 @@ class SotwStream(ordering.BoundedWait):
             return False
         endpoints = self._types.get(typeurls.ENDPOINT)
         acked_endpoints = endpoints.acked[0] if endpoints and endpoints.acked else ()
-        upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, ((), ())), strict=True))
+        upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, NOTHING), strict=True))
         # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
         acked_clusters = clusters.acked[0] if clusters.exchange.accepted else ()
         return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
@@ -372,9 +372,9 @@ class SotwStream(ordering.BoundedWait):
         else:
             nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
             version = f"{exchange.upstream_version or 'local'}+{nonce}"
-        payload = encode_sotw_response(version, type_url, nonce, selection[1])
+        payload = encode_sotw_response(version, type_url, nonce, selection.bodies)
         self._record_push(state, selection, version, nonce, len(payload))
-        return [SendDownstream(payload, type_url, len(selection[1]), relayed=relay)]
+        return [SendDownstream(payload, type_url, len(selection.bodies), relayed=relay)]
 
     @staticmethod
     def _record_push(
@@ -383,4 +383,4 @@ class SotwStream(ordering.BoundedWait):
         state.pushed = selection
         exchange = state.exchange
         exchange.pushed(version, nonce)
-        exchange.pushed_resources, exchange.pushed_bytes = len(selection[1]), size
+        exchange.pushed_resources, exchange.pushed_bytes = len(selection.bodies), size

@@ -1,10 +1,20 @@
 """The hook through which a policy decides what a stream forwards, and what it serves itself."""
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-Selection = tuple[tuple[str, ...], tuple[bytes, ...]]
-# type URL -> (names, serialized Any bodies), the latest the upstream sent on this stream.
+
+class Selection(NamedTuple):
+    """Resources of one type, in order: their names and their serialized `Any`s. Equal to the
+    plain pair; shared between streams, so compared by identity where that is enough."""
+
+    names: tuple[str, ...]
+    bodies: tuple[bytes, ...]
+
+
+NOTHING = Selection((), ())
+
+# type URL -> the latest the upstream sent of that type on this stream.
 UpstreamView = Mapping[str, Selection]
 
 
@@ -24,8 +34,8 @@ class ResourceView(Protocol):
         """Other types whose upstream content changes the selection of `type_url`."""
         ...
 
-    #: Types xdsproxy serves itself (scoped routes on the lazy egress): requests for them are
-    #: answered locally and never reach the upstream.
+    #: Types xdsproxy serves itself (the caller routes, SRDS, on the lazy egress): requests
+    #: for them are answered locally and never reach the upstream.
     local_types: frozenset[str]
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:
@@ -41,7 +51,7 @@ class Unscoped:
     transparent = True
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
-        return upstream.get(type_url, ((), ()))
+        return upstream.get(type_url, NOTHING)
 
     local_types: frozenset[str] = frozenset()
 
