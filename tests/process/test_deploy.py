@@ -19,7 +19,7 @@ from xdsproxy.harness.pki import Authority
 # Runs xdsproxy, kubectl or Envoy as child processes: not in `make test-fast`.
 pytestmark = pytest.mark.process
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.31.0"
 CRD = DEPLOY / "base" / "crd-lazyscope.yaml"
 NOT_KUBERNETES = {"kustomization.yaml", "rules.yaml"}

@@ -1,7 +1,7 @@
 """Compact lazy sidecars on the real Istio dumps and the realistic simulator profile: an
 out-of-scope service's VIP listener and cluster are left out, mesh-range chains tunnel to the
 egress, and one CONNECT entry brings back Istio's exact listener and cluster while the chains
-stay byte for byte. Pure: no Envoy (tests/test_e2e_compact.py runs it on Envoy)."""
+stay byte for byte. Pure: no Envoy (tests/envoy/test_e2e_compact.py runs it on Envoy)."""
 
 import ipaddress
 

@@ -1,6 +1,7 @@
 """Out-of-scope TCP on the real Istio dumps and the realistic simulator profile: placeholders
 stand in for the clusters Istio's TCP and sniffed listeners name, until one CONNECT entry brings
-back Istio's exact cluster. Pure: no Envoy (tests/test_e2e_tcp_lazy.py runs the same on Envoy)."""
+back Istio's exact cluster. Pure: no Envoy (tests/envoy/test_e2e_tcp_lazy.py runs the same on
+Envoy)."""
 
 import pytest
 

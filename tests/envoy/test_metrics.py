@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xdsproxy.debug.metrics import Metrics, metric_type
 from xdsproxy.harness.stack import eventually, running_envoy, running_proxy, running_sim
 
-DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "xdsproxy-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "xdsproxy-dashboard.json"
 
 
 def _samples(port: int) -> dict[tuple[str, frozenset], float]:

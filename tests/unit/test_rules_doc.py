@@ -8,7 +8,7 @@ import pytest
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.scope.rules import RulesError, load_rules, parse_rules
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "rules.md"
 
 

@@ -1,0 +1,2 @@
+"""Child processes: `xdsproxy serve`, `kubectl` rendering the manifests, the load
+generator."""
