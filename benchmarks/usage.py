@@ -74,7 +74,7 @@ def cpu_per_entry(entries: int = 100, rounds: int = 200) -> float:
         start = time.process_time()
         parsed = StreamAccessLogsMessage.FromString(data)
         for record, _ in records(parsed):
-            runtime.observe_usage(record, "10.0.0.1")
+            runtime.learner.observe_usage(record, "10.0.0.1")
         samples.append((time.process_time() - start) / entries)
     return statistics.median(samples) * 1e6
 

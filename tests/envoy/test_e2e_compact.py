@@ -125,7 +125,7 @@ async def test_compact_sidecar_tunnels_learns_and_keeps_what_is_open(delta: bool
         await eventually(lambda: runs_istio_cluster(sidecar, service_cluster(service)), timeout=10)
         await eventually(lambda: f"{vip[0]}_{vip[1]}" in _listeners(sidecar), timeout=10)
 
-        assert mesh.proxy.runtime.learner.learns == 4
+        assert mesh.proxy.runtime.metrics.value("xdsproxy_learns_total") == 4
         assert sidecar.stat(IN_PLACE) == in_place, "a scope change updated a listener in place"
         for envoy in (sidecar, mesh.egress):
             assert rejected(envoy) == 0

@@ -73,7 +73,10 @@ async def test_first_request_learn_then_direct(delta: bool) -> None:
             lambda: runtime.scope(key).learned[ServicePort(A, port)].last_seen > learned_at,
             timeout=15,
         )
-        assert runtime.learner.rejections["peer_not_allowed"] == 0
+        assert (
+            runtime.metrics.value("xdsproxy_als_rejections_total", {"reason": "peer_not_allowed"})
+            == 0
+        )
 
         # A second replica of the same workload holds A from its first push.
         second = await mesh.add_sidecar(sidecar_identity("app-1", "127.0.0.3"), delta)
@@ -96,9 +99,11 @@ async def test_first_request_learn_then_direct(delta: bool) -> None:
             return reply.status == 502
 
         await eventually(blocked, timeout=15, interval=0.3)
-        assert runtime.learner.learns == 1
+        assert runtime.metrics.value("xdsproxy_learns_total") == 1
         # The app's forged header was overwritten by its own sidecar before the egress saw it.
-        assert runtime.learner.rejections["forged_claim"] == 0
+        assert (
+            runtime.metrics.value("xdsproxy_als_rejections_total", {"reason": "forged_claim"}) == 0
+        )
 
 
 def _config_updates(envoy) -> int:

@@ -122,7 +122,7 @@ async def test_tcp_and_sniffed_services_tunnel_learn_and_switch_without_breaking
         assert mesh.egress.stat(EGRESS_REQUESTS) == before + 1, "in scope: both go direct"
 
         runtime = mesh.proxy.runtime
-        assert runtime.learner.learns == 3
+        assert runtime.metrics.value("xdsproxy_learns_total") == 3
         for envoy in (sidecar, mesh.egress):
             assert rejected(envoy) == 0
             assert envoy.stat("cluster_manager.warming_clusters") == 0
@@ -175,7 +175,7 @@ async def test_the_egress_tunnels_mesh_services_only_and_only_for_mesh_peers(tmp
         await eventually(
             lambda: _is_real(dumped_clusters(sidecar)[service_cluster(service)]), timeout=10
         )
-        assert mesh.proxy.runtime.learner.learns == 1
+        assert mesh.proxy.runtime.metrics.value("xdsproxy_learns_total") == 1
 
         mesh_cert = mesh.mesh_ca.sds.workloads[identity.node_id]
         with_cert = trusting_client(mesh_cert.cert, mesh_cert.key)

@@ -67,8 +67,10 @@ async def test_an_entry_that_arrives_before_the_services_cds_is_learned_when_it_
                 # The egress already routed app's request to `late`; this replica has not
                 # received late's CDS yet.
                 await asyncio.to_thread(send_access_log, proxy.als_port, "127.0.0.2", cluster)
-                await eventually(lambda: len(runtime.learner.pending) == 1, timeout=10)
-                assert runtime.learner.learns == 0
+                await eventually(
+                    lambda: runtime.metrics.value("xdsproxy_als_held_entries") == 1, timeout=10
+                )
+                assert runtime.metrics.value("xdsproxy_learns_total") == 0
                 late = Service(
                     late.name,
                     late.namespace,
@@ -80,5 +82,8 @@ async def test_an_entry_that_arrives_before_the_services_cds_is_learned_when_it_
                 await eventually(
                     lambda: cluster in dynamic_config(envoy.config_dump())["clusters"], timeout=10
                 )
-                assert runtime.learner.learns == 1 and len(runtime.learner.pending) == 0
+                assert (
+                    runtime.metrics.value("xdsproxy_learns_total") == 1
+                    and runtime.metrics.value("xdsproxy_als_held_entries") == 0
+                )
                 assert proxy.metrics.value("xdsproxy_als_held_entries") == 0

@@ -213,7 +213,7 @@ def test_als_roles_by_peer_ip() -> None:
     assert runtime.als_role("10.0.0.5") == "egress"
     assert runtime.als_role("10.0.0.7") == "sidecar"
     assert runtime.als_role("10.0.0.6") is None
-    assert runtime.workloads_at("10.0.0.5") == frozenset()
+    assert runtime.learner.directory.workloads_at("10.0.0.5") == frozenset()
 
 
 def test_repeated_warnings_are_rate_limited(caplog) -> None:

@@ -69,7 +69,7 @@ def _record() -> AccessRecord:
 async def test_learn_commits_before_the_push() -> None:
     store = FlakyStore()
     rt, clock, pushed = await runtime(store)
-    await rt.observe(_record(), clock.wall)
+    await rt.learner.observe(_record(), clock.wall)
     assert store.calls == ["add"] and len(pushed) == 1
     assert A in (await store.load())[W]
 
@@ -77,11 +77,11 @@ async def test_learn_commits_before_the_push() -> None:
 async def test_repeated_use_is_batched_not_written_per_entry() -> None:
     store = FlakyStore()
     rt, clock, _ = await runtime(store)
-    await rt.observe(_record(), clock.wall)
+    await rt.learner.observe(_record(), clock.wall)
     for _ in range(50):
         clock.wall += 1
-        await rt.observe(_record(), clock.wall)
-        rt.observe_usage(_record(), "10.0.0.1")
+        await rt.learner.observe(_record(), clock.wall)
+        rt.learner.observe_usage(_record(), "10.0.0.1")
     assert store.calls == ["add"]
     await rt.learner.flush()
     assert store.calls == ["add", "touch:1"]
@@ -91,11 +91,13 @@ async def test_repeated_use_is_batched_not_written_per_entry() -> None:
 async def test_unused_dependency_ages_out_and_is_repushed() -> None:
     store = FlakyStore()
     rt, clock, pushed = await runtime(store, ttl=100)
-    await rt.observe(_record(), clock.wall)
+    await rt.learner.observe(_record(), clock.wall)
     clock.mono += 60
     await rt.learner.age()
     assert rt.scope(W).covers(A)
-    rt.observe_usage(_record(), "10.0.0.1")  # direct use seen by the sidecar's sampled logger
+    rt.learner.observe_usage(
+        _record(), "10.0.0.1"
+    )  # direct use seen by the sidecar's sampled logger
     clock.mono += 90
     await rt.learner.age()
     assert rt.scope(W).covers(A)
@@ -116,7 +118,7 @@ async def test_static_rules_never_age() -> None:
 
 async def test_wall_clock_jumps_do_not_age_anything() -> None:
     rt, clock, _ = await runtime(ttl=100)
-    await rt.observe(_record(), clock.wall)
+    await rt.learner.observe(_record(), clock.wall)
     for jump in (+10_000_000, -20_000_000):
         clock.wall += jump
         await rt.learner.age()
@@ -153,7 +155,7 @@ async def test_failing_store_serves_from_memory_then_catches_up() -> None:
     store = FlakyStore()
     rt, clock, pushed = await runtime(store)
     store.failing = True
-    await rt.observe(_record(), clock.wall)
+    await rt.learner.observe(_record(), clock.wall)
     assert rt.scope(W).covers(A) and len(pushed) == 1  # still learned and pushed
     assert not rt.store_healthy
     assert rt.metrics.value("xdsproxy_store_errors_total") == 1

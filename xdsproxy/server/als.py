@@ -59,9 +59,9 @@ class AlsService:
             for record, started in records(message):
                 try:
                     if role == "egress":
-                        await self.runtime.observe(record, started)
+                        await self.runtime.learner.observe(record, started)
                     else:
-                        self.runtime.observe_usage(record, ip)
+                        self.runtime.learner.observe_usage(record, ip)
                 except Exception:  # one bad entry must not end the egress's log stream
                     self.runtime.learner.reject("internal_error")
                     log.exception("failed to process an access log entry")

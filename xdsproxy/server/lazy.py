@@ -24,7 +24,7 @@ from xdsproxy.debug.metrics import Metrics
 from xdsproxy.istio.names import ServicePort, cluster_name
 from xdsproxy.istio.node import IstioNode, NodeIdError, parse_node
 from xdsproxy.istio.sessions import Sessions
-from xdsproxy.learn.attribution import AccessRecord, Learned
+from xdsproxy.learn.directory import MeshDirectory
 from xdsproxy.learn.learner import Learner
 from xdsproxy.learn.pods import PodDirectory
 from xdsproxy.logs import RateLimitedLog
@@ -81,12 +81,9 @@ class LazyRuntime:
         self.monotonic = monotonic
         self.metrics = metrics or Metrics()
         self.sessions: Sessions[Session] = Sessions()
-        # Every pod of the cluster (with the Kubernetes store), so that entries for sidecars
-        # connected to another replica are attributed here too; else connected nodes only.
-        self.pods = pods
         self.learner = Learner(
             self.registry,
-            self,
+            MeshDirectory(self.sessions, pods),
             store or MemoryStore(),
             self._repush,
             clock,
@@ -307,17 +304,7 @@ class LazyRuntime:
         for workload in self.sessions.workloads():
             self._repush(workload, inputs.FAIL_OPEN)
 
-    # -- learning (the attribution directory; the rest is the learner's) -------------------
-
-    def workloads_at(self, ip: str) -> frozenset[WorkloadKey]:
-        connected = self.sessions.workloads_at(ip)
-        return connected | self.pods.workloads_at(ip) if self.pods is not None else connected
-
-    def service_accounts(self, workload: WorkloadKey) -> frozenset[str]:
-        connected = self.sessions.service_accounts(workload)
-        if self.pods is None:
-            return connected
-        return connected | self.pods.service_accounts(workload)
+    # -- access logs -----------------------------------------------------------------------
 
     def als_role(self, ip: str) -> str | None:
         """`egress` for a connected egress node or an `--als-allow` network (its entries
@@ -333,12 +320,6 @@ class LazyRuntime:
         if any(address in network for network in self.als_allow):
             return "egress"
         return "sidecar" if nodes else None
-
-    async def observe(self, record: AccessRecord, started: float) -> Learned | None:
-        return await self.learner.observe(record, started)
-
-    def observe_usage(self, record: AccessRecord, peer: str) -> None:
-        self.learner.observe_usage(record, peer)
 
     # -- state -----------------------------------------------------------------------------
 
