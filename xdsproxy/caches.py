@@ -30,6 +30,7 @@ CACHES: dict[str, Bound] = {
     "sidecar_table": Bound(65_536, "entries", "a route table narrowed to one scope"),
     "egress_table": Bound(1024, "entries", "the egress's caller route tables"),
     "caller_route": Bound(16_384, "entries", "the egress's caller routes (SRDS entries)"),
+    "egress_caller_routes": Bound(16, "entries", "all caller routes, per input state"),
     "egress_als_cluster": Bound(64, "entries", "the ALS cluster, per egress settings"),
     "egress_original_dst": Bound(1, "entries", "the egress's ORIGINAL_DST cluster"),
     "egress_listener": Bound(64, "entries", "the egress listener, per egress settings"),

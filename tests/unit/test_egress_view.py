@@ -1,4 +1,4 @@
-"""The lazy egress's scoped routes (served by xdsproxy itself), on the pure view and the pure
+"""The lazy egress's caller routes (SRDS, served by xdsproxy itself), on the pure view and the pure
 SotW and Delta machines: never answered from inputs that have not arrived (an egress reconnect
 must not remove its scopes), and never routing to a cluster the egress does not hold yet."""
 
@@ -152,3 +152,23 @@ def test_tunnel_vhosts_answer_to_the_service_vip() -> None:
         assert {service.cluster_ip, f"{service.cluster_ip}:{port}"} <= domains[
             f"{service.fqdn}:{port}"
         ]
+
+
+def test_caller_routes_follow_the_mesh_tables_version_and_are_shared_until_it_moves() -> None:
+    """The tables are a versioned input: the same upstream and version give the very same
+    selection (the egress's replicas compute it once); a changed table gives a new one."""
+    late = Service(
+        "late", "ns-0", (Port(8080, "HTTP"),), "10.97.0.9", endpoints=(Endpoint("10.1.1.1", 8080),)
+    )
+    ahead = generate(20, tcp_every=0)
+    ahead.add(late)
+    upstream = _upstream(ahead)
+    tables = MeshTables()
+    tables.record("ns-0", _upstream()[RDS])
+    first = EgressView(EgressSettings(), tables).select(SRDS, upstream)
+    assert EgressView(EgressSettings(), tables).select(SRDS, upstream) is first
+    assert tables.record("ns-0", upstream[RDS])  # a sidecar of ns-0 got late's route
+    second = EgressView(EgressSettings(), tables).select(SRDS, upstream)
+    changed = dict(zip(*second, strict=True))["ns-0/8080"]
+    assert changed != dict(zip(*first, strict=True))["ns-0/8080"]
+    assert second.names == first.names

@@ -18,6 +18,7 @@
 
 from dataclasses import dataclass
 
+from cachetools import LRUCache
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3.address_pb2 import Address, SocketAddress
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
@@ -59,8 +60,11 @@ from xdsproxy.xds.view import NOTHING, Selection, UpstreamView
 EGRESS_LISTENER = "xdsproxy_lazy_egress"
 # The caller routes read the egress's own CDS, RDS and LDS, and every namespace's tables; the
 # rest of its config is Istio's, plus fixed resources.
-_SCOPED_ROUTE_INPUTS = frozenset(
-    {typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER, inputs.MESH_ROUTE_TABLES}
+_CALLER_ROUTE_UPSTREAM = (typeurls.CLUSTER, typeurls.ROUTE, typeurls.LISTENER)
+_SCOPED_ROUTE_INPUTS = frozenset({*_CALLER_ROUTE_UPSTREAM, inputs.MESH_ROUTE_TABLES})
+# The newest caller routes per input state (the inputs kept, to confirm a hit by identity)
+_CALLER_ROUTES: LRUCache[tuple, tuple[tuple[Selection, ...], Selection]] = caches.lru(
+    "egress_caller_routes"
 )
 ALS_CLUSTER = "xdsproxy-als"
 ALS_LOG_NAME = "xdsproxy-lazy-egress"
@@ -238,6 +242,23 @@ class EgressView:
         return current
 
     def _caller_routes(self, upstream: UpstreamView) -> Selection:
+        """A function of the mesh's tables (by version) and the egress's own CDS, RDS and LDS:
+        replicas of the egress fed the same responses (decoded once, `wire.codec`) compute it
+        once per change of either."""
+        read = tuple(upstream.get(t, NOTHING) for t in _CALLER_ROUTE_UPSTREAM)
+        key = (id(self.tables), self.tables.version, *(id(part) for s in read for part in s))
+        found = _CALLER_ROUTES.get(key)
+        if found is not None and all(
+            a is b
+            for old, new in zip(found[0], read, strict=True)
+            for a, b in zip(old, new, strict=True)
+        ):
+            return found[1]
+        selection = self._compute_caller_routes(upstream)
+        _CALLER_ROUTES[key] = (read, selection)
+        return selection
+
+    def _compute_caller_routes(self, upstream: UpstreamView) -> Selection:
         own = {
             int(name): body
             for name, body in zip(*upstream.get(typeurls.ROUTE, NOTHING), strict=True)
