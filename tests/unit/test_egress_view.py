@@ -1,6 +1,6 @@
-"""The lazy egress's caller routes (SRDS, served by xdsproxy itself), on the pure view and the pure
-SotW and Delta machines: never answered from inputs that have not arrived (an egress reconnect
-must not remove its scopes), and never routing to a cluster the egress does not hold yet."""
+"""The lazy egress's caller routes (SRDS, served by xdsproxy itself), on the pure view and the
+pure SotW and Delta machines: never answered from inputs that have not arrived (an egress
+reconnect must not remove them), and never routing to a cluster the egress does not hold yet."""
 
 import pytest
 from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
