@@ -83,7 +83,7 @@ async def test_no_request_fails_across_a_learn_and_an_ageing(delta: bool) -> Non
             async def paused(record, started):
                 return None
 
-            runtime.observe = paused
+            runtime.learner.observe = paused
             key = next(k for k in runtime.scopes if k.workload == "app")
             runtime.learner.ttl = 1.0
             runtime.scope(key).learned[target].evidence -= 10.0
