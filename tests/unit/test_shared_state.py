@@ -69,13 +69,13 @@ def test_delta_streams_in_step_share_every_map_and_part_when_they_diverge() -> N
     for type_url in (CDS, EDS):
         sa, sb = a._types[type_url], b._types[type_url]
         assert sa.upstream is sb.upstream and sa.held is sb.held
-        assert sa.subscribed is sb.subscribed
+        assert a.subscription(type_url).names is b.subscription(type_url).names
     assert a.held(CDS) == set(names)
     # b unsubscribes one cluster: its maps are its own now, a's are untouched.
     b.receive_downstream(delta_request(EDS, unsubscribe=(names[0],)))
     assert names[0] not in b.held(EDS) and names[0] in a.held(EDS)
-    assert a._types[EDS].subscribed is not b._types[EDS].subscribed
-    assert len(a._types[EDS].subscribed) == 50 and len(b._types[EDS].subscribed) == 49
+    assert a.subscription(EDS).names is not b.subscription(EDS).names
+    assert len(a.subscription(EDS).names) == 50 and len(b.subscription(EDS).names) == 49
 
 
 def test_delta_stream_reconnecting_with_initial_versions_shares_them() -> None:
@@ -95,14 +95,14 @@ def test_sotw_streams_asking_for_the_same_names_share_them() -> None:
         stream.receive_downstream(sotw_request(with_node=True))
         stream.receive_downstream(sotw_request(EDS, names))
         streams.append(stream)
-    a, b = (s._types[EDS] for s in streams)
-    assert a.subscribed == names and a.subscribed is b.subscribed
-    assert a.names_bytes is b.names_bytes
+    a, b = (s.subscription(EDS) for s in streams)
+    assert a.names == names and a.names is b.names
+    assert streams[0]._types[EDS].names_bytes is streams[1]._types[EDS].names_bytes
     stream = streams[0]
     receive_upstream(stream, sotw_response(list(names), "v1", "e-1", EDS))
     more = sotw_request(EDS, (*names, "outbound|80||new.ns.svc.cluster.local"), "v1", "e-1")
     assert len(stream.receive_downstream(more)) == 1  # a changed list is still seen
-    assert len(stream._types[EDS].subscribed) == 51 and b.subscribed == names
+    assert len(stream.subscription(EDS).names) == 51 and b.names == names
 
 
 def test_a_shared_map_refuses_to_change() -> None:

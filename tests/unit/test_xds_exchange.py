@@ -5,7 +5,11 @@ import dataclasses
 import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
-from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange
+from tests.xds_messages import delta_request, sotw_request
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.delta import DeltaStream
+from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, Subscription
+from xdsproxy.xds.sotw import SotwStream
 
 LOCAL = f"{LOCAL_NONCE_PREFIX}1"
 
@@ -70,3 +74,20 @@ def test_status_is_a_read_only_view_in_istioctls_terms() -> None:
     assert (status.state, status.acked_version, status.accepted) == ("SYNCED", "v1", True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.state = "STALE"  # type: ignore[misc]
+
+
+def test_both_protocols_keep_the_subscription_as_one_value_type() -> None:
+    """SotW: no names is everything, for the wildcard types (Istiod's rule, docs/protocol.md
+    R16); Delta: the first request's, then `*` in or out (R22). Either is a `Subscription`."""
+    sotw = SotwStream()
+    sotw.receive_downstream(sotw_request(typeurls.CLUSTER, with_node=True))
+    sotw.receive_downstream(sotw_request(typeurls.ENDPOINT, ("a", "b")))
+    assert sotw.subscription(typeurls.CLUSTER) == Subscription(True, ())
+    assert sotw.subscription(typeurls.ENDPOINT) == Subscription(False, ("a", "b"))
+    delta = DeltaStream()
+    delta.receive_downstream(delta_request(typeurls.CLUSTER, with_node=True))
+    delta.receive_downstream(delta_request(typeurls.ENDPOINT, subscribe=("a", "b")))
+    assert delta.subscription(typeurls.CLUSTER) == Subscription(True, frozenset())
+    assert delta.subscription(typeurls.ENDPOINT) == Subscription(False, frozenset({"a", "b"}))
+    status = sotw.status()[typeurls.ENDPOINT]
+    assert (status.wildcard, status.subscribed) == (False, 2)

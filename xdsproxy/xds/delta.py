@@ -43,7 +43,7 @@ from xdsproxy.xds.events import (
     UpstreamApplied,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Exchange, TypeStatus
+from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Exchange, Subscription, TypeStatus
 from xdsproxy.xds.requests import read_request
 from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, FrozenMap, UpstreamMap
 from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
@@ -65,8 +65,6 @@ class _TypeState:
     # The upstream response held back until the selection's inputs arrive (module doc)
     deferred_nonce: str = ""
     deferred_control_plane: bytes = b""
-    wildcard: bool = False
-    subscribed: frozenset[str] = EMPTY_SET
     # What the upstream last sent
     upstream: UpstreamMap = field(default_factory=lambda: EMPTY_UPSTREAM)
     # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
@@ -78,7 +76,9 @@ class _TypeState:
     sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
-    exchange: Exchange = field(default_factory=Exchange)
+    exchange: Exchange = field(
+        default_factory=lambda: Exchange(subscription=Subscription(False, EMPTY_SET))
+    )
 
     def upstream_selection(self) -> Selection:
         return self.upstream.selection()
@@ -126,9 +126,9 @@ class DeltaStream(ordering.BoundedWait):
         held = sorted((n, a) for n, a in state.held.items() if a is not None)
         return Selection(tuple(n for n, _ in held), tuple(a for _, a in held))
 
-    def subscription(self, type_url: str) -> tuple[bool, frozenset[str]]:
+    def subscription(self, type_url: str) -> Subscription:
         state = self._types.get(type_url)
-        return (state.wildcard, frozenset(state.subscribed)) if state else (False, frozenset())
+        return state.exchange.subscription if state else Subscription(False, EMPTY_SET)
 
     def upstream(self, type_url: str) -> Selection:
         state = self._types.get(type_url)
@@ -240,22 +240,27 @@ class DeltaStream(ordering.BoundedWait):
 
     @staticmethod
     def _update_subscription(state: _TypeState, request: DeltaDiscoveryRequest) -> None:
-        subscribe = request.resource_names_subscribe
+        subscribe, unsubscribe = (
+            request.resource_names_subscribe,
+            request.resource_names_unsubscribe,
+        )
+        current = state.exchange.subscription
+        wildcard = current.wildcard
         if not state.started:
             state.started = True
             # An empty first request subscribes to everything for wildcard-capable types
             # (docs/protocol.md R22); what Envoy says it holds counts as held
             # (docs/protocol.md R23).
-            state.wildcard = not subscribe and is_wildcard_type(request.type_url)
+            wildcard = not subscribe and is_wildcard_type(request.type_url)
             if request.initial_resource_versions:
                 state.held = shared.held_unknown(frozenset(request.initial_resource_versions))
         if WILDCARD in subscribe:
-            state.wildcard = True
-        if WILDCARD in request.resource_names_unsubscribe:
-            state.wildcard = False
+            wildcard = True
+        if WILDCARD in unsubscribe:
+            wildcard = False
         added = tuple(n for n in subscribe if n != WILDCARD)
-        dropped = tuple(n for n in request.resource_names_unsubscribe if n != WILDCARD)
-        state.subscribed = shared.subscribed(state.subscribed, added, dropped)
+        dropped = tuple(n for n in unsubscribe if n != WILDCARD)
+        state.exchange.subscribe(wildcard, shared.subscribed(current.names, added, dropped))
         if dropped:
             # Envoy drops what it unsubscribes; the upstream stops sending it.
             state.held = shared.without(state.held, dropped)
@@ -367,8 +372,9 @@ class DeltaStream(ordering.BoundedWait):
     ) -> list[Event]:
         upstream_view = {t: s.upstream_selection() for t, s in self._types.items()}
         names, anys = self.view.select(type_url, upstream_view)
-        if not state.wildcard and type_url not in self.view.local_types:
-            wanted = state.subscribed
+        subscription = state.exchange.subscription
+        if not subscription.wildcard and type_url not in self.view.local_types:
+            wanted = subscription.names
             pairs = [(n, a) for n, a in zip(names, anys, strict=True) if n in wanted]
         else:
             pairs = list(zip(names, anys, strict=True))

@@ -1,5 +1,6 @@
-"""One xDS type's exchange on one stream, shared by SotW and Delta: what Istiod sent last, what
-Envoy was pushed last, what Envoy answered, and what Envoy's next answer means.
+"""One xDS type's exchange on one stream, shared by SotW and Delta: what Envoy subscribed to,
+what Istiod sent last, what Envoy was pushed last, what Envoy answered, and what Envoy's next
+answer means.
 
 Two sources push on one stream. A push that relays an Istiod response keeps Istiod's nonce; a
 push xdsproxy originates carries a nonce with `LOCAL_NONCE_PREFIX`. When xdsproxy ACKs an
@@ -21,7 +22,9 @@ every answer to a relayed response goes up and Istiod judges it.
 """
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
@@ -29,6 +32,16 @@ from xdsproxy.xds.events import Nacked
 
 #: Marks responses xdsproxy originated; Envoy's answers to them never go upstream.
 LOCAL_NONCE_PREFIX = "xdsproxy-"
+
+
+class Subscription(NamedTuple):
+    """What Envoy asked for of one type: everything the upstream has (`wildcard`), and these
+    names. A value, replaced on every change: SotW keeps the names as Envoy listed them (a tuple
+    shared by every stream that asked the same), Delta as a set (shared likewise, see
+    `shared`)."""
+
+    wildcard: bool
+    names: Collection[str]
 
 
 class Answer(enum.Enum):
@@ -49,6 +62,8 @@ class Answer(enum.Enum):
 class TypeStatus:
     """A read-only view of one exchange, for the debug endpoint, metrics and `status`."""
 
+    wildcard: bool
+    subscribed: int  # names subscribed (besides the wildcard)
     upstream_version: str
     upstream_nonce: str
     upstream_resources: int
@@ -68,6 +83,7 @@ class TypeStatus:
 
 @dataclass(slots=True)
 class Exchange:
+    subscription: Subscription = field(default_factory=lambda: Subscription(False, ()))
     upstream_version: str = ""
     upstream_nonce: str = ""
     upstream_resources: int = 0
@@ -82,6 +98,14 @@ class Exchange:
     nack_count: int = 0
     # The push that stands for newer Istiod responses xdsproxy ACKed itself
     covering_nonce: str = ""
+
+    def subscribe(self, wildcard: bool, names: Collection[str]) -> bool:
+        """Envoy's subscription now; True when it changed."""
+        current = self.subscription
+        if current.wildcard == wildcard and (current.names is names or current.names == names):
+            return False
+        self.subscription = Subscription(wildcard, names)
+        return True
 
     def received(self, version: str, nonce: str) -> None:
         self.upstream_version, self.upstream_nonce = version, nonce
@@ -133,6 +157,8 @@ class Exchange:
         else:
             state = "NACK" if self.last_nack else "STALE"
         return TypeStatus(
+            self.subscription.wildcard,
+            len(self.subscription.names),
             self.upstream_version,
             self.upstream_nonce,
             self.upstream_resources,

@@ -41,7 +41,7 @@ from xdsproxy.wire.codec import (
     encode_sotw_response,
 )
 from xdsproxy.wire.pool import intern_names
-from xdsproxy.wire.typeurls import push_order
+from xdsproxy.wire.typeurls import is_wildcard_type, push_order
 from xdsproxy.xds import ordering
 from xdsproxy.xds.events import (
     AckedHere,
@@ -52,7 +52,7 @@ from xdsproxy.xds.events import (
     UpstreamApplied,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, TypeStatus
+from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, Subscription, TypeStatus
 from xdsproxy.xds.requests import names_span, read_request
 from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
@@ -60,8 +60,7 @@ from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 
 @dataclass(slots=True)
 class _TypeState:
-    subscribed: tuple[str, ...] = ()
-    names_bytes: bytes = b""  # `subscribed` as Envoy encoded it, to spot an unchanged list
+    names_bytes: bytes = b""  # the subscribed names as Envoy encoded them, to spot a repeat
     requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
     pushed: Selection | None = None
     # A response is due once the inputs of the type's selection have arrived and the clusters
@@ -101,6 +100,10 @@ class SotwStream(ordering.BoundedWait):
     def upstream(self, type_url: str) -> Selection:
         return self._upstream.get(type_url, NOTHING)
 
+    def subscription(self, type_url: str) -> Subscription:
+        state = self._types.get(type_url)
+        return state.exchange.subscription if state else Subscription(False, ())
+
     # -- from Envoy ------------------------------------------------------------------------
 
     def _read(self, data: bytes) -> tuple[DiscoveryRequest | lean.SotwRequestHead, tuple[str, ...]]:
@@ -120,7 +123,7 @@ class SotwStream(ordering.BoundedWait):
                     and span[1] - span[0] == len(state.names_bytes)
                     and data.startswith(state.names_bytes, span[0])
                 ):
-                    return head, state.subscribed
+                    return head, state.exchange.subscription.names
         request, self.node = read_request(DiscoveryRequest, data, self.node)
         names_bytes = b""
         if request.resource_names and not request.HasField("error_detail"):
@@ -141,10 +144,10 @@ class SotwStream(ordering.BoundedWait):
         request, names = self._read(data)
         type_url = request.type_url
         state = self._types.setdefault(type_url, _TypeState())
-        changed = names != state.subscribed
-        state.subscribed = names
-        nonce = request.response_nonce
         exchange = state.exchange
+        # Istiod's rule: no names means everything, for the wildcard types (docs/protocol.md R16)
+        changed = exchange.subscribe(not names and is_wildcard_type(type_url), names)
+        nonce = request.response_nonce
 
         if type_url in self.view.local_types:
             events: list[Event] = []
