@@ -12,6 +12,7 @@ from xdsproxy.harness.kubeapi import KubeApiStandIn, write_kubeconfig
 from xdsproxy.harness.lazymesh import sidecar_identity
 from xdsproxy.harness.process import ProxyProcess
 from xdsproxy.harness.stack import eventually, running_envoy, running_sim
+from xdsproxy.model import WorkloadKey
 from xdsproxy.sim.mesh import generate
 
 pytestmark = pytest.mark.envoy
@@ -110,6 +111,7 @@ async def test_an_entry_on_the_replica_without_the_sidecar_is_learned(tmp_path) 
     from xdsproxy.istio.names import ServicePort
 
     cluster = "outbound|8080||svc-4.ns-0.svc.cluster.local"
+    service = ServicePort("svc-4.ns-0.svc.cluster.local", 8080)
     egress = ServicePort("lazy-egress.istio-system.svc.cluster.local", 80)
     with KubeApiStandIn() as api:
         api.apply_pod(_pod("app-7d9f5c-aaaaa", "127.0.0.2"))
@@ -158,10 +160,11 @@ async def test_an_entry_on_the_replica_without_the_sidecar_is_learned(tmp_path) 
                         == 1
                     )
                 )
-                # Neither taught app anything: its sidecar still goes through the egress.
-                assert cluster not in dynamic_config(e0.config_dump())["clusters"]
+                app = one.runtime.scope(WorkloadKey("ns-0", "app"))
+                assert service not in app.learned
                 # app-0's request, logged by the replica app-0 is not connected to.
                 await asyncio.to_thread(send_access_log, one.als_port, "127.0.0.2", cluster)
                 await eventually(
                     lambda: cluster in dynamic_config(e0.config_dump())["clusters"], timeout=10
                 )
+                assert service in app.learned
