@@ -31,7 +31,9 @@ class ResourceView(Protocol):
         ...
 
     def depends_on(self, type_url: str) -> frozenset[str]:
-        """Other types whose upstream content changes the selection of `type_url`."""
+        """Every input the selection of `type_url` reads besides its own upstream content: other
+        types (their type URLs) and inputs of the view's own, by name (`scope/inputs.py`).
+        A stream recomputes a type when one of them changes (docs/protocol.md R27)."""
         ...
 
     #: Types xdsproxy serves itself (the caller routes, SRDS, on the lazy egress): requests
