@@ -85,12 +85,12 @@ class LazyRuntime:
             self.registry,
             MeshDirectory(self.sessions, pods),
             store or MemoryStore(),
-            self._repush,
-            clock,
-            monotonic,
-            self.metrics,
-            ttl,
-            replica,
+            scope_changed=self._repush,
+            clock=clock,
+            monotonic=monotonic,
+            metrics=self.metrics,
+            ttl=ttl,
+            replica=replica,
         )
         self.fail_open = fail_open or FailOpen()
         # Compact lazy sidecars (see scope/compact.py): one mode and set of ranges for every view.
