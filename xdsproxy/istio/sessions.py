@@ -52,7 +52,12 @@ class Sessions(Generic[S]):
         return [node for node in self._nodes.values() if ip in node.instance_ips]
 
     def workloads_at(self, ip: str) -> frozenset[WorkloadKey]:
-        return frozenset(node.workload_key for node in self.at(ip) if not is_egress(node.labels))
+        # One pass: a sidecar's sampled access log entries ask this per entry.
+        return frozenset(
+            node.workload_key
+            for node in self._nodes.values()
+            if ip in node.instance_ips and not is_egress(node.labels)
+        )
 
     def service_accounts(self, workload: WorkloadKey) -> frozenset[str]:
         return frozenset(
