@@ -49,6 +49,8 @@ from xdsproxy.xds.shared import EMPTY_MAP, EMPTY_SET, EMPTY_UPSTREAM, FrozenMap,
 from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 
 WILDCARD = "*"
+# Delta keeps subscribed names as a set, shared from the empty one (see `shared`)
+_NOTHING_SUBSCRIBED = Subscription(False, EMPTY_SET)
 # `deferred_nonce` of a locally served type whose first answer waits for its inputs
 _LOCAL_DUE = "local"
 # Responses per type whose content is remembered until Envoy answers them (a NACK undoes one)
@@ -76,9 +78,7 @@ class _TypeState:
     sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
-    exchange: Exchange = field(
-        default_factory=lambda: Exchange(subscription=Subscription(False, EMPTY_SET))
-    )
+    exchange: Exchange = field(default_factory=lambda: Exchange(subscription=_NOTHING_SUBSCRIBED))
 
     def upstream_selection(self) -> Selection:
         return self.upstream.selection()
@@ -128,7 +128,7 @@ class DeltaStream(ordering.BoundedWait):
 
     def subscription(self, type_url: str) -> Subscription:
         state = self._types.get(type_url)
-        return state.exchange.subscription if state else Subscription(False, EMPTY_SET)
+        return state.exchange.subscription if state else _NOTHING_SUBSCRIBED
 
     def upstream(self, type_url: str) -> Selection:
         state = self._types.get(type_url)

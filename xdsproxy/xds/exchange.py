@@ -23,7 +23,7 @@ every answer to a relayed response goes up and Istiod judges it.
 
 import enum
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
@@ -42,6 +42,9 @@ class Subscription(NamedTuple):
 
     wildcard: bool
     names: Collection[str]
+
+
+NOTHING_SUBSCRIBED = Subscription(False, ())
 
 
 class Answer(enum.Enum):
@@ -83,7 +86,7 @@ class TypeStatus:
 
 @dataclass(slots=True)
 class Exchange:
-    subscription: Subscription = field(default_factory=lambda: Subscription(False, ()))
+    subscription: Subscription = NOTHING_SUBSCRIBED
     upstream_version: str = ""
     upstream_nonce: str = ""
     upstream_resources: int = 0

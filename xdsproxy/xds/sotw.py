@@ -52,7 +52,14 @@ from xdsproxy.xds.events import (
     UpstreamApplied,
     UpstreamProtocolError,
 )
-from xdsproxy.xds.exchange import LOCAL_NONCE_PREFIX, Answer, Exchange, Subscription, TypeStatus
+from xdsproxy.xds.exchange import (
+    LOCAL_NONCE_PREFIX,
+    NOTHING_SUBSCRIBED,
+    Answer,
+    Exchange,
+    Subscription,
+    TypeStatus,
+)
 from xdsproxy.xds.requests import names_span, read_request
 from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
@@ -102,7 +109,7 @@ class SotwStream(ordering.BoundedWait):
 
     def subscription(self, type_url: str) -> Subscription:
         state = self._types.get(type_url)
-        return state.exchange.subscription if state else Subscription(False, ())
+        return state.exchange.subscription if state else NOTHING_SUBSCRIBED
 
     # -- from Envoy ------------------------------------------------------------------------
 
