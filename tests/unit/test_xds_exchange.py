@@ -17,8 +17,8 @@ LOCAL = f"{LOCAL_NONCE_PREFIX}1"
 def _relayed(nonce: str = "up-2") -> Exchange:
     """Istiod sent `nonce`, and it was relayed to Envoy."""
     exchange = Exchange()
-    exchange.received("v2", nonce)
-    exchange.pushed("v2", nonce)
+    exchange.record_upstream("v2", nonce)
+    exchange.record_push("v2", nonce)
     return exchange
 
 
@@ -28,7 +28,7 @@ def test_an_answer_to_the_newest_relayed_push_is_istiods() -> None:
 
 def test_an_answer_to_the_newest_local_push_stays_here() -> None:
     exchange = _relayed()
-    exchange.pushed("v2+local", LOCAL)
+    exchange.record_push("v2+local", LOCAL)
     assert exchange.classify(LOCAL) is Answer.LOCAL and Answer.LOCAL.ours
 
 
@@ -36,7 +36,7 @@ def test_a_push_that_covers_a_self_acked_response_is_answered_here() -> None:
     """docs/protocol.md R2, R6: Istiod's up-3 changed nothing Envoy holds, and was ACKed here;
     the push Envoy holds (up-2) now stands for it."""
     exchange = _relayed()
-    exchange.received("v3", "up-3")
+    exchange.record_upstream("v3", "up-3")
     exchange.cover()
     assert exchange.classify("up-2") is Answer.LOCAL
 
@@ -44,15 +44,15 @@ def test_a_push_that_covers_a_self_acked_response_is_answered_here() -> None:
 def test_an_answer_to_istiods_newest_superseded_by_a_local_push_is_istiods() -> None:
     """docs/protocol.md R15."""
     exchange = _relayed()
-    exchange.pushed("v2+local", LOCAL)
+    exchange.record_push("v2+local", LOCAL)
     assert exchange.classify("up-2") is Answer.SUPERSEDED and not Answer.SUPERSEDED.ours
 
 
 def test_older_answers_are_stale_and_keep_their_owner() -> None:
     exchange = _relayed("up-1")
-    exchange.pushed("v1+local", LOCAL)
-    exchange.received("v2", "up-2")
-    exchange.pushed("v2", "up-2")
+    exchange.record_push("v1+local", LOCAL)
+    exchange.record_upstream("v2", "up-2")
+    exchange.record_push("v2", "up-2")
     assert exchange.classify("up-1") is Answer.STALE and not Answer.STALE.ours
     assert exchange.classify(LOCAL) is Answer.STALE_LOCAL and Answer.STALE_LOCAL.ours
     assert exchange.classify("never-sent") is Answer.STALE
@@ -61,8 +61,8 @@ def test_older_answers_are_stale_and_keep_their_owner() -> None:
 def test_status_is_a_read_only_view_in_istioctls_terms() -> None:
     exchange = Exchange()
     assert exchange.status().state == "NOT SENT"
-    exchange.received("v1", "up-1")
-    exchange.pushed("v1", "up-1")
+    exchange.record_upstream("v1", "up-1")
+    exchange.record_push("v1", "up-1")
     assert exchange.status().state == "STALE" and not exchange.accepted
     nack = DiscoveryRequest(type_url="t", response_nonce="up-1")
     nack.error_detail.message = "bad cluster"

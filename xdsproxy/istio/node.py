@@ -29,6 +29,12 @@ class IstioNode:
     cluster_id: str = ""
     proxy_config: dict[str, Any] = field(default_factory=dict)
     istio_version: str = ""
+    generator: str = ""  # Istiod's config generator for the node; "grpc" for proxyless gRPC
+
+    @property
+    def proxyless(self) -> bool:
+        """A proxyless gRPC client (`GENERATOR: grpc`): gRPC's own xDS client, not Envoy."""
+        return self.generator == "grpc"
 
     @property
     def workload_key(self) -> WorkloadKey:
@@ -63,6 +69,7 @@ def parse_node(node: Node) -> IstioNode:
         cluster_id=str(metadata.get("CLUSTER_ID", "")),
         proxy_config=metadata.get("PROXY_CONFIG") or {},
         istio_version=str(metadata.get("ISTIO_VERSION", "")),
+        generator=str(metadata.get("GENERATOR", "")),
     )
 
 

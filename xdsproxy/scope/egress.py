@@ -35,6 +35,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3.common_pb2 import TlsParameters
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import DownstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+from google.protobuf.any_pb2 import Any
 
 from xdsproxy import caches
 from xdsproxy.istio.envoyconfig import ads, istio_sds, pack, typed
@@ -52,6 +53,7 @@ from xdsproxy.scope.routes import (
     SOURCE_NAMESPACE,
     egress_table,
     parse_table,
+    route_clusters,
 )
 from xdsproxy.wire import typeurls
 from xdsproxy.xds.ordering import is_original_dst
@@ -207,6 +209,18 @@ def caller_route(
     return pack(entry)
 
 
+@caches.memo("caller_route_clusters")
+def caller_route_clusters(body: bytes) -> frozenset[str]:
+    entry = ScopedRouteConfiguration()
+    Any.FromString(body).Unpack(entry)
+    return frozenset(
+        cluster
+        for vhost in entry.route_configuration.virtual_hosts
+        for route in vhost.routes
+        for cluster in route_clusters(route)
+    )
+
+
 class EgressView:
     transparent = False
     local_types = frozenset({typeurls.SCOPED_ROUTE})
@@ -221,9 +235,11 @@ class EgressView:
         return frozenset()
 
     def references(self, type_url: str, selection: Selection) -> frozenset[str]:
-        # The egress holds every cluster Istiod sends and never narrows them; its scopes fall
-        # back to its own tables for clusters it lacks (see `_caller_routes`).
-        return frozenset()
+        """The clusters the caller routes name: a caller route naming a cluster the egress has
+        not warmed waits for it like a sidecar's route (docs/protocol.md R11)."""
+        if type_url != typeurls.SCOPED_ROUTE:
+            return frozenset()
+        return frozenset().union(*(caller_route_clusters(body) for body in selection.bodies))
 
     def select(self, type_url: str, upstream: UpstreamView) -> Selection:
         current = upstream.get(type_url, NOTHING)

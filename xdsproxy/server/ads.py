@@ -78,7 +78,8 @@ class Session:
     writing: bool = False  # a message is handed to gRPC and not yet sent
     # Set while few enough bytes wait for Envoy that reading Istiod's next response is fine.
     drained: asyncio.Event = field(default_factory=asyncio.Event)
-    # Pushes what still waits for clusters to warm once `WARM_WAIT_SECONDS` have passed
+    # Sends Istiod's config that waits for clusters to warm once it has waited
+    # `WARM_WAIT_SECONDS`, armed for the oldest such hold (docs/protocol.md R13)
     release_timer: asyncio.TimerHandle | None = None
 
     def __post_init__(self) -> None:
@@ -386,15 +387,30 @@ class AdsProxy:
 
     def _apply(self, session: Session, events: list[Event]) -> None:
         self._apply_events(session, events)
-        if session.release_timer is None and session.stream.held_back():
-            session.release_timer = asyncio.get_running_loop().call_later(
-                WARM_WAIT_SECONDS, self._release, session
+        self._arm_release(session)
+
+    def _arm_release(self, session: Session) -> None:
+        """The release timer follows the oldest hold of Istiod's config, whenever it started
+        (docs/protocol.md R13): a hold that ended takes its timer with it."""
+        oldest = session.stream.oldest_hold()
+        timer = session.release_timer
+        due = None if oldest is None else oldest + WARM_WAIT_SECONDS
+        if timer is not None and due is not None and abs(timer.when() - due) < 0.001:
+            return
+        if timer is not None:
+            timer.cancel()
+            session.release_timer = None
+        if due is not None:
+            # The streams' clock is time.monotonic, as is the event loop's.
+            session.release_timer = asyncio.get_running_loop().call_at(
+                due, lambda: self._release(session)
             )
 
     def _release(self, session: Session) -> None:
         session.release_timer = None
         if session.id in self.sessions:
-            self._apply(session, session.stream.release())
+            started_before = time.monotonic() - WARM_WAIT_SECONDS
+            self._apply(session, session.stream.release(started_before))
 
     def _apply_events(self, session: Session, events: list[Event]) -> None:
         for event in events:

@@ -162,6 +162,11 @@ class LazyRuntime:
             # VirtualServices bind, not what a workload calls: scoping it would replace its
             # vhosts, and nothing would learn.
             return UNSCOPED
+        if istio.proxyless:
+            # docs/protocol.md R29. gRPC's own xDS client cannot follow the catch-all to the
+            # egress (it ignores `request_headers_to_add`), and its tables are named by
+            # cluster, not port: relayed as Istiod sent it.
+            return UNSCOPED
         if is_egress(istio.labels):
             return EgressView(self.settings, self.tables)
         # Compact mode only where the tunnel is known to work: an older Envoy would reject the

@@ -15,9 +15,13 @@ As in SotW, nothing is pushed from inputs that have not arrived on this stream: 
 selection depends on a type Envoy requested here and the upstream has not answered yet waits,
 and its newest upstream response is relayed (with Istiod's nonce) once they have. Otherwise a
 reconnect, where Istiod sends CDS before LDS, would remove the clusters Envoy's listeners use.
+Whether a push goes out or is held back is decided in `xds.holds`, for both protocols; this
+module encodes the decision.
 """
 
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
@@ -34,7 +38,7 @@ from xdsproxy.wire.codec import (
     encode_delta_response,
 )
 from xdsproxy.wire.typeurls import is_wildcard_type, push_order
-from xdsproxy.xds import ordering, shared
+from xdsproxy.xds import holds, ordering, shared
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -51,10 +55,8 @@ from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 WILDCARD = "*"
 # Delta keeps subscribed names as a set, shared from the empty one (see `shared`)
 _NOTHING_SUBSCRIBED = Subscription(False, EMPTY_SET)
-# `deferred_nonce` of a locally served type whose first answer waits for its inputs
-_LOCAL_DUE = "local"
-# Responses per type whose content is remembered until Envoy answers them (a NACK undoes one)
-_SENT_KEPT = 8
+# Types whose resources name no cluster: what Envoy holds of them is never a `Record` selection
+_UNNAMING = frozenset({typeurls.CLUSTER, typeurls.ENDPOINT})
 
 
 @dataclass(slots=True)
@@ -64,9 +66,9 @@ class _TypeState:
 
     started: bool = False
     received: bool = False  # the upstream answered this type on this stream
-    # The upstream response held back until the selection's inputs arrive (module doc)
-    deferred_nonce: str = ""
-    deferred_control_plane: bytes = b""
+    # What Envoy was pushed and ACKed, as selections (for the types that name clusters), and
+    # the push held back (`xds.holds`)
+    record: holds.Record = field(default_factory=holds.Record)
     # What the upstream last sent
     upstream: UpstreamMap = field(default_factory=lambda: EMPTY_UPSTREAM)
     # name -> serialized Any Envoy holds; None when only its version is known (reconnect)
@@ -74,7 +76,8 @@ class _TypeState:
     # Names Envoy holds that the upstream removed, until the removal is passed on
     gone: frozenset[str] = EMPTY_SET
     acked: FrozenMap[bytes | None] | None = None  # what Envoy held at its newest ACK
-    # nonce -> (names sent, names removed) of the last few responses: a NACK undoes them
+    # nonce -> (names sent, names removed) of every response Envoy has not answered: a NACK
+    # undoes one (docs/protocol.md R14); Envoy answers in order, so an answer settles the older
     sent: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     system_version: str = ""
     # The pushed nonce xdsproxy answered newer upstream responses for (see the module doc)
@@ -98,11 +101,14 @@ def _selection_of(held: FrozenMap) -> Selection:
     return selection
 
 
-class DeltaStream(ordering.BoundedWait):
-    def __init__(self, view: ResourceView = UNSCOPED) -> None:
+class DeltaStream(holds.Holding):
+    def __init__(
+        self, view: ResourceView = UNSCOPED, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.view = view
         self.node: Node | None = None
         self.local_nacks = 0
+        self._clock = clock
         self._types: dict[str, _TypeState] = {}
         self._local_nonces = itertools.count(1)
 
@@ -148,10 +154,7 @@ class DeltaStream(ordering.BoundedWait):
             events += self._record_answer(request, state)
         if type_url in self.view.local_types:
             if first or request.resource_names_subscribe:
-                if self._awaiting_inputs(type_url):
-                    state.deferred_nonce = _LOCAL_DUE
-                else:
-                    events += self._push(type_url, state, upstream_nonce=None)
+                events += self._push(type_url, state, upstream_nonce="")
             return events
         if not nonce or not state.exchange.classify(nonce).ours:
             # Every answer to a relayed response goes up; Istiod judges staleness
@@ -170,10 +173,10 @@ class DeltaStream(ordering.BoundedWait):
 
     def _settle(self, type_url: str) -> list[Event]:
         """After Envoy ACKed a type: what waited for it to warm a cluster, and clusters kept
-        only for what it no longer names, can go out now (`xds.ordering`)."""
+        only for what it no longer names, can go out now."""
         if self.view.transparent:
             return []
-        due = {t for t, s in self._types.items() if s.deferred_nonce}
+        due = set(self._held_types())
         if (
             type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT)
             and typeurls.CLUSTER in self._types
@@ -181,65 +184,82 @@ class DeltaStream(ordering.BoundedWait):
             due.add(typeurls.CLUSTER)
         return self.refresh(frozenset(due))
 
+    def _records(self) -> dict[str, holds.Record]:
+        return {t: s.record for t, s in self._types.items()}
+
     def _named_by_envoy(self, type_url: str) -> frozenset[str]:
         return ordering.named_by_envoy(
             self.view.references,
-            (
-                (t, _selection_of(s.held), _selection_of(s.acked) if s.acked else None)
-                for t, s in self._types.items()
-                if t != type_url
-            ),
+            ((t, s.record) for t, s in self._types.items() if t != type_url and t not in _UNNAMING),
         )
 
-    def _names_cold(self, type_url: str, pairs: list[tuple[str, bytes]]) -> bool:
-        """The pushed pairs name a cluster Envoy has not warmed (only once Envoy runs an ACKed
-        CDS on this stream: a fresh or reconnecting Envoy takes Istiod's own order)."""
-        clusters = self._types.get(typeurls.CLUSTER)
-        if not self._patient or clusters is None or clusters.acked is None:
-            return False
-        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT) or type_url in self.view.local_types:
-            return False
-        state = self._types[type_url]
+    def _newly_named(self, type_url: str, pairs: list[tuple[str, bytes]]) -> frozenset[str]:
+        """Clusters the pushed pairs name that what Envoy ACKed of the type did not."""
+        if type_url in _UNNAMING:
+            return frozenset()
         selection = Selection(tuple(n for n, _ in pairs), tuple(a for _, a in pairs))
         names = self.view.references(type_url, selection)
-        if state.acked:
-            names -= ordering.names_in(self.view.references, type_url, _selection_of(state.acked))
-        if not names:
-            return False
+        acked = self._types[type_url].record.acked
+        if names and acked is not None:
+            names -= ordering.names_in(self.view.references, type_url, acked)
+        return names
+
+    def _warmth(self) -> holds.Warmth:
+        clusters = self._types.get(typeurls.CLUSTER)
+        if clusters is None or clusters.acked is None:
+            return holds.NOT_STARTED
         endpoints = self._types.get(typeurls.ENDPOINT)
-        acked_endpoints = endpoints.acked if endpoints and endpoints.acked else ()
-        upstream = {name: pair[1] for name, pair in clusters.upstream.items()}
-        # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
-        acked_clusters = clusters.acked if clusters.exchange.accepted else ()
-        return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
-
-    def _held_types(self) -> frozenset[str]:
-        return frozenset(t for t, s in self._types.items() if s.deferred_nonce)
-
-    def _push_types(self, type_urls: frozenset[str]) -> list[Event]:
-        return self.refresh(type_urls)
+        return holds.Warmth(
+            True,
+            # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
+            clusters.acked if clusters.exchange.accepted else EMPTY_SET,
+            endpoints.acked if endpoints and endpoints.acked else EMPTY_SET,
+            {name: pair[1] for name, pair in clusters.upstream.items()},
+        )
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:
         nacked = state.exchange.answered(request, state.exchange.pushed_version)
-        sent = state.sent.pop(request.response_nonce, None)
+        sent = self._answered(state, request.response_nonce)
         if nacked is None:
             if state.exchange.accepted:
                 state.acked = state.held
+                state.record.note_ack()
             return []
         if sent is not None:
-            # docs/protocol.md R14. Envoy applied none of it: what it held of those names is
-            # no longer known, so the next push offers them again and nothing is ACKed here on
-            # Envoy's behalf.
-            names, removed = sent
-            held = state.held
-            unknown = names + removed
-            state.held = shared.updated(held, unknown, (None,) * len(unknown), ())
-            state.gone = state.gone | frozenset(removed)  # to be removed again if still due
+            self._undo(request.type_url, state, *sent)
         self.local_nacks += not nacked.relayed
         return [nacked]
 
     @staticmethod
-    def _update_subscription(state: _TypeState, request: DeltaDiscoveryRequest) -> None:
+    def _answered(state: _TypeState, nonce: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """What the answered response carried; the older ones are settled too (Envoy answers
+        in order), so nothing is forgotten while answers are on their way back."""
+        if nonce not in state.sent:
+            return None
+        while True:
+            first = next(iter(state.sent))
+            carried = state.sent.pop(first)
+            if first == nonce:
+                return carried
+
+    def _undo(
+        self, type_url: str, state: _TypeState, names: tuple[str, ...], removed: tuple[str, ...]
+    ) -> None:
+        """docs/protocol.md R14. Envoy may have applied some of it, or none (it applies the
+        valid resources of a NACKed CDS or LDS response): what it holds of those names is no
+        longer known, so the next push offers them again and nothing is ACKed here on Envoy's
+        behalf; until Envoy ACKs again, the clusters they name count as named (R12)."""
+        held = state.held
+        rejected = [(n, held[n]) for n in names if held.get(n) is not None]
+        state.record.note_nack(
+            Selection(tuple(n for n, _ in rejected), tuple(a for _, a in rejected))
+        )
+        unknown = names + removed
+        state.held = shared.updated(held, unknown, (None,) * len(unknown), ())
+        self._note_held(type_url, state)
+        state.gone = state.gone | frozenset(removed)  # to be removed again if still due
+
+    def _update_subscription(self, state: _TypeState, request: DeltaDiscoveryRequest) -> None:
         subscribe, unsubscribe = (
             request.resource_names_subscribe,
             request.resource_names_unsubscribe,
@@ -264,6 +284,7 @@ class DeltaStream(ordering.BoundedWait):
         if dropped:
             # Envoy drops what it unsubscribes; the upstream stops sending it.
             state.held = shared.without(state.held, dropped)
+            self._note_held(request.type_url, state)
             state.upstream = shared.without(state.upstream, dropped)
 
     # -- from Istiod -----------------------------------------------------------------------
@@ -291,7 +312,7 @@ class DeltaStream(ordering.BoundedWait):
             if gone:
                 state.gone = state.gone | gone
         exchange = state.exchange
-        exchange.received(response.system_version, response.nonce)
+        exchange.record_upstream(response.system_version, response.nonce)
         exchange.upstream_resources = len(upstream)
         exchange.upstream_bytes += len(data)
         events = self._relay(state, response, data, content)
@@ -310,13 +331,9 @@ class DeltaStream(ordering.BoundedWait):
             )
             self._record_push(state, response.system_version, response.nonce, len(data))
             return [SendDownstream(data, type_url, len(response.names), relayed=True)]
-        # Dependents first: clusters a new listener needs must reach Envoy before it.
+        # Dependents first: clusters a new listener needs must reach Envoy before it
+        # (docs/protocol.md R4).
         events = self.refresh(self._dependents(type_url))
-        if self._awaiting_inputs(type_url):
-            state.deferred_nonce = response.nonce
-            state.deferred_control_plane = response.control_plane
-            return events
-        state.deferred_nonce = ""
         events += self._push(
             type_url, state, upstream_nonce=response.nonce, control_plane=response.control_plane
         )
@@ -327,14 +344,18 @@ class DeltaStream(ordering.BoundedWait):
     def _dependents(self, type_url: str) -> frozenset[str]:
         return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
 
-    def _awaiting_inputs(self, type_url: str) -> bool:
-        """An input of the type's selection was requested on this stream and not yet answered:
-        a selection now could drop what that input will keep."""
+    def _awaiting_inputs(self, type_url: str) -> frozenset[str]:
+        """Inputs of the type's selection that Envoy requested here and the upstream has not
+        answered: a selection now could drop what they will keep (docs/protocol.md R9, R10).
+        A subscription to nothing of a type that is no wildcard is none (R28)."""
+        awaiting = []
         for dependency in self.view.depends_on(type_url):
             state = self._types.get(dependency)
             if state is not None and state.started and not state.received:
-                return True
-        return False
+                subscription = state.exchange.subscription
+                if subscription.wildcard or subscription.names:
+                    awaiting.append(dependency)
+        return frozenset(awaiting)
 
     def inputs_changed(self, inputs: frozenset[str]) -> list[Event]:
         """Inputs the view reads besides the upstream (a scope, the mesh's route tables)
@@ -342,34 +363,45 @@ class DeltaStream(ordering.BoundedWait):
         (docs/protocol.md R27)."""
         return self.refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
-    def refresh(self, type_urls: frozenset[str] | None = None) -> list[Event]:
-        """Recompute types (all started ones by default) and push what Envoy lacks; a type
-        held back for its inputs is pushed once they are all here."""
+    def refresh(
+        self, type_urls: frozenset[str] | None = None, release_before: float | None = None
+    ) -> list[Event]:
+        """Recompute types (all started ones by default) and push what Envoy lacks; a push
+        held back goes out once `xds.holds` says so."""
         events: list[Event] = []
         for type_url in push_order(set(self._types if type_urls is None else type_urls)):
             state = self._types[type_url]
-            if not state.started or self._awaiting_inputs(type_url):
+            if not state.started:
                 continue
-            deferred, state.deferred_nonce = state.deferred_nonce, ""
-            if deferred and deferred != _LOCAL_DUE:
-                events += self._push(
-                    type_url,
-                    state,
-                    upstream_nonce=deferred,
-                    control_plane=state.deferred_control_plane,
-                )
-            elif deferred or state.upstream or type_url in self.view.local_types:
-                events += self._push(type_url, state, upstream_nonce=None, skip_empty=not deferred)
+            if state.record.hold is not None:
+                events += self._push(type_url, state, "", release_before=release_before)
+            elif self._awaiting_inputs(type_url):
+                continue  # pushed once they are in, if it changed by then
+            elif state.upstream or type_url in self.view.local_types:
+                events += self._push(type_url, state, "", skip_empty=True)
         return events
+
+    _refresh = refresh
 
     def _push(
         self,
         type_url: str,
         state: _TypeState,
-        upstream_nonce: str | None,
+        upstream_nonce: str,
         control_plane: bytes = b"",
         skip_empty: bool = False,
+        release_before: float | None = None,
     ) -> list[Event]:
+        """The difference between the view's selection and what Envoy holds, as `xds.holds`
+        decides: pushed (with Istiod's nonce when it carries an Istiod response), ACKed here,
+        or held back."""
+        record = state.record
+        awaiting = self._awaiting_inputs(type_url)
+        if awaiting:
+            record.hold = self._decide(
+                record, upstream_nonce, control_plane, awaiting, frozenset(), release_before
+            ).hold
+            return []
         upstream_view = {t: s.upstream_selection() for t, s in self._types.items()}
         names, anys = self.view.select(type_url, upstream_view)
         subscription = state.exchange.subscription
@@ -389,13 +421,21 @@ class DeltaStream(ordering.BoundedWait):
                 for n, pair in state.upstream.items()
                 if n in named and n in held and n not in chosen
             ]
-        elif self._names_cold(type_url, pairs):
-            # Additions first: wait until Envoy has warmed the clusters these name
-            # (docs/protocol.md R11).
-            state.deferred_nonce = upstream_nonce or _LOCAL_DUE
-            if upstream_nonce:
-                state.deferred_control_plane = control_plane
+        # Additions first: wait until Envoy has warmed the clusters these name
+        # (docs/protocol.md R11).
+        decision = self._decide(
+            record,
+            upstream_nonce,
+            control_plane,
+            frozenset(),
+            self._newly_named(type_url, pairs),
+            release_before,
+        )
+        record.hold = decision.hold
+        if decision.action is holds.Action.HOLD:
             return []
+        upstream_nonce, control_plane = decision.upstream_nonce, decision.control_plane
+        skip_empty = skip_empty and not decision.upstream_nonce
         bodies: list[bytes] = []
         sent: list[str] = []
         for name, any_ in pairs:
@@ -422,6 +462,7 @@ class DeltaStream(ordering.BoundedWait):
         if bodies or removed:
             unmentioned = [(n, a) for n, a in held.items() if n not in kept and n not in removed]
             state.held = FrozenMap(pairs + unmentioned)
+            self._note_held(type_url, state)
         if not bodies and not removed:
             if skip_empty:
                 return []
@@ -436,14 +477,39 @@ class DeltaStream(ordering.BoundedWait):
         version = state.system_version if upstream_nonce else f"{state.system_version}+{nonce}"
         payload = encode_delta_response(version, type_url, nonce, bodies, removed, control_plane)
         state.sent[nonce] = (tuple(sent), tuple(removed))
-        while len(state.sent) > _SENT_KEPT:
-            del state.sent[next(iter(state.sent))]
         self._record_push(state, version, nonce, len(payload))
-        return [SendDownstream(payload, type_url, len(bodies), relayed=upstream_nonce is not None)]
+        return [SendDownstream(payload, type_url, len(bodies), relayed=bool(upstream_nonce))]
+
+    def _decide(
+        self,
+        record: holds.Record,
+        upstream_nonce: str,
+        control_plane: bytes,
+        awaiting: frozenset[str],
+        newly_named: frozenset[str],
+        release_before: float | None,
+    ) -> holds.Decision:
+        return holds.decide(
+            record.hold,
+            upstream_nonce=upstream_nonce,
+            control_plane=control_plane,
+            awaiting=awaiting,
+            newly_named=newly_named,
+            warmth=self._warmth() if newly_named else holds.NOT_STARTED,
+            now=self._clock(),
+            release_before=release_before,
+        )
+
+    @staticmethod
+    def _note_held(type_url: str, state: _TypeState) -> None:
+        """What Envoy holds of a type whose resources name clusters, as its record's selection
+        (`xds.holds.Record`)."""
+        if type_url not in _UNNAMING:
+            state.record.pushed = _selection_of(state.held)
 
     @staticmethod
     def _record_push(state: _TypeState, version: str, nonce: str, size: int) -> None:
         exchange = state.exchange
-        exchange.pushed(version, nonce)
+        exchange.record_push(version, nonce)
         exchange.pushed_resources = len(state.held)
         exchange.pushed_bytes += size

@@ -110,10 +110,12 @@ class Exchange:
         self.subscription = Subscription(wildcard, names)
         return True
 
-    def received(self, version: str, nonce: str) -> None:
+    def record_upstream(self, version: str, nonce: str) -> None:
+        """Istiod sent a response of the type."""
         self.upstream_version, self.upstream_nonce = version, nonce
 
-    def pushed(self, version: str, nonce: str) -> None:
+    def record_push(self, version: str, nonce: str) -> None:
+        """Envoy was sent a response of the type."""
         self.pushed_version, self.pushed_nonce = version, nonce
 
     def cover(self) -> None:

@@ -19,6 +19,7 @@ count, so a stream never waits for a cluster that will not come.
 """
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from cachetools import LRUCache
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
@@ -70,36 +71,64 @@ def names_in(references: References, type_url: str, selection: Selection) -> fro
     return named
 
 
-def named_by_envoy(
-    references: References, states: Iterable[tuple[str, Selection | None, Selection | None]]
-) -> frozenset[str]:
+class _Named(Protocol):
+    def named(self, references: References, type_url: str) -> frozenset[str]: ...
+
+
+def named_by_envoy(references: References, records: Iterable[tuple[str, _Named]]) -> frozenset[str]:
     """Clusters that what Envoy may hold names: for each referencing type, the newest pushed
-    selection and the newest ACKed one (Envoy holds one of them, or is moving between)."""
+    selection, the newest ACKed one (Envoy holds one of them, or is moving between), and what
+    a NACKed response may have left applied (`xds.holds.Record`)."""
     named: set[str] = set()
-    for type_url, pushed, acked in states:
-        for selection in (pushed, acked):
-            if selection is not None:
-                named |= names_in(references, type_url, selection)
+    for type_url, record in records:
+        named |= record.named(references, type_url)
     return frozenset(named)
+
+
+# A selection's resources by name, by the selection's identity (shared, never changed).
+_BY_NAME: LRUCache[int, tuple[Selection, dict[str, bytes]]] = caches.lru("selection_by_name")
+
+
+def by_name(selection: Selection) -> dict[str, bytes]:
+    found = _BY_NAME.get(id(selection))
+    if found is not None and found[0] is selection:
+        return found[1]
+    mapping = dict(zip(*selection, strict=True))
+    _BY_NAME[id(selection)] = (selection, mapping)
+    return mapping
 
 
 def keep_named(
     selection: Selection, upstream: Selection, held: Iterable[str], named: frozenset[str]
 ) -> Selection:
     """`selection` plus the upstream's clusters that Envoy holds and something it holds still
-    names: their removal waits for that listener or route to be ACKed without them."""
+    names: their removal waits for that listener or route to be ACKed without them. Each kept
+    cluster goes where the upstream has it, so the same set selected again later is the same
+    selection (nothing to push)."""
     chosen = set(selection.names)
     held_names = set(held)
-    extra = [
-        (name, body)
+    extra = {
+        name: body
         for name, body in zip(*upstream, strict=True)
         if name in named and name in held_names and name not in chosen
-    ]
+    }
     if not extra:
         return selection
-    return Selection(
-        selection.names + tuple(n for n, _ in extra), selection.bodies + tuple(b for _, b in extra)
-    )
+    position = {name: i for i, name in enumerate(upstream.names)}
+    pending = sorted(extra, key=position.__getitem__)
+    names: list[str] = []
+    bodies: list[bytes] = []
+    for name, body in zip(*selection, strict=True):
+        at = position.get(name)
+        while at is not None and pending and position[pending[0]] < at:
+            kept = pending.pop(0)
+            names.append(kept)
+            bodies.append(extra[kept])
+        names.append(name)
+        bodies.append(body)
+    names += pending
+    bodies += [extra[n] for n in pending]
+    return Selection(tuple(names), tuple(bodies))
 
 
 def cold(
@@ -118,31 +147,3 @@ def cold(
         for n in wanted
         if n not in have or (n not in endpoints and is_eds_cluster(upstream_clusters[n]))
     )
-
-
-class BoundedWait:
-    """What SotW and Delta share of the bounded wait for clusters to warm: a stream says which
-    types are held back (`_held_types`) and how to push them (`_push_types`); the shell calls
-    `release` once it has waited long enough (`server.ads.WARM_WAIT_SECONDS`)."""
-
-    _patient = True  # False while `release` pushes what waits for cold clusters
-
-    def _held_types(self) -> frozenset[str]:
-        raise NotImplementedError
-
-    def _push_types(self, type_urls: frozenset[str]) -> list:
-        raise NotImplementedError
-
-    def held_back(self) -> bool:
-        """Something waits for its inputs or for clusters to warm (see `release`)."""
-        return bool(self._held_types())
-
-    def release(self) -> list:
-        """Push what waits for clusters that have not warmed in the time the caller allows
-        (an EDS answer that never comes must not hold routes back for ever); what waits for
-        its inputs keeps waiting."""
-        self._patient = False
-        try:
-            return self._push_types(self._held_types())
-        finally:
-            self._patient = True

@@ -17,16 +17,19 @@ A selection computed before its inputs have arrived on this stream is never push
 reconnect Istiod sends CDS before LDS, and a sidecar's clusters depend on its listeners (TCP
 services), so pushing then would remove clusters Envoy holds and add them back a moment later,
 draining their connections. A type whose inputs Envoy has requested here but the upstream has
-not answered yet is `deferred`; once they arrive, its newest upstream response is relayed
+not answered yet is held back; once they arrive, its newest upstream response is relayed
 with Istiod's nonce, so Envoy's answer still reaches Istiod (docs/protocol.md, "inputs").
 
-Clusters are added before what names them and removed after it (`xds.ordering`): a listener or
-route table naming a cluster Envoy has not warmed is deferred the same way until Envoy has
-ACKed it (and its endpoints), and CDS keeps a cluster while a listener or table Envoy may
-hold still names it.
+Clusters are added before what names them and removed after it: a listener or route table
+naming a cluster Envoy has not warmed is held back the same way until Envoy has ACKed it (and
+its endpoints), and CDS keeps a cluster while a listener or table Envoy may hold still names
+it. Whether a push goes out or is held back is decided in `xds.holds`, for both protocols;
+this module encodes the decision.
 """
 
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
@@ -42,7 +45,7 @@ from xdsproxy.wire.codec import (
 )
 from xdsproxy.wire.pool import intern_names
 from xdsproxy.wire.typeurls import is_wildcard_type, push_order
-from xdsproxy.xds import ordering
+from xdsproxy.xds import holds, ordering
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -69,11 +72,8 @@ from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 class _TypeState:
     names_bytes: bytes = b""  # the subscribed names as Envoy encoded them, to spot a repeat
     requested_upstream: tuple[str, ...] | None = None  # names last sent upstream
-    pushed: Selection | None = None
-    # A response is due once the inputs of the type's selection have arrived and the clusters
-    # it names are warm (module doc)
-    deferred: bool = False
-    acked: Selection | None = None  # the selection of the newest response Envoy ACKed
+    # What Envoy was pushed and ACKed, and the push held back (`xds.holds`)
+    record: holds.Record = field(default_factory=holds.Record)
     exchange: Exchange = field(default_factory=Exchange)
 
 
@@ -84,14 +84,20 @@ def _superseded_nack(request: DiscoveryRequest | lean.SotwRequestHead) -> list[E
     return [Nacked(request.type_url, request.response_nonce, message, relayed=True)]
 
 
-class SotwStream(ordering.BoundedWait):
-    def __init__(self, view: ResourceView = UNSCOPED) -> None:
+class SotwStream(holds.Holding):
+    def __init__(
+        self, view: ResourceView = UNSCOPED, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.view = view
         self.node: Node | None = None
         self.local_nacks = 0
+        self._clock = clock
         self._types: dict[str, _TypeState] = {}
         self._upstream: dict[str, Selection] = {}
         self._local_nonces = itertools.count(1)
+        # EDS clusters whose endpoints Envoy accepted and still holds: a SotW EDS response
+        # carries only the assignments it changes (Istiod's habit), so this accumulates.
+        self._warm_endpoints: frozenset[str] = frozenset()
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.exchange.status() for type_url, state in self._types.items()}
@@ -102,7 +108,7 @@ class SotwStream(ordering.BoundedWait):
     def pushed(self, type_url: str) -> Selection:
         """What Envoy was last sent for the type: names and serialized `Any`s."""
         state = self._types.get(type_url)
-        return state.pushed if state and state.pushed else NOTHING
+        return state.record.pushed if state and state.record.pushed else NOTHING
 
     def upstream(self, type_url: str) -> Selection:
         return self._upstream.get(type_url, NOTHING)
@@ -154,6 +160,9 @@ class SotwStream(ordering.BoundedWait):
         exchange = state.exchange
         # Istiod's rule: no names means everything, for the wildcard types (docs/protocol.md R16)
         changed = exchange.subscribe(not names and is_wildcard_type(type_url), names)
+        if changed and type_url == typeurls.ENDPOINT and self._warm_endpoints:
+            # Envoy forgets the assignments it no longer watches.
+            self._warm_endpoints = self._warm_endpoints.intersection(names)
         nonce = request.response_nonce
 
         if type_url in self.view.local_types:
@@ -168,7 +177,7 @@ class SotwStream(ordering.BoundedWait):
             # A first request for the type, or Envoy's re-request after reconnecting: relayed
             # byte for byte (docs/protocol.md R20).
             state.requested_upstream = names
-            return [SendUpstream(data)]
+            return [SendUpstream(data), *self._inputs_settled(type_url, changed)]
         answer = exchange.classify(nonce)
         if answer in (Answer.STALE, Answer.STALE_LOCAL):
             return []  # docs/protocol.md R7
@@ -196,12 +205,28 @@ class SotwStream(ordering.BoundedWait):
             events.append(SendUpstream(forward.SerializeToString()))
         return events + self._settle(type_url, state)
 
+    def _inputs_settled(self, type_url: str, changed: bool) -> list[Event]:
+        """A request naming nothing of a type that is no wildcard is no input: Istiod never
+        answers it (docs/protocol.md R28), so what waited for it goes out."""
+        if not changed or self.view.transparent or self._subscribes(type_url):
+            return []
+        return self._refresh(self._dependents(type_url))
+
     def _record_answer(self, request: DiscoveryRequest) -> list[Event]:
         state = self._types[request.type_url]
+        record = state.record
         nacked = state.exchange.answered(request, request.version_info)
         if nacked is None:
-            state.acked = state.pushed
+            record.note_ack()
+            if request.type_url == typeurls.ENDPOINT and record.pushed:
+                self._warm_endpoints = self._warm_endpoints.intersection(
+                    state.exchange.subscription.names
+                ).union(record.pushed.names)
+            elif request.type_url == typeurls.CLUSTER and self._warm_endpoints:
+                # A cluster Envoy dropped warms again from nothing if it comes back.
+                self._warm_endpoints = self._warm_endpoints.intersection(record.pushed.names)
             return []
+        record.note_nack(record.pushed or NOTHING)
         self.local_nacks += not nacked.relayed
         return [nacked]
 
@@ -210,7 +235,7 @@ class SotwStream(ordering.BoundedWait):
         only for what it no longer names, can go out now."""
         if not state.exchange.accepted or self.view.transparent:
             return []
-        due = {t for t, s in self._types.items() if s.deferred}
+        due = set(self._held_types())
         if type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT):
             due.add(typeurls.CLUSTER)
         return self._refresh(frozenset(due & set(self._types)))
@@ -225,7 +250,7 @@ class SotwStream(ordering.BoundedWait):
         type_url = response.type_url
         state = self._types.setdefault(type_url, _TypeState())
         exchange = state.exchange
-        exchange.received(response.version, response.nonce)
+        exchange.record_upstream(response.version, response.nonce)
         exchange.upstream_resources, exchange.upstream_bytes = len(response.bodies), len(data)
         upstream = Selection(response.names, response.bodies)
         self._upstream[type_url] = upstream
@@ -236,109 +261,127 @@ class SotwStream(ordering.BoundedWait):
         self, state: _TypeState, response: SotwResponse, data: bytes, upstream: Selection
     ) -> list[Event]:
         """What Envoy gets for the response just stored: it relayed (narrowed or not), ACKed
-        here, or nothing yet (deferred)."""
+        here, or nothing yet (held back)."""
         type_url = response.type_url
         if self.view.transparent:
-            events: list[Event] = []
-            selection = upstream
-        else:
-            # Dependents first: clusters a new listener needs must reach Envoy before it
-            # (docs/protocol.md R4); no push from inputs that have not arrived
-            # (docs/protocol.md R9, R10); none naming a cluster Envoy has not warmed
-            # (docs/protocol.md R11).
-            events = self._refresh(self._dependents(type_url))
-            if self._awaiting_inputs(type_url):
-                state.deferred = True
-                return events
-            selection = self._select(type_url)
-            if self._names_cold(type_url, selection):
-                state.deferred = True
-                return events
-            state.deferred = False
-            if self._holds_accepted(state, selection):
-                # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2).
-                state.exchange.cover()
-                ack = DiscoveryRequest(
-                    type_url=type_url,
-                    version_info=response.version,
-                    response_nonce=response.nonce,
-                    resource_names=state.requested_upstream or (),
-                )
-                events.append(AckedHere(ack.SerializeToString(), type_url))
-                return events
-        # Istiod's nonce and version, narrowed or not (docs/protocol.md R1).
-        if selection.bodies is response.bodies:
-            payload = data
-        else:
-            payload = encode_sotw_response(
-                response.version,
-                type_url,
-                response.nonce,
-                selection.bodies,
-                response.control_plane,
-                response.canary,
+            self._record_push(state, upstream, response.version, response.nonce, len(data))
+            return [SendDownstream(data, type_url, len(upstream.bodies), relayed=True)]
+        # Dependents first: clusters a new listener needs must reach Envoy before it
+        # (docs/protocol.md R4).
+        events = self._refresh(self._dependents(type_url))
+        selection, decision = self._decide(type_url, state, response.nonce, response.control_plane)
+        if selection is None:
+            return events
+        if self._holds_accepted(state, selection):
+            # Nothing Envoy holds changes: ACKed here (docs/protocol.md R2).
+            state.exchange.cover()
+            ack = DiscoveryRequest(
+                type_url=type_url,
+                version_info=response.version,
+                response_nonce=response.nonce,
+                resource_names=state.requested_upstream or (),
             )
-        self._record_push(state, selection, response.version, response.nonce, len(payload))
-        events.append(SendDownstream(payload, type_url, len(selection.bodies), relayed=True))
-        return events
+            events.append(AckedHere(ack.SerializeToString(), type_url))
+            return events
+        if selection.bodies is response.bodies:
+            # Istiod's own bytes (docs/protocol.md R1)
+            self._record_push(state, selection, response.version, response.nonce, len(data))
+            events.append(SendDownstream(data, type_url, len(selection.bodies), relayed=True))
+            return events
+        return events + self._encode(type_url, state, selection, decision)
 
     @staticmethod
     def _holds_accepted(state: _TypeState, selection: Selection) -> bool:
         """Envoy holds exactly `selection` and has ACKed the response that brought it."""
-        return state.exchange.accepted and selection == state.pushed
+        return state.exchange.accepted and selection == state.record.pushed
 
-    # -- originated here -------------------------------------------------------------------
+    # -- what goes out, and when -----------------------------------------------------------
 
     def _dependents(self, type_url: str) -> frozenset[str]:
         return frozenset(t for t in self._types if type_url in self.view.depends_on(t))
 
-    def _awaiting_inputs(self, type_url: str) -> bool:
-        """An input of the type's selection was requested on this stream and not yet answered:
-        a selection now could drop what that input will keep."""
-        return any(
-            t in self._types and t not in self._upstream for t in self.view.depends_on(type_url)
+    def _subscribes(self, type_url: str) -> bool:
+        subscription = self._types[type_url].exchange.subscription
+        return subscription.wildcard or bool(subscription.names)
+
+    def _awaiting_inputs(self, type_url: str) -> frozenset[str]:
+        """Inputs of the type's selection that Envoy requested here and the upstream has not
+        answered: a selection now could drop what they will keep (docs/protocol.md R9, R10).
+        A request naming nothing of a type that is no wildcard is none (R28)."""
+        return frozenset(
+            t
+            for t in self.view.depends_on(type_url)
+            if t in self._types and t not in self._upstream and self._subscribes(t)
+        )
+
+    def _decide(
+        self,
+        type_url: str,
+        state: _TypeState,
+        upstream_nonce: str,
+        control_plane: bytes = b"",
+        release_before: float | None = None,
+    ) -> tuple[Selection | None, holds.Decision]:
+        """The type's selection and what to do with it (`xds.holds.decide`); None and the hold
+        recorded when it waits."""
+        record = state.record
+        awaiting = self._awaiting_inputs(type_url)
+        selection = None if awaiting else self._select(type_url)
+        newly_named = frozenset() if selection is None else self._newly_named(type_url, selection)
+        decision = holds.decide(
+            record.hold,
+            upstream_nonce=upstream_nonce,
+            control_plane=control_plane,
+            awaiting=awaiting,
+            newly_named=newly_named,
+            warmth=self._warmth() if newly_named else holds.NOT_STARTED,
+            now=self._clock(),
+            release_before=release_before,
+        )
+        record.hold = decision.hold
+        if decision.action is holds.Action.HOLD:
+            return None, decision
+        return selection, decision
+
+    def _newly_named(self, type_url: str, selection: Selection) -> frozenset[str]:
+        """Clusters the selection names that what Envoy ACKed of the type did not."""
+        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            return frozenset()
+        references = self.view.references
+        names = ordering.names_in(references, type_url, selection)
+        acked = self._types[type_url].record.acked
+        if names and acked is not None:
+            names -= ordering.names_in(references, type_url, acked)
+        return names
+
+    def _warmth(self) -> holds.Warmth:
+        clusters = self._types.get(typeurls.CLUSTER)
+        if clusters is None or clusters.record.acked is None:
+            return holds.NOT_STARTED
+        return holds.Warmth(
+            True,
+            # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
+            frozenset(clusters.record.acked.names) if clusters.exchange.accepted else frozenset(),
+            self._warm_endpoints,
+            ordering.by_name(self._upstream.get(typeurls.CLUSTER, NOTHING)),
         )
 
     def _select(self, type_url: str) -> Selection:
         """The view's selection, plus (for CDS) the clusters whose removal must wait."""
         selection = self.view.select(type_url, self._upstream)
         state = self._types.get(type_url)
-        if type_url != typeurls.CLUSTER or state is None or not state.pushed:
+        if type_url != typeurls.CLUSTER or state is None or not state.record.pushed:
             return selection
         named = ordering.named_by_envoy(
             self.view.references,
-            ((t, s.pushed, s.acked) for t, s in self._types.items() if t != type_url),
+            ((t, s.record) for t, s in self._types.items() if t != type_url),
         )
         return ordering.keep_named(
-            selection, self._upstream.get(type_url, NOTHING), state.pushed.names, named
+            selection, self._upstream.get(type_url, NOTHING), state.record.pushed.names, named
         )
 
-    def _names_cold(self, type_url: str, selection: Selection) -> bool:
-        """The selection names a cluster Envoy has not warmed (only once Envoy runs an ACKed
-        CDS on this stream: a fresh or reconnecting Envoy takes Istiod's own order)."""
-        clusters = self._types.get(typeurls.CLUSTER)
-        if not self._patient or clusters is None or clusters.acked is None:
-            return False
-        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
-            return False
-        state = self._types[type_url]
-        names = ordering.names_in(self.view.references, type_url, selection)
-        if state.acked is not None:
-            names -= ordering.names_in(self.view.references, type_url, state.acked)
-        if not names:
-            return False
-        endpoints = self._types.get(typeurls.ENDPOINT)
-        acked_endpoints = endpoints.acked[0] if endpoints and endpoints.acked else ()
-        upstream = dict(zip(*self._upstream.get(typeurls.CLUSTER, NOTHING), strict=True))
-        # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
-        acked_clusters = clusters.acked[0] if clusters.exchange.accepted else ()
-        return bool(ordering.cold(names, upstream, acked_clusters, acked_endpoints))
-
-    def _held_types(self) -> frozenset[str]:
-        return frozenset(t for t, s in self._types.items() if s.deferred)
-
-    def _push_types(self, type_urls: frozenset[str]) -> list[Event]:
-        return self._refresh(type_urls)
+    def _records(self) -> dict[str, holds.Record]:
+        return {t: s.record for t, s in self._types.items()}
 
     def refresh(self) -> list[Event]:
         """Recompute every pushed type; push what differs."""
@@ -350,47 +393,56 @@ class SotwStream(ordering.BoundedWait):
         (docs/protocol.md R27)."""
         return self._refresh(frozenset(t for t in self._types if self.view.depends_on(t) & inputs))
 
-    def _refresh(self, type_urls: frozenset[str]) -> list[Event]:
+    def _refresh(
+        self, type_urls: frozenset[str], release_before: float | None = None
+    ) -> list[Event]:
         events: list[Event] = []
         for type_url in push_order(set(type_urls)):
-            events += self._push_local(type_url, force=False)
+            events += self._push_local(type_url, force=False, release_before=release_before)
         return events
 
-    def _push_local(self, type_url: str, force: bool) -> list[Event]:
+    def _push_local(
+        self, type_url: str, force: bool, release_before: float | None = None
+    ) -> list[Event]:
         state = self._types.get(type_url)
         if state is None:
             return []
-        due = force or state.deferred
-        if state.pushed is None and not due:
+        record = state.record
+        due = force or record.hold is not None
+        if record.pushed is None and not due:
             return []
-        local = type_url in self.view.local_types
-        if not local and type_url not in self._upstream:
+        if type_url not in self.view.local_types and type_url not in self._upstream:
             return []
-        if self._awaiting_inputs(type_url):
-            state.deferred = due
+        if not due and self._awaiting_inputs(type_url):
+            return []  # pushed once they are in, if it changed by then
+        selection, decision = self._decide(type_url, state, "", release_before=release_before)
+        if selection is None or (not due and selection == record.pushed):
             return []
-        selection = self._select(type_url)
-        if not due and selection == state.pushed:
-            return []
-        if self._names_cold(type_url, selection):
-            state.deferred = True
-            return []
-        relay, state.deferred = state.deferred and not local, False
+        return self._encode(type_url, state, selection, decision)
+
+    def _encode(
+        self, type_url: str, state: _TypeState, selection: Selection, decision: holds.Decision
+    ) -> list[Event]:
+        """A push as decided: Istiod's nonce and version when it carries an Istiod response
+        (docs/protocol.md R1), xdsproxy's own otherwise (R3)."""
         exchange = state.exchange
-        if relay:  # the upstream response held back for its inputs: Istiod's nonce
-            nonce, version = exchange.upstream_nonce, exchange.upstream_version
+        relayed = bool(decision.upstream_nonce)
+        if relayed:
+            nonce, version = decision.upstream_nonce, exchange.upstream_version
         else:
             nonce = f"{LOCAL_NONCE_PREFIX}{next(self._local_nonces)}"
             version = f"{exchange.upstream_version or 'local'}+{nonce}"
-        payload = encode_sotw_response(version, type_url, nonce, selection.bodies)
+        payload = encode_sotw_response(
+            version, type_url, nonce, selection.bodies, decision.control_plane
+        )
         self._record_push(state, selection, version, nonce, len(payload))
-        return [SendDownstream(payload, type_url, len(selection.bodies), relayed=relay)]
+        return [SendDownstream(payload, type_url, len(selection.bodies), relayed=relayed)]
 
     @staticmethod
     def _record_push(
         state: _TypeState, selection: Selection, version: str, nonce: str, size: int
     ) -> None:
-        state.pushed = selection
+        state.record.pushed = selection
         exchange = state.exchange
-        exchange.pushed(version, nonce)
+        exchange.record_push(version, nonce)
         exchange.pushed_resources, exchange.pushed_bytes = len(selection.bodies), size
