@@ -7,7 +7,9 @@ The model does what real Envoy does that the protocol rules depend on:
 - it subscribes EDS for its EDS clusters and RDS for the tables its listeners name;
 - a reconnect re-requests every type at once, with the versions (SotW) or the resources
   (Delta, `initial_resource_versions`) it holds;
-- it can be told to reject (NACK) a resource.
+- it can be told to reject (NACK) a resource; like Envoy 1.40, it still applies the valid
+  resources and removals of a CDS or LDS response it NACKs (DESIGN.md), and nothing of others;
+- it holds the lazy egress's caller routes (SRDS, a whole-set type in SotW) when it watches them.
 
 The checker flags what Envoy would turn into failed requests or stale config (each rule is in
 docs/protocol.md): a listener or route that names a cluster Envoy lacks or is still warming, a
@@ -21,6 +23,7 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
@@ -39,7 +42,10 @@ from xdsproxy.xds.events import AckedHere, SendDownstream, SendUpstream
 from xdsproxy.xds.sotw import SotwStream
 
 CDS, EDS, LDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE
+SRDS = typeurls.SCOPED_ROUTE
 ORDER = (CDS, EDS, LDS, RDS)
+# Types Envoy 1.40 applies in part when it NACKs a response (the valid resources, the removals)
+PARTLY_APPLIED = frozenset({CDS, LDS})
 
 
 def _is_eds(body: bytes) -> bool:
@@ -85,6 +91,11 @@ class ModelEnvoy:
         """A fresh Envoy asks CDS first; LDS once CDS has been answered."""
         return [self._request(CDS, first=True)]
 
+    def watch(self, type_url: str) -> bytes:
+        """A wildcard watch of a type (the egress asks SRDS once its listener names it)."""
+        self.subscribed[type_url] = set()
+        return self._request(type_url, first=True)
+
     def reconnect(self) -> list[bytes]:
         """Every type it holds or watches, at once (the ADS mux on a new stream)."""
         out = [self._request(CDS, first=True)]
@@ -107,23 +118,31 @@ class ModelEnvoy:
             for resource in response.resources:
                 body = resource.SerializeToString()
                 updates[_name(response.type_url, body)] = body
-            # SotW CDS and LDS are the whole set; EDS and RDS keep what a response leaves out.
-            full = response.type_url in (CDS, LDS)
+            # SotW CDS, LDS and SRDS are the whole set; EDS and RDS keep what a response
+            # leaves out.
+            full = response.type_url in (CDS, LDS, SRDS)
             removed = set(self.held.get(response.type_url, {})) - set(updates) if full else set()
         type_url = response.type_url
         bad = sorted(set(updates) & self.reject)
         if bad:
             self.nacks += 1
             error = f"rejected {bad}"
-            return [self._request(type_url, nonce=response.nonce, error=error)]
+            nack = self._request(type_url, nonce=response.nonce, error=error)
+            if type_url not in PARTLY_APPLIED:
+                return [nack]
+            good = {n: b for n, b in updates.items() if n not in self.reject}
+            return [nack, *self._hold(type_url, good, removed)]
+        self.versions[type_url] = getattr(response, "version_info", "") or "d"
+        out = self._hold(type_url, updates, removed)
+        ack = self._request(type_url, nonce=response.nonce)
+        return [ack, *out]
+
+    def _hold(self, type_url: str, updates: dict[str, bytes], removed: set[str]) -> list[bytes]:
         held = self.held.setdefault(type_url, {})
         held.update(updates)
         for name in removed:
             held.pop(name, None)
-        self.versions[type_url] = getattr(response, "version_info", "") or "d"
-        out = self._apply(type_url, set(updates), removed)
-        ack = self._request(type_url, nonce=response.nonce)
-        return [ack, *out]
+        return self._apply(type_url, set(updates), removed)
 
     def _apply(self, type_url: str, updated: set[str], removed: set[str]) -> list[bytes]:
         out: list[bytes] = []
@@ -171,10 +190,13 @@ class ModelEnvoy:
         for name, body in self.held.get(RDS, {}).items():
             table = RouteConfiguration()
             Any.FromString(body).Unpack(table)
-            for vhost in table.virtual_hosts:
-                for route in vhost.routes:
-                    for cluster in route_clusters(route):
-                        named.setdefault(cluster, f"route table {name}")
+            for cluster in _table_clusters(table):
+                named.setdefault(cluster, f"route table {name}")
+        for name, body in self.held.get(SRDS, {}).items():
+            scope = ScopedRouteConfiguration()
+            Any.FromString(body).Unpack(scope)
+            for cluster in _table_clusters(scope.route_configuration):
+                named.setdefault(cluster, f"caller route {name}")
         return named
 
     def _check(self) -> None:
@@ -184,6 +206,12 @@ class ModelEnvoy:
                 self.violations.append(f"{user} names {cluster}, which Envoy does not have")
             elif cluster in self.warming:
                 self.violations.append(f"{user} names {cluster}, which is still warming")
+
+
+def _table_clusters(table: RouteConfiguration) -> set[str]:
+    return {
+        c for vhost in table.virtual_hosts for route in vhost.routes for c in route_clusters(route)
+    }
 
 
 def _name(type_url: str, body: bytes) -> str:
@@ -198,6 +226,7 @@ _MESSAGES = {
     EDS: ClusterLoadAssignment,
     LDS: Listener,
     RDS: RouteConfiguration,
+    SRDS: ScopedRouteConfiguration,
 }
 
 

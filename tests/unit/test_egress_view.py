@@ -7,10 +7,14 @@ from envoy.config.route.v3.scoped_route_pb2 import ScopedRouteConfiguration
 from google.protobuf.any_pb2 import Any
 
 from tests.helpers import istio_node
-from tests.xds_messages import delta_request, receive_upstream, sotw_request
+from tests.model_envoy import Loop, ModelEnvoy
+from tests.xds_messages import delta_request, node, receive_upstream, sotw_request
+from xdsproxy.harness.lazymesh import egress_service
+from xdsproxy.istio.node import parse_node
+from xdsproxy.scope import inputs
 from xdsproxy.scope.egress import EgressSettings, EgressView
 from xdsproxy.scope.mesh import MeshTables
-from xdsproxy.sim.istiod import Snapshot
+from xdsproxy.sim.istiod import DeltaConnection, Snapshot, SotwConnection
 from xdsproxy.sim.mesh import Endpoint, Port, Service, generate
 from xdsproxy.wire import lean, typeurls
 from xdsproxy.wire.codec import (
@@ -172,3 +176,38 @@ def test_caller_routes_follow_the_mesh_tables_version_and_are_shared_until_it_mo
     changed = dict(zip(*second, strict=True))["ns-0/8080"]
     assert changed != dict(zip(*first, strict=True))["ns-0/8080"]
     assert second.names == first.names
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_new_services_caller_route_waits_for_the_egress_to_warm_its_cluster(delta: bool) -> None:
+    """N3. A sidecar of the namespace gets a new service's route table before the egress gets
+    its cluster: the caller route naming it reaches the egress only once the egress has ACKed
+    the cluster and its endpoints (R11); until then the egress's own table serves."""
+    mesh = generate(20, tcp_every=0)
+    mesh.add(egress_service(80, 15081))
+    tables = MeshTables()
+    egress_node = node("sidecar~10.0.0.9~lazy-egress-0.istio-system~istio-system.svc.cluster.local")
+    egress_node.metadata.update({"NAMESPACE": "istio-system"})
+    envoy = ModelEnvoy(egress_node, delta)
+    stream = (DeltaStream if delta else SotwStream)(EgressView(EgressSettings(), tables))
+    istiod = (DeltaConnection if delta else SotwConnection)(Snapshot(mesh, "e", None))
+    loop = Loop(envoy, stream, istiod, to_proxy=envoy.connect())
+    loop.run()
+    loop.to_proxy.append(envoy.watch(SRDS))
+    loop.run()
+    new = Service(
+        "new-svc", "ns-0", (Port(80, "HTTP"),), "10.96.9.9", endpoints=(Endpoint("10.9.9.9", 80),)
+    )
+    mesh.add(new)
+    mesh.generation += 1
+    snapshot = Snapshot(mesh, "e2", None)
+    routes = snapshot.resources(RDS, parse_node(node()))
+    assert tables.record("ns-0", (tuple(routes), tuple(routes.values())))
+    loop.handle(stream.inputs_changed(frozenset({inputs.MESH_ROUTE_TABLES})))
+    loop.run()
+    loop.push(snapshot)
+    # The egress's own route tables follow Istiod's order, as they would without xdsproxy.
+    assert [v for v in envoy.violations if v.startswith("caller route")] == []
+    cluster = f"outbound|80||{new.fqdn}"
+    named = {c for body in envoy.held[SRDS].values() for c in _scope_clusters(body)}
+    assert cluster in named and cluster not in envoy.warming

@@ -83,9 +83,24 @@ def test_eds_and_rds_answer_only_requested_names() -> None:
             nonce=nonce,
         )
     )
-    assert len(decode_sotw_response(more).names) == 2
+    # Istiod answers a subscription change with the newly subscribed assignments only.
+    assert decode_sotw_response(more).names == ("outbound|8080||svc-4.ns-0.svc.cluster.local",)
+    nonce = decode_sotw_response(more).nonce
+    # ... and a change that only removes names not at all.
+    fewer = ("outbound|8080||svc-4.ns-0.svc.cluster.local",)
+    assert connection.receive(sotw_request(EDS, fewer, nonce=nonce)) == []
     [rds] = connection.receive(sotw_request(RDS, ("8080", "nope")))
     assert decode_sotw_response(rds).names == ("8080",)
+
+
+def test_a_request_naming_nothing_of_a_type_that_is_no_wildcard_is_never_answered() -> None:
+    """Istiod's shouldUnsubscribe: Envoy sends one for RDS after losing its last table."""
+    connection, _ = sotw()
+    [rds] = connection.receive(sotw_request(RDS, ("8080",)))
+    nonce = decode_sotw_response(rds).nonce
+    assert connection.receive(sotw_request(RDS, (), nonce=nonce)) == []
+    assert connection.receive(sotw_request(RDS, ())) == []  # a reconnect's, likewise
+    assert RDS not in connection.watches
 
 
 def test_wildcard_is_answered_even_when_empty() -> None:

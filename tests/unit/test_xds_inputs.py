@@ -145,3 +145,28 @@ def test_a_changed_input_recomputes_only_the_types_that_read_it(delta: bool) -> 
     assert view.selected == Counter({CDS: 1})
     assert stream.inputs_changed(frozenset({"something else"})) == []
     assert view.selected == Counter({CDS: 1})
+
+
+def test_sotw_a_request_naming_nothing_istiod_never_answers_is_no_input() -> None:
+    """N5. After losing its last route table, a reconnecting SotW Envoy asks RDS for nothing;
+    Istiod never answers that (shouldUnsubscribe). CDS must not wait for it (R28)."""
+    view = KeepPrefix("svc-", cds_follows_lds=True)
+    view.depends_on = lambda t: frozenset({LDS, typeurls.ROUTE}) if t == CDS else frozenset()
+    stream = SotwStream(view)
+    stream.receive_downstream(sotw_request(CDS, version="v1", with_node=True))
+    stream.receive_downstream(sotw_request(LDS, version="v1"))
+    stream.receive_downstream(sotw_request(typeurls.ROUTE, (), version="v1"))
+    receive_upstream(stream, sotw_response(["svc-1", "db"], "v2", "c1"))
+    events = receive_upstream(stream, sotw_response(["needs:db"], "v2", "l1", LDS))
+    pushed = [e.type_url for e in events if isinstance(e, SendDownstream)]
+    assert pushed == [CDS, LDS] and not stream.held_back()
+
+
+def test_delta_a_subscription_to_nothing_is_no_input() -> None:
+    view = KeepPrefix("svc-", cds_follows_lds=True)
+    stream = DeltaStream(view)
+    stream.receive_downstream(delta_request(CDS, with_node=True))
+    stream.receive_downstream(delta_request(LDS, subscribe=("x",)))
+    stream.receive_downstream(delta_request(LDS, unsubscribe=("x",)))
+    events = receive_upstream(stream, delta_response(["svc-1"], "c1"))
+    assert [e.type_url for e in events if isinstance(e, SendDownstream)] == [CDS]

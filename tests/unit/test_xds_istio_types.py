@@ -105,3 +105,19 @@ def test_gateways_get_passthrough_in_lazy_mode() -> None:
     sidecar = Node(id="sidecar~10.0.0.6~app-0.ns-0~ns-0.svc.cluster.local")
     sidecar.metadata.update({"NAMESPACE": "ns-0", "WORKLOAD_NAME": "app"})
     assert isinstance(runtime.view_for(sidecar), SidecarView)
+
+
+def test_proxyless_grpc_clients_get_passthrough_in_lazy_mode() -> None:
+    """N6. gRPC's own xDS client (`GENERATOR: grpc`) cannot follow the catch-all to the egress
+    (it ignores `request_headers_to_add`): relayed as Istiod sent it (docs/protocol.md R29)."""
+    runtime = LazyRuntime(ServicePort("e.istio-system.svc.cluster.local", 80), EgressSettings())
+    client = Node(id="sidecar~10.0.0.5~client-0.ns-0~ns-0.svc.cluster.local")
+    client.metadata.update(
+        {
+            "GENERATOR": "grpc",
+            "NAMESPACE": "ns-0",
+            "WORKLOAD_NAME": "client",
+            "ISTIO_VERSION": "1.24.0",
+        }
+    )
+    assert runtime.view_for(client) is UNSCOPED

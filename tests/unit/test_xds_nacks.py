@@ -2,6 +2,7 @@
 Envoy rejected is not assumed applied, and a SotW answer to Istiod's newest response reaches
 Istiod even when a local push superseded that response before Envoy answered."""
 
+import pytest
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse, DiscoveryResponse
 
 from tests.xds_messages import (
@@ -12,9 +13,12 @@ from tests.xds_messages import (
     sotw_request,
     sotw_response,
 )
+from xdsproxy.wire import typeurls
 from xdsproxy.xds.delta import DeltaStream
 from xdsproxy.xds.events import AckedHere, Nacked, SendDownstream, SendUpstream
 from xdsproxy.xds.sotw import SotwStream
+
+CDS, EDS, LDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER
 
 
 def _names(event: SendDownstream) -> list[str]:
@@ -77,3 +81,56 @@ def test_sotw_answer_to_a_superseded_relayed_response_reaches_istiod() -> None:
     local_nonce = DiscoveryResponse.FromString(local.payload).nonce
     # An answer to an older response than Istiod's newest is still dropped (stale).
     assert stream.receive_downstream(sotw_request(version="v1", nonce=local_nonce)) == []
+
+
+def _delta_after_a_nack_with(in_flight: int) -> list:
+    stream = DeltaStream(KeepPrefix("keep"))
+    stream.receive_downstream(delta_request(with_node=True))
+    receive_upstream(stream, delta_response(["keep-a"], "u0"))
+    stream.receive_downstream(delta_request(nonce="u0"))
+    receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u1"))
+    for i in range(in_flight):  # relayed before Envoy's NACK of u1 comes back
+        receive_upstream(stream, delta_response([f"keep-x{i}"], f"v{i}"))
+    stream.receive_downstream(delta_request(nonce="u1", error="keep-bad: invalid"))
+    for i in range(in_flight):
+        stream.receive_downstream(delta_request(nonce=f"v{i}"))
+    return receive_upstream(stream, delta_response(["keep-a", "keep-bad"], "u9"))
+
+
+@pytest.mark.parametrize("in_flight", [1, 9, 200])
+def test_delta_a_nack_is_undone_however_many_responses_are_in_flight(in_flight: int) -> None:
+    """N7. Every unanswered response's content is kept until Envoy answers it (R14)."""
+    [down] = _delta_after_a_nack_with(in_flight)
+    assert isinstance(down, SendDownstream) and _names(down) == ["keep-bad"]
+
+
+@pytest.mark.parametrize("nacked", [False, True], ids=["acked", "nacked"])
+def test_delta_a_listener_from_a_nacked_response_still_protects_its_cluster(nacked: bool) -> None:
+    """N9. Envoy applies the valid listeners of an LDS response it NACKs: the cluster such a
+    listener names is removed only after the listener (R12)."""
+    stream = DeltaStream(KeepPrefix("svc-", cds_follows_lds=True, narrows=frozenset({CDS})))
+    stream.receive_downstream(delta_request(CDS, with_node=True))
+    stream.receive_downstream(delta_request(LDS))
+    receive_upstream(stream, delta_response(["svc-1", "a", "b"], "c1"))
+    receive_upstream(stream, delta_response(["needs:a"], "l1", type_url=LDS))
+    stream.receive_downstream(delta_request(CDS, nonce="c1"))
+    stream.receive_downstream(delta_request(LDS, nonce="l1"))
+    stream.receive_downstream(delta_request(EDS, subscribe=("a", "b")))
+    receive_upstream(stream, delta_response(["a", "b"], "e1", type_url=EDS))
+    stream.receive_downstream(delta_request(EDS, nonce="e1"))
+    events = receive_upstream(stream, delta_response(["needs:b", "other"], "l2", type_url=LDS))
+    [cds] = [e for e in events if isinstance(e, SendDownstream) and e.type_url == CDS]
+    stream.receive_downstream(
+        delta_request(CDS, nonce=DeltaDiscoveryResponse.FromString(cds.payload).nonce)
+    )
+    stream.receive_downstream(
+        delta_request(LDS, nonce="l2", error="other: invalid" if nacked else "")
+    )
+    events = receive_upstream(stream, delta_response([], "l3", removed=("needs:b",), type_url=LDS))
+    removed = [
+        name
+        for e in events
+        if isinstance(e, SendDownstream) and e.type_url == CDS
+        for name in DeltaDiscoveryResponse.FromString(e.payload).removed_resources
+    ]
+    assert "b" not in removed

@@ -184,11 +184,18 @@ class SotwConnection(_Connection):
         except DecodeError as exc:
             raise IstiodError("INVALID_ARGUMENT", f"malformed request: {exc}") from None
         self._identify(request)
-        watch = self.watches.get(request.type_url)
+        type_url = request.type_url
+        watch = self.watches.get(type_url)
         names = tuple(request.resource_names)
+        if not names and not typeurls.is_wildcard_type(type_url):
+            # Istiod's shouldUnsubscribe: a request naming nothing of a type that is no
+            # wildcard drops the watch and is never answered (Envoy sends one for RDS after
+            # losing its last route table).
+            self.watches.pop(type_url, None)
+            return []
         if watch is None or not request.response_nonce:
-            watch = self.watches[request.type_url] = _Watch(names=names)
-            return [self._respond(request.type_url, watch)]
+            watch = self.watches[type_url] = _Watch(names=names)
+            return [self._respond(type_url, watch)]
         if request.response_nonce != watch.nonce:
             return []  # stale
         if request.HasField("error_detail"):
@@ -196,8 +203,12 @@ class SotwConnection(_Connection):
             return []
         watch.acked = request.response_nonce
         if names != watch.names:
+            # Istiod answers a subscription change with the newly subscribed resources only,
+            # and a change that only removes names not at all (pushXds, `req.Delta`).
+            before = set(watch.names)
+            added = tuple(name for name in names if name not in before)
             watch.names = names
-            return [self._respond(request.type_url, watch)]
+            return [self._respond(type_url, watch, added)] if added else []
         return []
 
     def push(self, snapshot: Snapshot) -> list[bytes]:
@@ -214,10 +225,10 @@ class SotwConnection(_Connection):
         changed = tuple(name for name in watch.names if name in clusters)
         return [self._respond(typeurls.ENDPOINT, watch, changed)] if changed else []
 
-    def _respond(self, type_url: str, watch: _Watch, only: tuple[str, ...] = ()) -> bytes:
+    def _respond(self, type_url: str, watch: _Watch, only: tuple[str, ...] | None = None) -> bytes:
         assert self.node is not None
         available = self.snapshot.resources(type_url, self.node)
-        if only:
+        if only is not None:
             names = tuple(name for name in only if name in available)
         elif typeurls.is_wildcard_type(type_url) and not watch.names:
             names = tuple(available)
