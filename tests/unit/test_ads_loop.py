@@ -171,3 +171,35 @@ async def test_istiod_ending_the_stream_ends_envoys_with_unavailable() -> None:
         await asyncio.wait_for(task, 5)
     assert envoy.status[0] == grpc.StatusCode.UNAVAILABLE
     assert proxy.sessions == {}
+
+
+async def test_a_full_upstream_outbox_pauses_reading_envoy_and_loses_nothing() -> None:
+    """docs/protocol.md R30: while more than `pause_requests_bytes` waits for Istiod, Envoy's
+    requests are not read; once Istiod takes them, every one goes up, in order."""
+    proxy, envoy, istiod, _, task = await _serve()
+    proxy.limits.pause_requests_bytes = 2000
+    gate = asyncio.Event()
+    write = istiod.write
+
+    async def slow_write(message: bytes) -> None:
+        await gate.wait()  # Istiod is not reading
+        await write(message)
+
+    istiod.write = slow_write
+    requests = [sotw_request(CDS, with_node=True)] + [
+        sotw_request(typeurls.ENDPOINT, (f"outbound|80||svc-{n}.ns-0.svc.cluster.local",) * 10)
+        for n in range(60)
+    ]
+    for request in requests:
+        envoy.requests.put_nowait(request)
+    await _until(lambda: proxy.metrics.value("xdsproxy_upstream_outbox_pauses_total") == 1)
+    await asyncio.sleep(0.05)
+    assert envoy.requests.qsize() > 0, "Envoy's requests are still read"
+    queued = proxy.metrics.value("xdsproxy_upstream_outbox_bytes")
+    assert 2000 < queued < 2000 + max(map(len, requests))
+    gate.set()
+    await _until(lambda: len(istiod.received) == len(requests))
+    assert istiod.received == requests
+    assert proxy.metrics.value("xdsproxy_upstream_outbox_bytes") == 0
+    envoy.requests.put_nowait(grpc.aio.EOF)
+    await asyncio.wait_for(task, 5)

@@ -165,6 +165,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.upstream_outbox_bytes = Gauge(
+            "xdsproxy_upstream_outbox_bytes",
+            "Bytes queued for Istiod across streams (Envoy's answers, xdsproxy's own ACKs)",
+            registry=self.registry,
+        )
+        self.upstream_outbox_pauses = Counter(
+            "xdsproxy_upstream_outbox_pauses",
+            "Times a sidecar's requests stopped being read because too much waited for Istiod",
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             "xdsproxy_upstream_errors",
             "Upstream (Istiod) streams that ended in error, by gRPC status code",

@@ -73,6 +73,10 @@ class Session:
     upstream_received: float | None = None  # set while an Istiod response is being applied
     # One writer per upstream call (docs/protocol.md R19): both readers queue here.
     upstream_outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    upstream_pending_bytes: int = 0
+    # Set while few enough bytes wait for Istiod that reading Envoy's next request is fine
+    # (docs/protocol.md R30).
+    upstream_drained: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Future[_End] = field(default_factory=asyncio.Future)
     pending_bytes: int = 0
     writing: bool = False  # a message is handed to gRPC and not yet sent
@@ -84,6 +88,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.drained.set()
+        self.upstream_drained.set()
 
     @property
     def node_id(self) -> str:
@@ -118,6 +123,10 @@ class Limits:
     # long an ended stream waits for a slow reader to take it, so the status can follow
     # (docs/protocol.md R26).
     final_write_seconds: float = 10.0
+    # Flow control towards Istiod (docs/protocol.md R30): while more than this waits to be
+    # written upstream for a sidecar, its requests are not read. Nothing is dropped or
+    # reordered; Envoy's own HTTP/2 window then holds its requests back.
+    pause_requests_bytes: int = 1024 * 1024
 
 
 class Runtime(Protocol):
@@ -273,6 +282,8 @@ class AdsProxy:
             self.sessions.pop(session.id, None)
             if session.release_timer is not None:
                 session.release_timer.cancel()
+            self.metrics.upstream_outbox_bytes.dec(session.upstream_pending_bytes)
+            session.upstream_pending_bytes = 0
             self.runtime.closed(session)
             self.metrics.streams.labels(protocol).dec()
             for task in tasks:
@@ -342,7 +353,9 @@ class AdsProxy:
         """The one writer of the upstream call, in the order the readers queued."""
         try:
             while not session.ended.done():
-                await call.write(await session.upstream_outbox.get())
+                payload = await session.upstream_outbox.get()
+                await call.write(payload)
+                self._upstream_written(session, len(payload))
         except grpc.aio.AioRpcError as exc:
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream: {exc.details()}")
         except (asyncio.InvalidStateError, grpc.aio.UsageError):
@@ -353,7 +366,10 @@ class AdsProxy:
     ) -> None:
         try:
             self._apply(session, first_events)
-            while (data := await context.read()) is not grpc.aio.EOF:
+            while (
+                await session.upstream_drained.wait()
+                and (data := await context.read()) is not grpc.aio.EOF
+            ):
                 self._apply(session, session.stream.receive_downstream(data))
             session.end(grpc.StatusCode.OK, "")
         except ProtocolError as exc:
@@ -412,15 +428,34 @@ class AdsProxy:
             started_before = time.monotonic() - WARM_WAIT_SECONDS
             self._apply(session, session.stream.release(started_before))
 
+    def _enqueue_upstream(self, session: Session, payload: bytes) -> None:
+        """Queued for the one upstream writer; past the bound, the sidecar's requests wait
+        (docs/protocol.md R30)."""
+        session.upstream_outbox.put_nowait(payload)
+        session.upstream_pending_bytes += len(payload)
+        self.metrics.upstream_outbox_bytes.inc(len(payload))
+        if (
+            session.upstream_pending_bytes > self.limits.pause_requests_bytes
+            and session.upstream_drained.is_set()
+        ):
+            session.upstream_drained.clear()
+            self.metrics.upstream_outbox_pauses.inc()
+
+    def _upstream_written(self, session: Session, size: int) -> None:
+        session.upstream_pending_bytes -= size
+        self.metrics.upstream_outbox_bytes.dec(size)
+        if session.upstream_pending_bytes <= self.limits.pause_requests_bytes:
+            session.upstream_drained.set()
+
     def _apply_events(self, session: Session, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, SendDownstream):
                 self._enqueue(session, event)
             elif isinstance(event, SendUpstream):
-                session.upstream_outbox.put_nowait(event.payload)
+                self._enqueue_upstream(session, event.payload)
             elif isinstance(event, AckedHere):
                 self.metrics.acked_here.labels(metric_type(event.type_url)).inc()
-                session.upstream_outbox.put_nowait(event.payload)
+                self._enqueue_upstream(session, event.payload)
             elif isinstance(event, Nacked):
                 origin = "relayed" if event.relayed else "local"
                 self.metrics.nacks.labels(metric_type(event.type_url), origin).inc()

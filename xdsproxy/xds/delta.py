@@ -323,7 +323,7 @@ class DeltaStream(holds.Holding):
         self, state: _TypeState, response: DeltaResponse, data: bytes, content: object
     ) -> list[Event]:
         """What Envoy gets for the response just stored: the difference it makes to what Envoy
-        holds, an ACK here, or nothing yet (deferred)."""
+        holds, an ACK here, or nothing yet (held back)."""
         type_url = response.type_url
         if self.view.transparent:
             state.held = shared.updated(
