@@ -185,3 +185,23 @@ def sidecar_node(ip: str, workload: str, labels: dict | None = None) -> Node:
         {"NAMESPACE": "ns-0", "WORKLOAD_NAME": workload, "INSTANCE_IPS": ip, "LABELS": labels or {}}
     )
     return node
+
+
+def istio_sidecar_node(namespace: str, workload: str, ip: str) -> Node:
+    """An Istio 1.28 sidecar as pilot-agent describes it to Istiod (no pod behind it)."""
+    node = Node(id=f"sidecar~{ip}~{workload}-0.{namespace}~{namespace}.svc.cluster.local")
+    node.metadata.update(
+        {
+            "NAMESPACE": namespace,
+            "WORKLOAD_NAME": workload,
+            "ISTIO_VERSION": "1.28.0",
+            "CLUSTER_ID": "Kubernetes",
+            "INSTANCE_IPS": ip,
+            "LABELS": {"app": workload},
+        }
+    )
+    return node
+
+
+# The mesh the suite against Istio's own Istiod runs on (tests/istiod)
+ISTIOD_MESH = (Path(__file__).parent / "istiod" / "mesh.yaml").read_text()

@@ -17,8 +17,10 @@ cluster removed while a held listener or route names it, and (at the end) an ups
 never answered.
 """
 
+import asyncio
 from dataclasses import dataclass, field
 
+import grpc
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
@@ -33,6 +35,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 from google.protobuf.any_pb2 import Any
 
 from tests.xds_messages import receive_upstream
+from xdsproxy.harness.ads import AdsClient
 from xdsproxy.scope.listeners import listener_refs
 from xdsproxy.scope.routes import route_clusters
 from xdsproxy.sim.istiod import DeltaConnection, SotwConnection
@@ -65,6 +68,7 @@ class ModelEnvoy:
     subscribed: dict[str, set[str]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     nacks: int = 0
+    removals: list[tuple[str, str]] = field(default_factory=list)  # (type URL, name), in order
 
     # -- requests --------------------------------------------------------------------------
 
@@ -139,12 +143,16 @@ class ModelEnvoy:
 
     def _hold(self, type_url: str, updates: dict[str, bytes], removed: set[str]) -> list[bytes]:
         held = self.held.setdefault(type_url, {})
+        added = set(updates) - set(held)
         held.update(updates)
         for name in removed:
-            held.pop(name, None)
-        return self._apply(type_url, set(updates), removed)
+            if held.pop(name, None) is not None:
+                self.removals.append((type_url, name))
+        return self._apply(type_url, set(updates), removed, added)
 
-    def _apply(self, type_url: str, updated: set[str], removed: set[str]) -> list[bytes]:
+    def _apply(
+        self, type_url: str, updated: set[str], removed: set[str], added: set[str]
+    ) -> list[bytes]:
         out: list[bytes] = []
         if type_url == CDS:
             for name in removed:
@@ -152,7 +160,9 @@ class ModelEnvoy:
                 users = self._named_by_config()
                 if name in users:
                     self.violations.append(f"cluster {name} removed while {users[name]} names it")
-            fresh = {n for n in updated if _is_eds(self.held[CDS][n])}
+            # A new EDS cluster warms until its endpoints arrive; an updated one warms too, but
+            # its old version serves meanwhile, as in Envoy: no request meets it.
+            fresh = {n for n in added if _is_eds(self.held[CDS][n])}
             self.warming |= fresh - set(self.held.get(EDS, {}))
             wanted = {n for n in self.held[CDS] if _is_eds(self.held[CDS][n])}
             out += self._subscribe(EDS, wanted)
@@ -261,3 +271,57 @@ class Loop:
         """Istiod pushes a new generation of the mesh."""
         self.from_istiod += self.istiod.push(snapshot)
         self.run()
+
+
+class GrpcLoop:
+    """The model Envoy on a real gRPC ADS stream (to xdsproxy or to Istiod itself): each
+    response it gets, it applies and answers, as Envoy would."""
+
+    def __init__(self, envoy: ModelEnvoy, port: int) -> None:
+        self.envoy = envoy
+        self.port = port
+        self.responses = 0
+        self.ended: asyncio.Event = asyncio.Event()
+        self._client: AdsClient | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self, requests: list[bytes] | None = None) -> "GrpcLoop":
+        """A fresh Envoy's first request, or `requests` (a reconnect's)."""
+        self.ended.clear()
+        self._client = AdsClient(self.port, self.envoy.delta)
+        self._task = asyncio.create_task(self._run(self._client, requests or self.envoy.connect()))
+        return self
+
+    async def _run(self, client: AdsClient, requests: list[bytes]) -> None:
+        try:
+            for request in requests:
+                await client.send(request)
+            while (data := await client.call.read()) is not grpc.aio.EOF:
+                self.responses += 1
+                for out in self.envoy.on_response(data):
+                    await client.send(out)
+        except grpc.aio.AioRpcError:
+            pass  # the stream ended: Envoy keeps what it holds
+        finally:
+            self.ended.set()
+
+    async def quiet(self, seconds: float = 0.5, timeout: float = 30.0) -> None:
+        """Until no response has come for `seconds`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                seen = self.responses
+                await asyncio.sleep(seconds)
+                if self.responses == seen:
+                    return
+
+    async def reconnect(self, port: int | None = None) -> None:
+        """What Envoy does when its stream ends: a new one, re-requesting all it holds."""
+        await self.close()
+        self.port = port or self.port
+        self.start(self.envoy.reconnect())
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=5)

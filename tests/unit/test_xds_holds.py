@@ -132,3 +132,17 @@ def test_a_record_counts_what_a_nacked_response_may_have_left_applied() -> None:
     record.pushed = Selection(("l1",), (b"a",))
     record.note_ack()
     assert record.named(refs, "lds") == {"a"}
+
+
+def test_what_envoy_was_pushed_says_whether_a_cluster_needs_endpoints() -> None:
+    """A placeholder (no EDS) in the place of Istio's EDS cluster is warm once CDS is ACKed: a
+    fresh lazy sidecar's first listeners, which name it, go out at once."""
+    warmth = Warmth(
+        True,
+        clusters=frozenset({"tcp"}),
+        upstream={"tcp": EDS_BODY},
+        pushed={"tcp": STATIC_BODY},
+    )
+    assert _decide(newly_named=frozenset({"tcp"}), warmth=warmth).action is Action.SEND
+    pushed_eds = Warmth(True, clusters=frozenset({"tcp"}), upstream={}, pushed={"tcp": EDS_BODY})
+    assert _decide(newly_named=frozenset({"tcp"}), warmth=pushed_eds).action is Action.HOLD

@@ -215,6 +215,7 @@ class DeltaStream(holds.Holding):
             clusters.acked if clusters.exchange.accepted else EMPTY_SET,
             endpoints.acked if endpoints and endpoints.acked else EMPTY_SET,
             {name: pair[1] for name, pair in clusters.upstream.items()},
+            clusters.held,
         )
 
     def _record_answer(self, request: DeltaDiscoveryRequest, state: _TypeState) -> list[Event]:

@@ -90,10 +90,14 @@ class Warmth:
     clusters: Collection[str] = frozenset()
     endpoints: Collection[str] = frozenset()  # clusters whose endpoints Envoy accepted and holds
     upstream: Mapping[str, bytes] = field(default_factory=dict)  # Istiod's clusters, by name
+    # What Envoy was pushed of CDS, by name (None where only the name is known)
+    pushed: Mapping[str, bytes | None] = field(default_factory=dict)
 
     def cold(self, names: Iterable[str]) -> frozenset[str]:
-        """Of `names`, the clusters Istiod sends that Envoy has not warmed."""
-        return ordering.cold(frozenset(names), self.upstream, self.clusters, self.endpoints)
+        """Of `names`, the clusters Envoy was pushed or Istiod sends that Envoy has not warmed."""
+        return ordering.cold(
+            frozenset(names), self.upstream, self.pushed, self.clusters, self.endpoints
+        )
 
 
 NOT_STARTED = Warmth(False)

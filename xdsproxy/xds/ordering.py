@@ -18,7 +18,7 @@ A view declares what its selections name (`references`); only clusters the upstr
 count, so a stream never waits for a cluster that will not come.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -133,17 +133,23 @@ def keep_named(
 
 def cold(
     names: frozenset[str],
-    upstream_clusters: dict[str, bytes],
+    upstream_clusters: Mapping[str, bytes],
+    pushed_clusters: Mapping[str, bytes | None],
     acked_clusters: Iterable[str],
     acked_endpoints: Iterable[str],
 ) -> frozenset[str]:
-    """Of the clusters `names`, those the upstream sends that Envoy has not warmed."""
-    wanted = [n for n in names if n in upstream_clusters]
+    """Of the clusters `names`, those Envoy was pushed or the upstream sends that Envoy has not
+    warmed. Whether a cluster waits for endpoints is read from what Envoy was pushed (a
+    placeholder in the place of Istio's EDS cluster does not), else from the upstream's."""
+    wanted = [n for n in names if n in pushed_clusters or n in upstream_clusters]
     if not wanted:
         return frozenset()
     have, endpoints = set(acked_clusters), set(acked_endpoints)
+
+    def needs_endpoints(name: str) -> bool:
+        body = pushed_clusters.get(name) or upstream_clusters.get(name)
+        return body is not None and is_eds_cluster(body)
+
     return frozenset(
-        n
-        for n in wanted
-        if n not in have or (n not in endpoints and is_eds_cluster(upstream_clusters[n]))
+        n for n in wanted if n not in have or (n not in endpoints and needs_endpoints(n))
     )

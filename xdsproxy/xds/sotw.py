@@ -364,6 +364,7 @@ class SotwStream(holds.Holding):
             frozenset(clusters.record.acked.names) if clusters.exchange.accepted else frozenset(),
             self._warm_endpoints,
             ordering.by_name(self._upstream.get(typeurls.CLUSTER, NOTHING)),
+            ordering.by_name(clusters.record.pushed or NOTHING),
         )
 
     def _select(self, type_url: str) -> Selection:
