@@ -121,3 +121,24 @@ async def test_lazy_scoping_dangles_nowhere_and_a_learn_restores_istios_own(
                 assert lazy.held[LDS][listener] == direct.held[LDS][listener], listener
         finally:
             await pair.close()
+
+
+async def test_a_sidecar_resource_is_never_widened(istiod, delta: bool) -> None:
+    """A namespace's Sidecar resource limits what Istiod sends its sidecars: learning a service
+    outside it adds nothing (Istiod never sent it), and what it allows is restored exactly."""
+    inventory = ServicePort("inventory.restricted.svc.cluster.local", 8080)
+    async with lazy_proxy(istiod.ads_port) as proxy:
+        pair = Pair(istiod.ads_port, proxy.port, delta, namespace="restricted")
+        try:
+            await pair.quiet()
+            direct, lazy = pair.direct.envoy, pair.lazy.envoy
+            assert not _istio_clusters(direct, REVIEWS)  # the Sidecar resource at work
+            workload = WorkloadKey("restricted", "app")
+            await proxy.runtime.learner.add_dependencies(workload, [REVIEWS, inventory])
+            await pair.quiet()
+            pair.assert_healthy()
+            assert not _istio_clusters(lazy, REVIEWS)
+            pair.assert_as_istio(inventory)
+            assert set(lazy.held[CDS]) <= set(direct.held[CDS])
+        finally:
+            await pair.close()

@@ -28,14 +28,25 @@ def binary() -> Path:
     return BINARY
 
 
+# Upstream Envoy lacks istio-proxy's own filters, which Istiod adds unless told not to: the
+# metadata exchange (cluster filter `envoy.tcp.metadataexchange.config.MetadataExchange`, HTTP
+# filter `io.istio.http.peer_metadata.Config`) and the ALPN override on outbound HTTP
+# (`istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig`). Without them (and with an SDS
+# server for the workload certificate), stock Envoy 1.40 accepts every type Istiod sends.
+FOR_STOCK_ENVOY = {"PILOT_ENABLE_METADATA_EXCHANGE": "false", "PILOT_ENABLE_ALPN_FILTER": "false"}
+
+
 class IstiodProcess:
     """One Istiod. `yaml` is loaded at start (Kubernetes Services, EndpointSlices, Pods and
     Namespaces, and Istio's kinds); `apply` and `delete` change it later, as the API server
     would. Ports: `ads_port` (plaintext ADS), `control_port` (the YAML control API)."""
 
-    def __init__(self, yaml: str = "", ads_port: int = 0) -> None:
+    def __init__(
+        self, yaml: str = "", ads_port: int = 0, env: dict[str, str] | None = None
+    ) -> None:
         self.yaml = yaml
         self.ads_port = ads_port
+        self.env = env or {}  # Istio's feature flags (PILOT_*), read at start
         self.control_port = 0
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="istiod-")
@@ -56,6 +67,7 @@ class IstiodProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None
