@@ -32,7 +32,9 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/testing"
 
 	"istio.io/istio/pilot/pkg/config/kube/crd"
 	xdsfake "istio.io/istio/pilot/test/xds"
@@ -48,9 +50,12 @@ type failer struct {
 	cleanups []func()
 }
 
-func (f *failer) Fail()                             { f.Fatal("failed") }
-func (f *failer) FailNow()                          { f.Fatal("failed") }
-func (f *failer) Fatal(args ...any)                 { fmt.Fprintln(os.Stderr, append([]any{"istiod: fatal:"}, args...)...); os.Exit(1) }
+func (f *failer) Fail()    { f.Fatal("failed") }
+func (f *failer) FailNow() { f.Fatal("failed") }
+func (f *failer) Fatal(args ...any) {
+	fmt.Fprintln(os.Stderr, append([]any{"istiod: fatal:"}, args...)...)
+	os.Exit(1)
+}
 func (f *failer) Fatalf(format string, args ...any) { f.Fatal(fmt.Sprintf(format, args...)) }
 func (f *failer) Log(args ...any)                   { fmt.Fprintln(os.Stderr, args...) }
 func (f *failer) Logf(format string, args ...any)   { fmt.Fprintf(os.Stderr, format+"\n", args...) }
@@ -141,16 +146,28 @@ type mesh struct {
 	srv *xdsfake.FakeDiscoveryServer
 }
 
-func (m *mesh) tracker() (*fake.Clientset, error) {
+// kubeChange applies `change` to each Kubernetes object through the in-memory client's tracker,
+// whose watches feed Istiod as an API server's would.
+func (m *mesh) kubeChange(
+	objs []runtime.Object,
+	change func(t testing.ObjectTracker, gvr schema.GroupVersionResource, obj runtime.Object, o metav1.Object) error,
+) error {
 	cs, ok := m.srv.KubeClient().Kube().(*fake.Clientset)
 	if !ok {
-		return nil, errors.New("the Kubernetes client is not the in-memory one")
+		return errors.New("the Kubernetes client is not the in-memory one")
 	}
-	return cs, nil
-}
-
-func resourceOf(obj runtime.Object) (metav1.Object, error) {
-	return meta.Accessor(obj)
+	for _, obj := range objs {
+		gvk := obj.GetObjectKind().GroupVersionKind()
+		gvr, _ := meta.UnsafeGuessKindToResource(gvk)
+		o, err := meta.Accessor(obj)
+		if err != nil {
+			return err
+		}
+		if err := change(cs.Tracker(), gvr, obj, o); err != nil {
+			return fmt.Errorf("%s %s/%s: %v", gvk.Kind, o.GetNamespace(), o.GetName(), err)
+		}
+	}
+	return nil
 }
 
 // apply creates or updates every object; Istiod sees each change as it would from an API server.
@@ -172,27 +189,12 @@ func (m *mesh) apply(data []byte) error {
 			return fmt.Errorf("%s %s/%s: %v", c.GroupVersionKind.Kind, c.Namespace, c.Name, err)
 		}
 	}
-	cs, err := m.tracker()
-	if err != nil {
-		return err
-	}
-	for _, obj := range kube {
-		gvk := obj.GetObjectKind().GroupVersionKind()
-		gvr, _ := meta.UnsafeGuessKindToResource(gvk)
-		o, err := resourceOf(obj)
-		if err != nil {
-			return err
+	return m.kubeChange(kube, func(t testing.ObjectTracker, gvr schema.GroupVersionResource, obj runtime.Object, o metav1.Object) error {
+		if _, err := t.Get(gvr, o.GetNamespace(), o.GetName()); err == nil {
+			return t.Update(gvr, obj, o.GetNamespace())
 		}
-		if _, err := cs.Tracker().Get(gvr, o.GetNamespace(), o.GetName()); err == nil {
-			err = cs.Tracker().Update(gvr, obj, o.GetNamespace())
-			if err != nil {
-				return fmt.Errorf("%s %s/%s: %v", gvk.Kind, o.GetNamespace(), o.GetName(), err)
-			}
-		} else if err := cs.Tracker().Create(gvr, obj, o.GetNamespace()); err != nil {
-			return fmt.Errorf("%s %s/%s: %v", gvk.Kind, o.GetNamespace(), o.GetName(), err)
-		}
-	}
-	return nil
+		return t.Create(gvr, obj, o.GetNamespace())
+	})
 }
 
 func (m *mesh) remove(data []byte) error {
@@ -207,22 +209,9 @@ func (m *mesh) remove(data []byte) error {
 			return fmt.Errorf("%s %s/%s: %v", c.GroupVersionKind.Kind, c.Namespace, c.Name, err)
 		}
 	}
-	cs, err := m.tracker()
-	if err != nil {
-		return err
-	}
-	for _, obj := range kube {
-		gvk := obj.GetObjectKind().GroupVersionKind()
-		gvr, _ := meta.UnsafeGuessKindToResource(gvk)
-		o, err := resourceOf(obj)
-		if err != nil {
-			return err
-		}
-		if err := cs.Tracker().Delete(gvr, o.GetNamespace(), o.GetName()); err != nil {
-			return fmt.Errorf("%s %s/%s: %v", gvk.Kind, o.GetNamespace(), o.GetName(), err)
-		}
-	}
-	return nil
+	return m.kubeChange(kube, func(t testing.ObjectTracker, gvr schema.GroupVersionResource, _ runtime.Object, o metav1.Object) error {
+		return t.Delete(gvr, o.GetNamespace(), o.GetName())
+	})
 }
 
 func (m *mesh) handler() http.Handler {

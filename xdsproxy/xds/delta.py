@@ -399,9 +399,7 @@ class DeltaStream(holds.Holding):
         record = state.record
         awaiting = self._awaiting_inputs(type_url)
         if awaiting:
-            record.hold = self._decide(
-                record, upstream_nonce, control_plane, awaiting, frozenset(), release_before
-            ).hold
+            self._decide(record, upstream_nonce, control_plane, awaiting, frozenset(), None)
             return []
         upstream_view = {t: s.upstream_selection() for t, s in self._types.items()}
         names, anys = self.view.select(type_url, upstream_view)
@@ -432,7 +430,6 @@ class DeltaStream(holds.Holding):
             self._newly_named(type_url, pairs),
             release_before,
         )
-        record.hold = decision.hold
         if decision.action is holds.Action.HOLD:
             return []
         upstream_nonce, control_plane = decision.upstream_nonce, decision.control_plane
@@ -480,26 +477,6 @@ class DeltaStream(holds.Holding):
         state.sent[nonce] = (tuple(sent), tuple(removed))
         self._record_push(state, version, nonce, len(payload))
         return [SendDownstream(payload, type_url, len(bodies), relayed=bool(upstream_nonce))]
-
-    def _decide(
-        self,
-        record: holds.Record,
-        upstream_nonce: str,
-        control_plane: bytes,
-        awaiting: frozenset[str],
-        newly_named: frozenset[str],
-        release_before: float | None,
-    ) -> holds.Decision:
-        return holds.decide(
-            record.hold,
-            upstream_nonce=upstream_nonce,
-            control_plane=control_plane,
-            awaiting=awaiting,
-            newly_named=newly_named,
-            warmth=self._warmth() if newly_named else holds.NOT_STARTED,
-            now=self._clock(),
-            release_before=release_before,
-        )
 
     @staticmethod
     def _note_held(type_url: str, state: _TypeState) -> None:

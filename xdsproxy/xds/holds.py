@@ -166,6 +166,33 @@ class Holding:
     def _refresh(self, type_urls: frozenset[str], release_before: float | None = None) -> list:
         raise NotImplementedError
 
+    def _warmth(self) -> Warmth:
+        raise NotImplementedError
+
+    def _decide(
+        self,
+        record: Record,
+        upstream_nonce: str,
+        control_plane: bytes,
+        awaiting: frozenset[str],
+        newly_named: frozenset[str],
+        release_before: float | None,
+    ) -> Decision:
+        """`decide` for a type's candidate push, on this stream's clock; the record keeps the
+        hold it returns."""
+        decision = decide(
+            record.hold,
+            upstream_nonce=upstream_nonce,
+            control_plane=control_plane,
+            awaiting=awaiting,
+            newly_named=newly_named,
+            warmth=self._warmth() if newly_named else NOT_STARTED,
+            now=self._clock(),
+            release_before=release_before,
+        )
+        record.hold = decision.hold
+        return decision
+
     def _held_types(self) -> frozenset[str]:
         return frozenset(t for t, r in self._records().items() if r.hold is not None)
 

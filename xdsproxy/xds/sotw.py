@@ -269,7 +269,9 @@ class SotwStream(holds.Holding):
         # Dependents first: clusters a new listener needs must reach Envoy before it
         # (docs/protocol.md R4).
         events = self._refresh(self._dependents(type_url))
-        selection, decision = self._decide(type_url, state, response.nonce, response.control_plane)
+        selection, decision = self._selected(
+            type_url, state, response.nonce, response.control_plane
+        )
         if selection is None:
             return events
         if self._holds_accepted(state, selection):
@@ -314,7 +316,7 @@ class SotwStream(holds.Holding):
             if t in self._types and t not in self._upstream and self._subscribes(t)
         )
 
-    def _decide(
+    def _selected(
         self,
         type_url: str,
         state: _TypeState,
@@ -322,23 +324,14 @@ class SotwStream(holds.Holding):
         control_plane: bytes = b"",
         release_before: float | None = None,
     ) -> tuple[Selection | None, holds.Decision]:
-        """The type's selection and what to do with it (`xds.holds.decide`); None and the hold
-        recorded when it waits."""
-        record = state.record
+        """The type's selection and what to do with it (`xds.holds.decide`); None when it is
+        held back."""
         awaiting = self._awaiting_inputs(type_url)
         selection = None if awaiting else self._select(type_url)
         newly_named = frozenset() if selection is None else self._newly_named(type_url, selection)
-        decision = holds.decide(
-            record.hold,
-            upstream_nonce=upstream_nonce,
-            control_plane=control_plane,
-            awaiting=awaiting,
-            newly_named=newly_named,
-            warmth=self._warmth() if newly_named else holds.NOT_STARTED,
-            now=self._clock(),
-            release_before=release_before,
+        decision = self._decide(
+            state.record, upstream_nonce, control_plane, awaiting, newly_named, release_before
         )
-        record.hold = decision.hold
         if decision.action is holds.Action.HOLD:
             return None, decision
         return selection, decision
@@ -416,7 +409,7 @@ class SotwStream(holds.Holding):
             return []
         if not due and self._awaiting_inputs(type_url):
             return []  # pushed once they are in, if it changed by then
-        selection, decision = self._decide(type_url, state, "", release_before=release_before)
+        selection, decision = self._selected(type_url, state, "", release_before=release_before)
         if selection is None or (not due and selection == record.pushed):
             return []
         return self._encode(type_url, state, selection, decision)
