@@ -127,6 +127,11 @@ class ModelEnvoy:
             full = response.type_url in (CDS, LDS, SRDS)
             removed = set(self.held.get(response.type_url, {})) - set(updates) if full else set()
         type_url = response.type_url
+        if type_url in (EDS, RDS):
+            # Envoy takes only what it watches of a type that is no wildcard: a response
+            # crossing its unsubscribe brings nothing back.
+            watched = self.subscribed.get(type_url, set())
+            updates = {n: b for n, b in updates.items() if n in watched}
         bad = sorted(set(updates) & self.reject)
         if bad:
             self.nacks += 1
@@ -185,6 +190,11 @@ class ModelEnvoy:
             return []
         added = sorted(wanted - current)
         self.subscribed[type_url] = set(wanted)
+        # Envoy drops what it stops watching: a route table no listener names, the endpoints of
+        # a cluster it no longer has.
+        held = self.held.get(type_url, {})
+        for name in sorted(current - wanted):
+            held.pop(name, None)
         if self.delta:
             request = DeltaDiscoveryRequest(type_url=type_url)
             request.resource_names_subscribe.extend(added)

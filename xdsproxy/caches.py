@@ -44,6 +44,7 @@ CACHES: dict[str, Bound] = {
     "named_by_selection": Bound(4096, "entries", "what a shared selection names"),
     "sidecar_selection": Bound(8192, "entries", "the newest selection per scope and type"),
     "selection_by_name": Bound(64, "entries", "the upstream's clusters by name, per response"),
+    "sotw_merged": Bound(4096, "entries", "SotW EDS and RDS state merged across responses"),
     "delta_selection": Bound(4096, "entries", "a shared held map as a selection"),
     "shared_transitions": Bound(2048, "entries", "updates of shared maps, held weakly"),
     "request_names": Bound(16 * 1024 * 1024, "bytes", "SotW request names, one copy each"),

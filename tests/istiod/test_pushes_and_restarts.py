@@ -126,8 +126,19 @@ async def test_istiods_pushes_reach_a_lazy_sidecar(istiod, delta: bool) -> None:
             assert lazy.envoy.held[CDS][search] == direct.envoy.held[CDS][search]
             assert lazy.envoy.held[EDS][search] == direct.envoy.held[EDS][search]
             assert _vhost(lazy.envoy, "8000", SEARCH) == _vhost(direct.envoy, "8000", SEARCH)
+
             for loop in (direct, lazy):
                 assert loop.envoy.violations == [] and loop.envoy.nacks == 0
+
+            await asyncio.to_thread(istiod.delete, NEW_SERVICE)  # and removed again
+            for loop in (direct, lazy):
+                await loop.quiet()
+            assert search not in direct.envoy.held[CDS] and search not in lazy.envoy.held[CDS]
+            assert "8000" not in lazy.envoy.held[RDS]
+            # Istiod's own order removes the cluster before the listener whose table names it;
+            # through xdsproxy (which keeps only clusters Istiod still sends), no worse.
+            assert direct.envoy.violations
+            assert set(lazy.envoy.violations) <= set(direct.envoy.violations)
         finally:
             await lazy.close()
             await direct.close()

@@ -11,6 +11,7 @@ from xdsproxy.xds.events import (
     ProtocolError,
     SendDownstream,
     SendUpstream,
+    UpstreamApplied,
     UpstreamProtocolError,
 )
 from xdsproxy.xds.sotw import SotwStream
@@ -224,7 +225,8 @@ def test_widened_view_pushes_locally_and_its_ack_stays_local() -> None:
 def test_subscription_change_on_a_local_nonce_goes_up_against_the_upstream_nonce() -> None:
     view = KeepPrefix("keep")
     stream = started(view)
-    stream.receive_downstream(sotw_request(EDS, ("keep-a",)))
+    # Envoy watches both; the view lets through only keep-a until it widens.
+    stream.receive_downstream(sotw_request(EDS, ("keep-a", "x")))
     receive_upstream(stream, sotw_response(["keep-a", "x"], "e1", "eds-1", EDS))
     view.prefixes.append("x")
     [push] = stream.refresh()
@@ -287,3 +289,22 @@ def test_acks_repeating_the_names_are_read_without_them_and_changes_are_still_se
         "Nacked",
         "SendUpstream",
     ]
+
+
+def test_the_state_of_a_type_that_is_no_wildcard_merges_istiods_partial_responses() -> None:
+    """docs/protocol.md R31. Istiod answers a SotW subscription change with the new resources
+    only, and Envoy keeps the others: so does the stream, for what the view and the runtime read
+    (here the route tables); what Envoy stops watching leaves it."""
+    route = typeurls.ROUTE
+    stream = started(KeepPrefix("keep"))
+    stream.receive_downstream(sotw_request(route, ("keep-80",)))
+    receive_upstream(stream, sotw_response(["keep-80"], "v1", "r1", route))
+    stream.receive_downstream(sotw_request(route, ("keep-80",), "v1", "r1"))
+    stream.receive_downstream(sotw_request(route, ("keep-80", "keep-90"), "v1", "r1"))
+    events = stream.receive_upstream(sotw_response(["keep-90"], "v1", "r2", route))
+    [applied] = [e for e in events if isinstance(e, UpstreamApplied)]
+    assert applied.upstream.names == ("keep-80", "keep-90")
+    assert stream.pushed_names(route) == ("keep-80", "keep-90")
+    stream.receive_downstream(sotw_request(route, ("keep-90",), "v1", "r2"))
+    assert stream.upstream(route).names == ("keep-90",)
+    assert stream.pushed_names(route) == ("keep-90",)

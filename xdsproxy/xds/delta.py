@@ -286,6 +286,10 @@ class DeltaStream(holds.Holding):
             # Envoy drops what it unsubscribes; the upstream stops sending it.
             state.held = shared.without(state.held, dropped)
             self._note_held(request.type_url, state)
+            if state.acked is not None:
+                state.acked = shared.without(state.acked, dropped)
+                if request.type_url not in _UNNAMING:
+                    state.record.acked = _selection_of(state.acked)
             state.upstream = shared.without(state.upstream, dropped)
 
     # -- from Istiod -----------------------------------------------------------------------

@@ -10,7 +10,7 @@ was not cached) gets maps of its own, and nothing else changes.
 """
 
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from typing import NoReturn, TypeVar
 
 from cachetools import LRUCache
@@ -151,3 +151,34 @@ def shared_names(
     if found is None:
         found = _NAMES[encoded] = (encoded, decode())
     return found
+
+
+# SotW state of a type whose responses carry only what they change (Istiod's EDS and RDS: an
+# incremental push, an answer to a subscription change). Streams in step share it: keyed by the
+# identities of what they merge, checked on the way out.
+_MERGED: LRUCache[tuple[int, int, int], tuple[Selection, tuple, object, Selection]] = caches.lru(
+    "sotw_merged"
+)
+
+
+def merged(held: Selection, update: Selection, subscribed: Collection[str]) -> Selection:
+    """What Envoy holds of a SotW type that is no wildcard once it applies `update`: `held` and
+    `update`, the update's resources replacing those of the same name, all restricted to the
+    names `subscribed` (Envoy drops what it stops watching)."""
+    key = (id(held), id(update.bodies), id(subscribed))
+    found = _MERGED.get(key)
+    if (
+        found is not None
+        and found[0] is held
+        and found[1] is update.bodies
+        and found[2] is subscribed
+    ):
+        return found[3]
+    wanted = subscribed if isinstance(subscribed, frozenset | set) else frozenset(subscribed)
+    state = {n: b for n, b in zip(*held, strict=True) if n in wanted}
+    state.update((n, b) for n, b in zip(*update, strict=True) if n in wanted)
+    result = Selection(tuple(state), tuple(state.values()))
+    if result == held:
+        result = held
+    _MERGED[key] = (held, update.bodies, subscribed, result)
+    return result

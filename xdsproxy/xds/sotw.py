@@ -29,7 +29,7 @@ this module encodes the decision.
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import Node
@@ -45,7 +45,7 @@ from xdsproxy.wire.codec import (
 )
 from xdsproxy.wire.pool import intern_names
 from xdsproxy.wire.typeurls import is_wildcard_type, push_order
-from xdsproxy.xds import holds, ordering
+from xdsproxy.xds import holds, ordering, shared
 from xdsproxy.xds.events import (
     AckedHere,
     Event,
@@ -64,7 +64,6 @@ from xdsproxy.xds.exchange import (
     TypeStatus,
 )
 from xdsproxy.xds.requests import names_span, read_request
-from xdsproxy.xds.shared import shared_names
 from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 
 
@@ -95,9 +94,6 @@ class SotwStream(holds.Holding):
         self._types: dict[str, _TypeState] = {}
         self._upstream: dict[str, Selection] = {}
         self._local_nonces = itertools.count(1)
-        # EDS clusters whose endpoints Envoy accepted and still holds: a SotW EDS response
-        # carries only the assignments it changes (Istiod's habit), so this accumulates.
-        self._warm_endpoints: frozenset[str] = frozenset()
 
     def status(self) -> dict[str, TypeStatus]:
         return {type_url: state.exchange.status() for type_url, state in self._types.items()}
@@ -144,7 +140,7 @@ class SotwStream(holds.Holding):
             if span is not None:
                 names_bytes = data[span[0] : span[1]]
         if names_bytes:
-            names_bytes, names = shared_names(
+            names_bytes, names = shared.shared_names(
                 names_bytes, lambda: intern_names(request.resource_names)
             )
         else:
@@ -160,9 +156,8 @@ class SotwStream(holds.Holding):
         exchange = state.exchange
         # Istiod's rule: no names means everything, for the wildcard types (docs/protocol.md R16)
         changed = exchange.subscribe(not names and is_wildcard_type(type_url), names)
-        if changed and type_url == typeurls.ENDPOINT and self._warm_endpoints:
-            # Envoy forgets the assignments it no longer watches.
-            self._warm_endpoints = self._warm_endpoints.intersection(names)
+        if changed and not exchange.subscription.wildcard and not self.view.transparent:
+            self._unwatched(type_url, state)
         nonce = request.response_nonce
 
         if type_url in self.view.local_types:
@@ -212,19 +207,25 @@ class SotwStream(holds.Holding):
             return []
         return self._refresh(self._dependents(type_url))
 
+    def _unwatched(self, type_url: str, state: _TypeState) -> None:
+        """Envoy drops what it stops watching of a type that is no wildcard (a route table no
+        listener names, the endpoints of a cluster it no longer has): so does the stream's
+        state of it (docs/protocol.md R31)."""
+        names = state.exchange.subscription.names
+        record = state.record
+        if type_url in self._upstream:
+            self._upstream[type_url] = shared.merged(self._upstream[type_url], NOTHING, names)
+        if record.pushed is not None:
+            record.pushed = shared.merged(record.pushed, NOTHING, names)
+        if record.acked is not None:
+            record.acked = shared.merged(record.acked, NOTHING, names)
+
     def _record_answer(self, request: DiscoveryRequest) -> list[Event]:
         state = self._types[request.type_url]
         record = state.record
         nacked = state.exchange.answered(request, request.version_info)
         if nacked is None:
             record.note_ack()
-            if request.type_url == typeurls.ENDPOINT and record.pushed:
-                self._warm_endpoints = self._warm_endpoints.intersection(
-                    state.exchange.subscription.names
-                ).union(record.pushed.names)
-            elif request.type_url == typeurls.CLUSTER and self._warm_endpoints:
-                # A cluster Envoy dropped warms again from nothing if it comes back.
-                self._warm_endpoints = self._warm_endpoints.intersection(record.pushed.names)
             return []
         record.note_nack(record.pushed or NOTHING)
         self.local_nacks += not nacked.relayed
@@ -253,6 +254,13 @@ class SotwStream(holds.Holding):
         exchange.record_upstream(response.version, response.nonce)
         exchange.upstream_resources, exchange.upstream_bytes = len(response.bodies), len(data)
         upstream = Selection(response.names, response.bodies)
+        if not exchange.subscription.wildcard and not self.view.transparent:
+            # Istiod's responses of a type that is no wildcard carry only what they change (an
+            # incremental EDS push, the answer to a subscription change), and Envoy keeps the
+            # rest: the stream's state of it is every response merged (docs/protocol.md R31).
+            upstream = shared.merged(
+                self._upstream.get(type_url, NOTHING), upstream, exchange.subscription.names
+            )
         self._upstream[type_url] = upstream
         applied = UpstreamApplied(type_url, upstream, len(data))
         return [*self._relay(state, response, data, upstream), applied]
@@ -285,10 +293,10 @@ class SotwStream(holds.Holding):
             )
             events.append(AckedHere(ack.SerializeToString(), type_url))
             return events
-        if selection.bodies is response.bodies:
-            # Istiod's own bytes (docs/protocol.md R1)
+        if selection is upstream:
+            # Istiod's own bytes (docs/protocol.md R1): Envoy merges them as the stream did
             self._record_push(state, selection, response.version, response.nonce, len(data))
-            events.append(SendDownstream(data, type_url, len(selection.bodies), relayed=True))
+            events.append(SendDownstream(data, type_url, len(response.bodies), relayed=True))
             return events
         return events + self._encode(type_url, state, selection, decision)
 
@@ -355,10 +363,17 @@ class SotwStream(holds.Holding):
             True,
             # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
             frozenset(clusters.record.acked.names) if clusters.exchange.accepted else frozenset(),
-            self._warm_endpoints,
+            self._warm_endpoints(),
             ordering.by_name(self._upstream.get(typeurls.CLUSTER, NOTHING)),
             ordering.by_name(clusters.record.pushed or NOTHING),
         )
+
+    def _warm_endpoints(self) -> Collection[str]:
+        """EDS clusters whose endpoints Envoy accepted and still watches."""
+        endpoints = self._types.get(typeurls.ENDPOINT)
+        if endpoints is None or endpoints.record.acked is None:
+            return frozenset()
+        return ordering.by_name(endpoints.record.acked)
 
     def _select(self, type_url: str) -> Selection:
         """The view's selection, plus (for CDS) the clusters whose removal must wait."""
