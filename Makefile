@@ -47,6 +47,7 @@ bench: bench-forward bench-lazy bench-tunnel bench-usage
 	$(BIN)/python -m benchmarks.churn
 	$(BIN)/python -m benchmarks.storm
 	$(BIN)/python -m benchmarks.learn_timing
+	$(BIN)/python -m benchmarks.learn_stages
 	$(BIN)/python -m benchmarks.recovery
 	$(BIN)/python -m benchmarks.scope_writes
 	$(BIN)/python -m benchmarks.plots
@@ -65,6 +66,7 @@ bench-quick: $(STAMP)
 	$(QUICK) $(BIN)/python -m benchmarks.storm --services 100 --clients 20
 	$(QUICK) $(BIN)/python -m benchmarks.soak --services 50 --clients 5 --minutes 0.25
 	$(QUICK) $(BIN)/python -m benchmarks.learn_timing --runs 2
+	$(QUICK) $(BIN)/python -m benchmarks.learn_stages --sizes 200 --learns 4 --batch 1 4 --stores memory sqlite
 	$(QUICK) $(BIN)/python -m benchmarks.recovery --runs 1 --outage 2
 	$(QUICK) $(BIN)/python -m benchmarks.scope_writes --runs 2 --services 100
 	$(QUICK) $(BIN)/python -m benchmarks.plots

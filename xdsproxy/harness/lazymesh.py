@@ -140,6 +140,7 @@ async def lazy_stack(
     lazy_tcp: str = "placeholders",
     lazy_sniffed: str = "placeholders",
     admin_writes: bool = False,
+    store: str = "memory://",
 ) -> AsyncIterator[tuple[SimServer, ProxyServer, Envoy]]:
     """The simulator (with PROXY-protocol interception), a lazy xdsproxy and a ready egress.
 
@@ -168,6 +169,7 @@ async def lazy_stack(
                 admin_writes=admin_writes,
                 lazy_tcp=lazy_tcp,
                 lazy_sniffed=lazy_sniffed,
+                store=store,
             )
         )
         identity = sidecar_identity(
