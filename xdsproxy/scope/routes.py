@@ -4,9 +4,11 @@ Parsing a table costs far more than anything else in scoping, so parsed tables a
 copies are cached by the exact upstream bytes (shared by every node that received them).
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
+from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
@@ -56,6 +58,10 @@ class ParsedTable:
     targets: tuple[frozenset[ServicePort], ...]  # per vhost: the services its clusters serve
     referenced: frozenset[str]  # every cluster the table can send to
     catch_all: tuple[bool, ...]  # per vhost
+    # Vhosts every scoped sidecar keeps (neither a service nor the catch-all), and the others
+    # by each service they are or route to: a scope of k services keeps what it keeps in O(k).
+    always: tuple[int, ...] = ()
+    by_service: Mapping[ServicePort, tuple[int, ...]] = field(default_factory=dict)
 
 
 @caches.memo("route_decode")
@@ -73,23 +79,55 @@ def parse_table(any_bytes: bytes) -> ParsedTable:
     clusters = tuple(
         frozenset(c for route in v.routes for c in route_clusters(route)) for v in vhosts
     )
+    targets = tuple(
+        frozenset(parsed.service for c in names if (parsed := outbound_cluster(c)))
+        for names in clusters
+    )
+    catch_all = tuple(
+        _is_catch_all(v, service) for v, service in zip(vhosts, services, strict=True)
+    )
+    always: list[int] = []
+    by_service: dict[ServicePort, list[int]] = {}
+    for index, (service, is_catch_all, routed) in enumerate(
+        zip(services, catch_all, targets, strict=True)
+    ):
+        if is_catch_all:
+            continue
+        if service is None:
+            always.append(index)
+            continue
+        for covered in {service, *routed}:
+            by_service.setdefault(covered, []).append(index)
     return ParsedTable(
         name=table.name,
         port=route_table_port(table.name),
         services=services,
         clusters=clusters,
-        targets=tuple(
-            frozenset(parsed.service for c in names if (parsed := outbound_cluster(c)))
-            for names in clusters
-        ),
+        targets=targets,
         referenced=frozenset().union(*clusters),
-        catch_all=tuple(
-            _is_catch_all(v, service) for v, service in zip(vhosts, services, strict=True)
-        ),
+        catch_all=catch_all,
+        always=tuple(always),
+        by_service={s: tuple(i) for s, i in by_service.items()},
     )
 
 
-def kept_vhosts(parsed: ParsedTable, covers: Callable[[ServicePort], bool]) -> tuple[int, ...]:
+class Coverage(Protocol):
+    """What a scope covers: its learned services, its static patterns, and both as one test."""
+
+    learned: Mapping[ServicePort, object]
+    static: tuple
+
+    def covers(self, service: ServicePort) -> bool: ...
+
+
+# Per table and set of static patterns, the vhosts the patterns keep: tables and patterns are
+# shared by every sidecar of a namespace's workloads, and the patterns never change at run time.
+_STATIC_KEPT: LRUCache[tuple[int, tuple], tuple[ParsedTable, frozenset[int]]] = caches.lru(
+    "static_kept_vhosts"
+)
+
+
+def kept_vhosts(parsed: ParsedTable, scope: Coverage) -> tuple[int, ...]:
     """Indexes of the vhosts a scoped sidecar keeps: in-scope services (their own `*` vhost
     included), vhosts that route to an in-scope service, and any vhost that is neither a
     service nor the catch-all (kept as Istiod sent it, to stay on the safe side).
@@ -97,14 +135,31 @@ def kept_vhosts(parsed: ParsedTable, covers: Callable[[ServicePort], bool]) -> t
     A vhost is kept for what it routes to because the egress learns the cluster a request
     reached, not the host it asked for: `hello:80` sent by a VirtualService to
     `outbound|8080||hello` (the Istio 1.20 dump) teaches `hello:8080`, and the caller's
-    `hello:80` vhost must then go direct, or its requests would reach the egress forever."""
-    return tuple(
+    `hello:80` vhost must then go direct, or its requests would reach the egress forever.
+
+    Computed from the table's index: the vhosts of the scope's learned services, and (once per
+    table) those its static patterns keep."""
+    kept: set[int] = set(_static_kept(parsed, scope) if scope.static else parsed.always)
+    by_service = parsed.by_service
+    for service in scope.learned:
+        kept.update(by_service.get(service, ()))
+    return tuple(sorted(kept))
+
+
+def _static_kept(parsed: ParsedTable, scope: Coverage) -> frozenset[int]:
+    key = (id(parsed), scope.static)
+    found = _STATIC_KEPT.get(key)
+    if found is not None and found[0] is parsed:
+        return found[1]
+    patterns = scope.static
+    kept = frozenset(parsed.always).union(
         i
-        for i, (service, catch_all, targets) in enumerate(
-            zip(parsed.services, parsed.catch_all, parsed.targets, strict=True)
-        )
-        if not catch_all and (service is None or covers(service) or any(map(covers, targets)))
+        for service, indexes in parsed.by_service.items()
+        if any(p.matches(service) for p in patterns)
+        for i in indexes
     )
+    _STATIC_KEPT[key] = (parsed, kept)
+    return kept
 
 
 def _egress_vhost(
@@ -130,6 +185,16 @@ def _egress_vhost(
     return vhost
 
 
+@caches.memo("route_shell")
+def _without_vhosts(any_bytes: bytes) -> RouteConfiguration:
+    """The table's settings without its vhosts: copying the whole table to drop thousands of
+    vhosts cost a learn O(mesh)."""
+    shell = RouteConfiguration()
+    shell.CopyFrom(_decode(any_bytes))
+    del shell.virtual_hosts[:]
+    return shell
+
+
 @caches.memo("sidecar_table")
 def sidecar_table(
     any_bytes: bytes, kept: tuple[int, ...], egress_cluster: str, namespace: str, workload: str
@@ -141,8 +206,7 @@ def sidecar_table(
     """
     source = _decode(any_bytes)
     table = RouteConfiguration()
-    table.CopyFrom(source)
-    del table.virtual_hosts[:]
+    table.CopyFrom(_without_vhosts(any_bytes))
     table.virtual_hosts.extend(source.virtual_hosts[i] for i in kept)
     # A kept `*` vhost (an in-scope service's own table) already takes every request, and
     # Envoy allows one `*` per table: the egress catch-all goes only where none is kept.
@@ -221,3 +285,52 @@ def egress_table(
         if (parsed := outbound_cluster(cluster))
     )
     return table
+
+
+@dataclass(frozen=True, slots=True)
+class TablesIndex:
+    """The clusters a scoped sidecar's route tables keep vhosts for, over all its tables:
+    those every scope keeps, and those each service keeps (its own vhosts, and vhosts that
+    route to it)."""
+
+    always: frozenset[str]
+    by_service: Mapping[ServicePort, frozenset[str]]
+
+
+# By the identity of the tables' selection (shared by every stream holding the same response).
+_TABLES_INDEX: LRUCache[int, tuple[tuple, TablesIndex]] = caches.lru("tables_index")
+
+
+def tables_index(bodies: tuple[bytes, ...]) -> TablesIndex:
+    found = _TABLES_INDEX.get(id(bodies))
+    if found is not None and found[0] is bodies:
+        return found[1]
+    always: set[str] = set()
+    by_service: dict[ServicePort, set[str]] = {}
+    for body in bodies:
+        parsed = parse_table(body)
+        for index in parsed.always:
+            always |= parsed.clusters[index]
+        for service, indexes in parsed.by_service.items():
+            named = by_service.setdefault(service, set())
+            for index in indexes:
+                named |= parsed.clusters[index]
+    index = TablesIndex(frozenset(always), {s: frozenset(c) for s, c in by_service.items()})
+    _TABLES_INDEX[id(bodies)] = (bodies, index)
+    return index
+
+
+def kept_table_clusters(bodies: tuple[bytes, ...], scope: Coverage) -> set[str]:
+    """The clusters that the vhosts a scope keeps in `bodies` route to: what `kept_vhosts`
+    keeps, over every table, in O(scope)."""
+    index = tables_index(bodies)
+    kept = set(index.always)
+    by_service = index.by_service
+    for service in scope.learned:
+        kept |= by_service.get(service, frozenset())
+    if scope.static:
+        patterns = scope.static
+        for service, clusters in by_service.items():
+            if any(p.matches(service) for p in patterns):
+                kept |= clusters
+    return kept

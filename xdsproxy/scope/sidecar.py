@@ -23,11 +23,12 @@ share a scope, and identical upstream responses decode to the same shared tuples
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cachetools import LRUCache
 
 from xdsproxy import caches
-from xdsproxy.istio.names import outbound_cluster
+from xdsproxy.istio.names import ServicePort, outbound_cluster
 from xdsproxy.scope import inputs
 from xdsproxy.scope.compact import (
     CompactMode,
@@ -38,7 +39,12 @@ from xdsproxy.scope.compact import (
 from xdsproxy.scope.egress import ALS_CLUSTER, EgressSettings, als_cluster
 from xdsproxy.scope.failopen import FailOpen
 from xdsproxy.scope.listeners import listener_refs
-from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
+from xdsproxy.scope.routes import (
+    kept_table_clusters,
+    kept_vhosts,
+    parse_table,
+    sidecar_table,
+)
 from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
 from xdsproxy.scope.usage import FLUSH_SECONDS, with_usage_logger
@@ -188,7 +194,7 @@ class SidecarView:
         rewritten = tuple(
             sidecar_table(
                 body,
-                kept_vhosts(parse_table(body), self.scope.covers),
+                kept_vhosts(parse_table(body), self.scope),
                 self.egress_cluster,
                 key.namespace,
                 key.workload,
@@ -205,8 +211,11 @@ class SidecarView:
         return frozenset()
 
     def _clusters(self, current: Selection, upstream: UpstreamView) -> Selection:
+        """Clusters of in-scope services, and those what the sidecar keeps names (its kept
+        listeners and vhosts); a TCP service's out of scope becomes a placeholder. Found from
+        indexes of the upstream's clusters and tables, so a learn costs O(scope), not O(mesh)."""
         names, bodies = current
-        covers = self.scope.covers
+        index = cluster_index(current)
         direct = {self.egress_cluster}
         tcp: set[str] = set()
         left_out = self._left_out(upstream)
@@ -216,24 +225,68 @@ class SidecarView:
             refs = listener_refs(body)
             direct |= refs.clusters - refs.tcp_clusters
             tcp |= refs.tcp_clusters
-        for body in upstream.get(typeurls.ROUTE, NOTHING)[1]:
-            parsed = parse_table(body)
-            for index in kept_vhosts(parsed, covers):
-                direct |= parsed.clusters[index]
+        direct |= kept_table_clusters(upstream.get(typeurls.ROUTE, NOTHING)[1], self.scope)
+        position = index.position
+        keep = set(index.plain)
+        keep.update(position[name] for name in direct if name in position)
+        for service in self.scope.learned:
+            keep.update(index.by_service.get(service, ()))
+        if self.scope.static:
+            patterns = self.scope.static
+            for service, indexes in index.by_service.items():
+                if any(p.matches(service) for p in patterns):
+                    keep.update(indexes)
+        placeholders = {position[name] for name in tcp if name in position} - keep
+        kept = sorted(keep | placeholders)
+        if not placeholders and self.usage is None and len(kept) == len(names):
+            return current
         kept_names: list[str] = []
         kept_bodies: list[bytes] = []
-        for name, body in zip(names, bodies, strict=True):
-            parsed = outbound_cluster(name)
-            if parsed is None or name in direct or covers(parsed.service):
-                kept_names.append(name)
-                kept_bodies.append(body)
-            elif name in tcp:
-                tunnelled = self.tunnel and not is_original_dst(body)
-                kept_names.append(name)
-                kept_bodies.append(placeholder_cluster(name, parsed.service) if tunnelled else body)
+        for i in kept:
+            name, body = names[i], bodies[i]
+            if i in placeholders and self.tunnel and not is_original_dst(body):
+                parsed = outbound_cluster(name)
+                assert parsed is not None  # a TCP listener's cluster is a service's
+                body = placeholder_cluster(name, parsed.service)
+            kept_names.append(name)
+            kept_bodies.append(body)
         if self.usage is not None:
             kept_names.append(ALS_CLUSTER)
             kept_bodies.append(als_cluster(self.usage))
-        if kept_bodies == list(bodies):
-            return current
         return Selection(tuple(kept_names), tuple(kept_bodies))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterIndex:
+    """A CDS response's clusters by position: those of no service (kept by every scope), each
+    service's, and every name's."""
+
+    plain: tuple[int, ...]
+    by_service: dict[ServicePort, tuple[int, ...]]
+    position: dict[str, int]
+
+
+# By the identity of the response's selection (shared by every stream holding it).
+_CLUSTER_INDEX: LRUCache[int, tuple[Selection, ClusterIndex]] = caches.lru("cluster_index")
+
+
+def cluster_index(clusters: Selection) -> ClusterIndex:
+    found = _CLUSTER_INDEX.get(id(clusters))
+    if found is not None and found[0] is clusters:
+        return found[1]
+    names = clusters[0]
+    plain: list[int] = []
+    by_service: dict[ServicePort, list[int]] = {}
+    for i, name in enumerate(names):
+        parsed = outbound_cluster(name)
+        if parsed is None:
+            plain.append(i)
+        else:
+            by_service.setdefault(parsed.service, []).append(i)
+    index = ClusterIndex(
+        tuple(plain),
+        {s: tuple(i) for s, i in by_service.items()},
+        {name: i for i, name in enumerate(names)},
+    )
+    _CLUSTER_INDEX[id(clusters)] = (clusters, index)
+    return index
