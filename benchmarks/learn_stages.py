@@ -46,7 +46,7 @@ from xdsproxy.harness.lazymesh import (
     sidecar_identity,
 )
 from xdsproxy.harness.stack import eventually, running_envoy, settled
-from xdsproxy.istio.names import ServicePort, cluster_name
+from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.scope.routes import parse_table
 from xdsproxy.server import ads
 from xdsproxy.sim.mesh import Endpoint, generate
@@ -87,7 +87,8 @@ class Recorder:
         self.pod = pod
         self.delta = delta
         self.messages: list[Message] = []
-        self.entries: dict[str, tuple[float, float]] = {}  # cluster -> (entry in, learned)
+        # service -> (its first entry in, learned)
+        self.entries: dict[ServicePort, tuple[float, float]] = {}
 
     def tap(self, session, where: str, data: bytes) -> None:
         if f"~{self.pod}." not in session.node_id:
@@ -124,7 +125,9 @@ class Recorder:
         async def timed(record, started):
             arrived = time.time()
             result = await observe(record, started)
-            self.entries.setdefault(record.upstream_cluster, (arrived, time.time()))
+            parsed = outbound_cluster(record.upstream_cluster)
+            if parsed is not None:
+                self.entries.setdefault(parsed.service, (arrived, time.time()))
             return result
 
         learner.observe = timed
@@ -141,13 +144,22 @@ class Recorder:
         raise LookupError(f"no {where} {typeurls.short_name(type_url)} after {after}")
 
     def _ack(self, push: Message) -> Message:
+        """Envoy's ACK of `push`, or of a later push of the type that superseded it."""
+        nonces = {
+            m.nonce
+            for m in self.messages
+            if m.where == ads.TO_ENVOY and m.type_url == push.type_url and m.at >= push.at
+        }
         return self._first(
-            push.at, ads.FROM_ENVOY, push.type_url, lambda m: m.nonce == push.nonce and not m.nack
+            push.at, ads.FROM_ENVOY, push.type_url, lambda m: m.nonce in nonces and not m.nack
         )
 
-    def timeline(self, sent: float, cluster: str, table: str) -> dict[str, float]:
-        """Each stage's milliseconds (the module's table) and the total, for one learn."""
-        arrived, learned = self.entries[_egress_entry(cluster)]
+    def timeline(self, sent: float, target: ServicePort) -> dict[str, float]:
+        """Each stage's milliseconds (the module's table) and the total, for one learn. The
+        entry may name a subset's cluster (a VirtualService's weighted route); the plain
+        cluster is learned with it."""
+        cluster, table = cluster_name(target), str(target.port)
+        arrived, learned = self.entries[target]
         cds = self._first(arrived, ads.TO_ENVOY, CDS, lambda m: cluster in m.names)
         cds_ack = self._ack(cds)
         asked = self._first(cds.at, ads.FROM_ENVOY, EDS, lambda m: cluster in m.names)
@@ -158,7 +170,7 @@ class Recorder:
             cds.at,
             ads.TO_ENVOY,
             RDS,
-            lambda m: table in m.bodies and cluster in parse_table(m.bodies[table]).referenced,
+            lambda m: table in m.bodies and _routes_to(parse_table(m.bodies[table]), target),
         )
         route_ack = self._ack(route)
         spans = (
@@ -179,9 +191,11 @@ class Recorder:
         return {**stages, "total": (route_ack.at - sent) * 1000}
 
 
-def _egress_entry(cluster: str) -> str:
-    """The upstream cluster the egress logs for a first request: the service's own."""
-    return cluster
+def _routes_to(table, service: ServicePort) -> bool:
+    return any(
+        (parsed := outbound_cluster(name)) is not None and parsed.service == service
+        for name in table.referenced
+    )
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -229,15 +243,24 @@ async def run(n: int, delta: bool, learns: int, batch: int, store: str) -> dict:
             group = targets[start : start + batch]
             sent = await asyncio.gather(*(_first_request(listen, mesh, t) for t in group))
             for target, at in zip(group, sent, strict=True):
-                cluster, table = cluster_name(target), str(target.port)
+                missing: list[str] = []
 
-                def done(c=cluster, t=table, s=at):
+                def done(t=target, s=at, missing=missing):
                     try:
-                        return recorder.timeline(s, c, t)
-                    except (LookupError, KeyError):
+                        return recorder.timeline(s, t)
+                    except (LookupError, KeyError) as exc:
+                        missing[:] = [f"{t}: {exc!r}"]
                         return None
 
-                timelines.append(await eventually(done, timeout=30, interval=0.02))
+                try:
+                    timelines.append(await eventually(done, timeout=30, interval=0.02))
+                except TimeoutError:
+                    rds = [
+                        (round(m.at - at, 4), m.where, m.nonce[-12:], m.nack, sorted(m.names)[:3])
+                        for m in recorder.messages
+                        if m.type_url == RDS and m.at >= at
+                    ]
+                    raise RuntimeError(f"learn not complete: {missing} {rds}") from None
         proxy.proxy.tap = None
     stages = {name: _percentiles([t[name] for t in timelines]) for name in STAGES}
     total = _percentiles([t["total"] for t in timelines])
