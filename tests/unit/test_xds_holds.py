@@ -1,9 +1,24 @@
 """`xds.holds.decide`, row by row (the table in its module doc), and the record it reads."""
 
+import json
+from importlib import resources
+
+import jsonschema
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 
-from tests.xds_messages import cluster_any
+from tests.xds_messages import (
+    KeepPrefix,
+    cluster_any,
+    receive_upstream,
+    sotw_request,
+    sotw_response,
+)
+from xdsproxy.debug.model import DebugModel
 from xdsproxy.istio.envoyconfig import pack
+from xdsproxy.server.ads import AdsProxy, Session
+from xdsproxy.server.upstream import Upstream
+from xdsproxy.wire import typeurls
+from xdsproxy.xds.sotw import SotwStream
 from xdsproxy.xds.holds import NOT_STARTED, Action, Hold, Record, Warmth, Why, decide
 from xdsproxy.xds.view import Selection
 
@@ -146,3 +161,24 @@ def test_what_envoy_was_pushed_says_whether_a_cluster_needs_endpoints() -> None:
     assert _decide(newly_named=frozenset({"tcp"}), warmth=warmth).action is Action.SEND
     pushed_eds = Warmth(True, clusters=frozenset({"tcp"}), upstream={}, pushed={"tcp": EDS_BODY})
     assert _decide(newly_named=frozenset({"tcp"}), warmth=pushed_eds).action is Action.HOLD
+
+
+def test_the_debug_row_says_what_is_held_back_why_and_for_how_long() -> None:
+    """An operator sees a push waiting for a cluster (`/debug/nodes`), checked against the
+    endpoint's published schema."""
+    cds, lds = typeurls.CLUSTER, typeurls.LISTENER
+    stream = SotwStream(KeepPrefix("svc-", cds_follows_lds=True, narrows=frozenset({cds})))
+    stream.receive_downstream(sotw_request(cds, with_node=True))
+    stream.receive_downstream(sotw_request(lds))
+    receive_upstream(stream, sotw_response(["svc-1", "a", "b"], "v1", "c1"))
+    receive_upstream(stream, sotw_response(["needs:a"], "v1", "l1", lds))
+    stream.receive_downstream(sotw_request(cds, version="v1", nonce="c1"))
+    stream.receive_downstream(sotw_request(lds, version="v1", nonce="l1"))
+    receive_upstream(stream, sotw_response(["needs:b"], "v2", "l2", lds))  # b is cold
+    proxy = AdsProxy(Upstream("127.0.0.1:1"))
+    row = DebugModel(proxy, None).node_row(Session(1, "SotW", "test", stream, proxy._apply))
+    held = row["types"]["LDS"]["held_back"]
+    assert held["why"] == "cold" and held["istiods"] and held["until"] == ["b"]
+    assert row["types"]["CDS"]["held_back"] is None
+    schemas = json.loads(resources.files("xdsproxy.debug").joinpath("schemas.json").read_text())
+    jsonschema.validate(row, {**schemas["node"], "counts": schemas["counts"]})

@@ -1,6 +1,7 @@
 """What the debug endpoint shows, as plain JSON-ready dicts built from live sessions. Nothing
 here reads gRPC metadata, so no token can reach the output."""
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -113,6 +114,16 @@ class DebugModel:
                 "acked_version": status.acked_version,
                 "last_nack": status.last_nack or None,
                 "nacks": status.nack_count,
+                "held_back": None,
+            }
+        now = time.monotonic()
+        for type_url, hold in session.stream.holds().items():
+            # A push waiting for its inputs or for clusters to warm (docs/protocol.md R9, R11)
+            types[short_name(type_url)]["held_back"] = {
+                "why": hold.why.value,
+                "seconds": round(now - hold.since, 3),
+                "istiods": bool(hold.upstream_nonce),
+                "until": sorted(hold.until)[:20],
             }
         cds = types.get("CDS")
         withheld = cds["upstream"]["resources"] - cds["pushed"]["resources"] if cds else 0
