@@ -18,8 +18,8 @@ from xdsproxy.istio.envoyconfig import pack
 from xdsproxy.server.ads import AdsProxy, Session
 from xdsproxy.server.upstream import Upstream
 from xdsproxy.wire import typeurls
-from xdsproxy.xds.sotw import SotwStream
 from xdsproxy.xds.holds import NOT_STARTED, Action, Hold, Record, Warmth, Why, decide
+from xdsproxy.xds.sotw import SotwStream
 from xdsproxy.xds.view import Selection
 
 EDS_BODY = cluster_any("eds")
