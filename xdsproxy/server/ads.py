@@ -163,8 +163,9 @@ class PassthroughRuntime:
 
 
 # A tap on every message of every stream, as it crosses xdsproxy's edge: (session, where,
-# bytes), where is FROM_ENVOY, TO_ENVOY (once written), FROM_ISTIOD or TO_ISTIOD (once
-# written). For benchmarks that time what a user waits for, stage by stage; None in service.
+# bytes), where is FROM_ENVOY, TO_ENVOY (as handed to gRPC), FROM_ISTIOD or TO_ISTIOD (as
+# handed to gRPC; a peer's answer can arrive before the write call returns). For benchmarks
+# that time what a user waits for, stage by stage; None in service.
 FROM_ENVOY, TO_ENVOY, FROM_ISTIOD, TO_ISTIOD = "from envoy", "to envoy", "from istiod", "to istiod"
 Tap = Callable[["Session", str, bytes], None]
 
@@ -346,11 +347,11 @@ class AdsProxy:
         try:
             while not session.ended.done():
                 item, kind, received = await session.outbox.get()
+                if self.tap is not None:
+                    self.tap(session, TO_ENVOY, item)
                 session.writing = True
                 await context.write(item)
                 session.writing = False
-                if self.tap is not None:
-                    self.tap(session, TO_ENVOY, item)
                 if received is not None:
                     self.metrics.push_latency.labels(kind).observe(time.monotonic() - received)
                 session.pending_bytes -= len(item)
@@ -365,9 +366,9 @@ class AdsProxy:
         try:
             while not session.ended.done():
                 payload = await session.upstream_outbox.get()
-                await call.write(payload)
                 if self.tap is not None:
                     self.tap(session, TO_ISTIOD, payload)
+                await call.write(payload)
                 self._upstream_written(session, len(payload))
         except grpc.aio.AioRpcError as exc:
             session.end(grpc.StatusCode.UNAVAILABLE, f"upstream: {exc.details()}")
