@@ -33,6 +33,7 @@ from xdsproxy.harness.lazymesh import (
     lazy_stack,
     learn_through_egress,
     pick_services,
+    served_mesh,
     sidecar_identity,
 )
 from xdsproxy.harness.stack import (
@@ -45,7 +46,7 @@ from xdsproxy.harness.stack import (
 from xdsproxy.istio.names import ServicePort
 from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.egress import EgressSettings
-from xdsproxy.sim.mesh import Endpoint, Mesh, generate
+from xdsproxy.sim.mesh import Mesh, generate
 from xdsproxy.wire import typeurls
 
 TYPES = {
@@ -166,14 +167,7 @@ async def learn_latency(n: int, learns: int) -> dict:
     async with AsyncExitStack() as stack:
         backend = stack.enter_context(Backend("backend"))
         egress_port = free_port()
-        mesh = generate(n)
-        for service in list(mesh.services.values()):
-            if service.kind == "eds":
-                subsets = [name for name, _ in service.subsets] or [""]
-                mesh.set_endpoints(
-                    service.fqdn, [Endpoint("127.0.0.1", backend.port, s) for s in subsets]
-                )
-        mesh.add(egress_service(EGRESS_PORT, egress_port))
+        mesh = served_mesh(n, backend.port, egress_port, EGRESS_PORT)
         _, proxy, _ = await stack.enter_async_context(lazy_stack(mesh, egress_port, EGRESS_PORT))
         identity = sidecar_identity("app-0", "127.0.0.2", "ns-0", "app")
         sidecar = await stack.enter_async_context(running_envoy(proxy.port, identity=identity))

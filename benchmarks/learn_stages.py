@@ -41,16 +41,15 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 from benchmarks.report import save_json, update_section
 from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
 from xdsproxy.harness.lazymesh import (
-    egress_service,
     lazy_stack,
     pick_services,
+    served_mesh,
     sidecar_identity,
 )
 from xdsproxy.harness.stack import eventually, running_envoy, settled
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.scope.routes import parse_table
 from xdsproxy.server import ads
-from xdsproxy.sim.mesh import Endpoint, generate
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import decode_delta_response, decode_sotw_response
 
@@ -212,15 +211,8 @@ async def run(n: int, delta: bool, learns: int, batch: int, store: str) -> dict:
     """`learns` learns, `batch` at a time, on a mesh of `n` services."""
     async with AsyncExitStack() as stack:
         backend = stack.enter_context(Backend("backend"))
-        mesh = generate(n)
-        for service in list(mesh.services.values()):
-            if service.kind == "eds":
-                subsets = [name for name, _ in service.subsets] or [""]
-                mesh.set_endpoints(
-                    service.fqdn, [Endpoint("127.0.0.1", backend.port, s) for s in subsets]
-                )
         egress_port = free_port()
-        mesh.add(egress_service(EGRESS_PORT, egress_port))
+        mesh = served_mesh(n, backend.port, egress_port, EGRESS_PORT)
         if store == "sqlite":
             directory = stack.enter_context(tempfile.TemporaryDirectory())
             store_url = f"sqlite:///{directory}/edges.db"

@@ -62,6 +62,18 @@ class Reader:
         return decode_sotw_response(data)
 
 
+@asynccontextmanager
+async def sidecar_stream(port: int):
+    """A SotW stream as a sidecar opens it: its CDS asked and answered."""
+    client = AdsClient(port)
+    reader = Reader(client)
+    try:
+        await client.send(_request(CDS, node=istio_sidecar_node("default", "app", "10.244.0.5")))
+        yield client, reader, await reader.recv()
+    finally:
+        await client.close()
+
+
 @pytest.fixture(params=["istiod", "sim"])
 def kind(request) -> str:
     return request.param
@@ -70,45 +82,27 @@ def kind(request) -> str:
 async def test_a_sotw_eds_subscription_change_is_answered_with_the_new_assignments_only(
     kind: str,
 ) -> None:
-    async with upstream(kind) as port:
-        client = AdsClient(port)
-        reader = Reader(client)
-        try:
-            node = istio_sidecar_node("default", "app", "10.244.0.5")
-            await client.send(_request(CDS, node=node))
-            clusters = await reader.recv()
-            eds = [
-                n for n, b in zip(clusters.names, clusters.bodies, strict=True) if is_eds_cluster(b)
-            ]
-            first, second = eds[0], eds[1]
-            await client.send(_request(CDS, nonce=clusters.nonce, version=clusters.version))
-            await client.send(_request(EDS, (first,)))
-            answer = await reader.recv()
-            assert answer.names == (first,)
-            await client.send(_request(EDS, (first, second), answer.nonce, answer.version))
-            answer = await reader.recv()
-            assert answer.names == (second,)
-            # A change that only removes names is not answered at all.
-            await client.send(_request(EDS, (second,), answer.nonce, answer.version))
-            assert await reader.recv(1.0) is None
-        finally:
-            await client.close()
+    async with upstream(kind) as port, sidecar_stream(port) as (client, reader, clusters):
+        eds = [n for n, b in zip(clusters.names, clusters.bodies, strict=True) if is_eds_cluster(b)]
+        first, second = eds[0], eds[1]
+        await client.send(_request(CDS, nonce=clusters.nonce, version=clusters.version))
+        await client.send(_request(EDS, (first,)))
+        answer = await reader.recv()
+        assert answer.names == (first,)
+        await client.send(_request(EDS, (first, second), answer.nonce, answer.version))
+        answer = await reader.recv()
+        assert answer.names == (second,)
+        # A change that only removes names is not answered at all.
+        await client.send(_request(EDS, (second,), answer.nonce, answer.version))
+        assert await reader.recv(1.0) is None
 
 
 async def test_a_sotw_request_naming_nothing_of_a_type_that_is_no_wildcard_is_never_answered(
     kind: str,
 ) -> None:
-    async with upstream(kind) as port:
-        client = AdsClient(port)
-        reader = Reader(client)
-        try:
-            node = istio_sidecar_node("default", "app", "10.244.0.5")
-            await client.send(_request(CDS, node=node))
-            await reader.recv()
-            await client.send(_request(RDS, ()))
-            assert await reader.recv(1.0) is None
-            # The stream is alive: a request that names a table is answered.
-            await client.send(_request(RDS, ("80",)))
-            assert (await reader.recv()).names == ("80",)
-        finally:
-            await client.close()
+    async with upstream(kind) as port, sidecar_stream(port) as (client, reader, _):
+        await client.send(_request(RDS, ()))
+        assert await reader.recv(1.0) is None
+        # The stream is alive: a request that names a table is answered.
+        await client.send(_request(RDS, ("80",)))
+        assert (await reader.recv()).names == ("80",)

@@ -118,6 +118,20 @@ def build_mesh(
     return mesh
 
 
+def served_mesh(n: int, backend_port: int, egress_port: int, egress_service_port: int) -> Mesh:
+    """A mesh of `n` services whose every EDS endpoint (subsets included) is one loopback
+    backend, and the egress: first requests through it reach a real server."""
+    mesh = generate(n)
+    for service in list(mesh.services.values()):
+        if service.kind == "eds":
+            subsets = [name for name, _ in service.subsets] or [""]
+            mesh.set_endpoints(
+                service.fqdn, [Endpoint("127.0.0.1", backend_port, s) for s in subsets]
+            )
+    mesh.add(egress_service(egress_service_port, egress_port))
+    return mesh
+
+
 def egress_service(port: int, endpoint_port: int, mtls: bool = False) -> Service:
     """The egress as Istiod knows it: a mesh service whose endpoint is the egress listener."""
     return Service(
