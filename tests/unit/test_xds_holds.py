@@ -163,7 +163,7 @@ def test_what_envoy_was_pushed_says_whether_a_cluster_needs_endpoints() -> None:
     assert _decide(newly_named=frozenset({"tcp"}), warmth=pushed_eds).action is Action.HOLD
 
 
-def test_the_debug_row_says_what_is_held_back_why_and_for_how_long() -> None:
+async def test_the_debug_row_says_what_is_held_back_why_and_for_how_long() -> None:
     """An operator sees a push waiting for a cluster (`/debug/nodes`), checked against the
     endpoint's published schema."""
     cds, lds = typeurls.CLUSTER, typeurls.LISTENER
