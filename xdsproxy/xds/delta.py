@@ -214,7 +214,7 @@ class DeltaStream(holds.Holding):
             # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
             clusters.acked if clusters.exchange.accepted else EMPTY_SET,
             endpoints.acked if endpoints and endpoints.acked else EMPTY_SET,
-            {name: pair[1] for name, pair in clusters.upstream.items()},
+            ordering.by_name(clusters.upstream.selection()),
             clusters.held,
         )
 
