@@ -66,7 +66,7 @@ bench-quick: $(STAMP)
 	$(QUICK) $(BIN)/python -m benchmarks.storm --services 100 --clients 20
 	$(QUICK) $(BIN)/python -m benchmarks.soak --services 50 --clients 5 --minutes 0.25
 	$(QUICK) $(BIN)/python -m benchmarks.learn_timing --runs 2
-	$(QUICK) $(BIN)/python -m benchmarks.learn_stages --sizes 200 --learns 4 --batch 1 4 --stores memory sqlite
+	$(QUICK) $(BIN)/python -m benchmarks.learn_stages --sizes 200 --learns 4 --batch 4 --stores memory sqlite
 	$(QUICK) $(BIN)/python -m benchmarks.recovery --runs 1 --outage 2
 	$(QUICK) $(BIN)/python -m benchmarks.scope_writes --runs 2 --services 100
 	$(QUICK) $(BIN)/python -m benchmarks.plots

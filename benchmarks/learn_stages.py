@@ -1,9 +1,11 @@
 """What a user waits for on a learn, stage by stage.
 
 Real sidecar and lazy egress Envoys, xdsproxy in-process on the simulated Istiod with N
-services. Each learn is a first HTTP request from the sidecar's workload to a service out of its
-scope: it goes through the egress, whose access log entry teaches xdsproxy the dependency; the
-learn is over when the sidecar has ACKed the route table that sends the next request direct.
+services. Each learn is a first HTTP request (or TCP connection) from the sidecar's workload to
+a service out of its scope: it goes through the egress, whose access log entry teaches xdsproxy
+the dependency; an HTTP learn is over when the sidecar has ACKed the route table that sends the
+next request direct, a TCP one (placeholders) when it runs Istio's cluster, warmed, in the
+placeholder's place (the last two stages do not apply).
 The stages are read off a tap on every message crossing xdsproxy's edge (`AdsProxy.tap`) and
 the learner's entry point:
 
@@ -39,7 +41,14 @@ from dataclasses import dataclass, field
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from benchmarks.report import save_json, update_section
-from xdsproxy.harness.http import Backend, free_port, request_via_sidecar
+from xdsproxy.harness.http import (
+    Backend,
+    EchoServer,
+    connect_via_sidecar,
+    echoes,
+    free_port,
+    request_via_sidecar,
+)
 from xdsproxy.harness.lazymesh import (
     lazy_stack,
     pick_services,
@@ -50,8 +59,10 @@ from xdsproxy.harness.stack import eventually, running_envoy, settled
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.scope.routes import parse_table
 from xdsproxy.server import ads
+from xdsproxy.sim.mesh import Endpoint
 from xdsproxy.wire import typeurls
 from xdsproxy.wire.codec import decode_delta_response, decode_sotw_response
+from xdsproxy.xds.ordering import is_eds_cluster
 
 CDS, EDS, RDS = typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE
 EGRESS_PORT = 80  # the egress Service's port, as Istio names its route table
@@ -154,26 +165,26 @@ class Recorder:
             push.at, ads.FROM_ENVOY, push.type_url, lambda m: m.nonce in nonces and not m.nack
         )
 
-    def timeline(self, sent: float, target: ServicePort) -> dict[str, float]:
+    def timeline(self, sent: float, target: ServicePort, tcp: bool) -> dict[str, float | None]:
         """Each stage's milliseconds (the module's table) and the total, for one learn. The
         entry may name a subset's cluster (a VirtualService's weighted route); the plain
-        cluster is learned with it."""
+        cluster is learned with it. A TCP learn (placeholders) ends when Envoy runs Istio's
+        cluster in the placeholder's place, warmed: the listener never changes."""
         cluster, table = cluster_name(target), str(target.port)
         arrived, learned = self.entries[target]
-        cds = self._first(arrived, ads.TO_ENVOY, CDS, lambda m: cluster in m.names)
+        cds = self._first(
+            arrived,
+            ads.TO_ENVOY,
+            CDS,
+            lambda m: cluster in m.names and is_eds_cluster(m.bodies[cluster]),
+        )
         cds_ack = self._ack(cds)
         asked = self._first(cds.at, ads.FROM_ENVOY, EDS, lambda m: cluster in m.names)
         answer = self._first(asked.at, ads.FROM_ISTIOD, EDS, lambda m: cluster in m.names)
         eds = self._first(answer.at, ads.TO_ENVOY, EDS, lambda m: cluster in m.names)
         eds_ack = self._ack(eds)
-        route = self._first(
-            cds.at,
-            ads.TO_ENVOY,
-            RDS,
-            lambda m: table in m.bodies and _routes_to(parse_table(m.bodies[table]), target),
-        )
-        route_ack = self._ack(route)
-        spans = (
+        direct = max(cds_ack.at, eds_ack.at)
+        spans: list[tuple[float, float] | None] = [
             (sent, arrived),
             (arrived, learned),
             (learned, cds.at),
@@ -182,13 +193,26 @@ class Recorder:
             (answer.at, eds.at),
             (eds.at, eds_ack.at),
             (cds.at, cds_ack.at),
-            (max(cds_ack.at, eds_ack.at), route.at),
-            (route.at, route_ack.at),
+        ]
+        if tcp:
+            return _stages([*spans, None, None], (direct - sent) * 1000)
+        route = self._first(
+            cds.at,
+            ads.TO_ENVOY,
+            RDS,
+            lambda m: table in m.bodies and _routes_to(parse_table(m.bodies[table]), target),
         )
-        stages = {
-            name: (end - start) * 1000 for name, (start, end) in zip(STAGES, spans, strict=True)
-        }
-        return {**stages, "total": (route_ack.at - sent) * 1000}
+        route_ack = self._ack(route)
+        spans += [(direct, route.at), (route.at, route_ack.at)]
+        return _stages(spans, (route_ack.at - sent) * 1000)
+
+
+def _stages(spans: list[tuple[float, float] | None], total: float) -> dict[str, float | None]:
+    stages = {
+        name: None if span is None else (span[1] - span[0]) * 1000
+        for name, span in zip(STAGES, spans, strict=True)
+    }
+    return {**stages, "total": total}
 
 
 def _routes_to(table, service: ServicePort) -> bool:
@@ -207,12 +231,18 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(ordered), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-async def run(n: int, delta: bool, learns: int, batch: int, store: str) -> dict:
-    """`learns` learns, `batch` at a time, on a mesh of `n` services."""
+async def run(n: int, delta: bool, learns: int, batch: int, store: str, kind: str) -> dict:
+    """`learns` learns of `kind` ("http" or "tcp"), `batch` at a time, on a mesh of `n`
+    services."""
+    tcp = kind == "tcp"
     async with AsyncExitStack() as stack:
         backend = stack.enter_context(Backend("backend"))
+        echo = stack.enter_context(EchoServer())
         egress_port = free_port()
         mesh = served_mesh(n, backend.port, egress_port, EGRESS_PORT)
+        targets = pick_services(mesh, learns, ("TCP",) if tcp else ("HTTP",))
+        for target in targets if tcp else ():
+            mesh.set_endpoints(target.host, [Endpoint("127.0.0.1", echo.port)])
         if store == "sqlite":
             directory = stack.enter_context(tempfile.TemporaryDirectory())
             store_url = f"sqlite:///{directory}/edges.db"
@@ -230,18 +260,18 @@ async def run(n: int, delta: bool, learns: int, batch: int, store: str) -> dict:
         )
         await settled(sidecar, proxy, "app-0")
         listen = identity.proxy_config["proxyListenPort"]
-        targets = pick_services(mesh, learns)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=batch))
         timelines = []
         for start in range(0, len(targets), batch):
             group = targets[start : start + batch]
-            sent = await asyncio.gather(*(_first_request(listen, mesh, t, pool) for t in group))
+            first = _first_connection if tcp else _first_request
+            sent = await asyncio.gather(*(first(listen, mesh, t, pool) for t in group))
             for target, at in zip(group, sent, strict=True):
                 missing: list[str] = []
 
                 def done(t=target, s=at, missing=missing):
                     try:
-                        return recorder.timeline(s, t)
+                        return recorder.timeline(s, t, tcp)
                     except (LookupError, KeyError) as exc:
                         missing[:] = [f"{t}: {exc!r}"]
                         return None
@@ -256,10 +286,15 @@ async def run(n: int, delta: bool, learns: int, batch: int, store: str) -> dict:
                     ]
                     raise RuntimeError(f"learn not complete: {missing} {rds}") from None
         proxy.proxy.tap = None
-    stages = {name: _percentiles([t[name] for t in timelines]) for name in STAGES}
+    stages = {
+        name: _percentiles([t[name] for t in timelines])
+        for name in STAGES
+        if timelines[0][name] is not None
+    }
     total = _percentiles([t["total"] for t in timelines])
     return {
         "services": n,
+        "kind": kind,
         "protocol": "delta" if delta else "sotw",
         "batch": batch,
         "store": store,
@@ -287,14 +322,34 @@ async def _first_request(listen: int, mesh, target: ServicePort, pool: ThreadPoo
     return sent
 
 
+async def _first_connection(
+    listen: int, mesh, target: ServicePort, pool: ThreadPoolExecutor
+) -> float:
+    """The first connection to the TCP service `target` (through the egress tunnel), checked
+    end to end with an echo; when it was opened."""
+    service = mesh.services[target.host]
+
+    def connect() -> tuple[float, bool]:
+        opened = time.time()
+        with connect_via_sidecar(listen, (service.cluster_ip, target.port), "127.0.0.2") as conn:
+            return opened, echoes(conn)
+
+    opened, ok = await asyncio.get_running_loop().run_in_executor(pool, connect)
+    if not ok:
+        raise RuntimeError(f"no echo from {target} through the tunnel")
+    return opened
+
+
 def write_results(points: list[dict]) -> None:
     save_json("learn_stages", points)
     lines = [
         "## Learn latency, stage by stage (`python -m benchmarks.learn_stages`)",
         "",
         "A first HTTP request through the egress until the sidecar has ACKed the route that",
-        "sends the next one direct; real Envoys, the simulated Istiod (named-ports profile: 1 in",
-        "10 services TCP, kept as placeholders). Milliseconds, p50 / p99 over the learns. Each",
+        "sends the next one direct; for TCP, a first connection through the tunnel until the",
+        "sidecar runs Istio's cluster, warmed, in its placeholder's place. Real Envoys, the",
+        "simulated Istiod (named-ports profile: 1 in 10 services TCP, kept as placeholders).",
+        "Milliseconds, p50 / p99 over the learns. Each",
         "stage starts where the one before it ends, but for `EDS asked` and `CDS ACKed`, which",
         "both start when the CDS is written (Envoy asks EDS for a new cluster before it ACKs",
         "the CDS), and `route pushed`, which starts at the later of the two ACKs. `EDS asked`",
@@ -302,14 +357,22 @@ def write_results(points: list[dict]) -> None:
         "request's own trip through the egress and the test backend (one Python thread, which",
         "answers a batch's requests in turn), then the access log entry.",
         "",
-        "| services | protocol | batch | store | learns | total | " + " | ".join(STAGES) + " |",
-        "|" + "---:|" * (6 + len(STAGES)),
+        "| services | kind | protocol | batch | store | learns | total | "
+        + " | ".join(STAGES)
+        + " |",
+        "|" + "---:|" * (7 + len(STAGES)),
     ]
     for p in points:
-        cells = [f"{p['stages_ms'][s]['p50']:.1f} / {p['stages_ms'][s]['p99']:.1f}" for s in STAGES]
+        cells = [
+            f"{p['stages_ms'][s]['p50']:.1f} / {p['stages_ms'][s]['p99']:.1f}"
+            if s in p["stages_ms"]
+            else "-"
+            for s in STAGES
+        ]
         total = f"{p['total_ms']['p50']:.1f} / {p['total_ms']['p99']:.1f}"
         lines.append(
-            f"| {p['services']:,} | {p['protocol']} | {p['batch']} | {p['store']} | "
+            f"| {p['services']:,} | {p.get('kind', 'http')} | {p['protocol']} | {p['batch']} | "
+            f"{p['store']} | "
             f"{p['learns']} | {total} | " + " | ".join(cells) + " |"
         )
     update_section(lines)
@@ -322,15 +385,19 @@ def main() -> None:
     parser.add_argument("--learns", type=int, default=20)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--stores", nargs="+", default=["memory", "sqlite"])
+    parser.add_argument("--kinds", nargs="+", default=["http", "tcp"])
     args = parser.parse_args()
     points = []
     for n in args.sizes:
         for protocol in args.protocols:
             for batch in args.batch:
                 for store in args.stores:
-                    point = asyncio.run(run(n, protocol == "delta", args.learns, batch, store))
-                    print(json.dumps(point), flush=True)
-                    points.append(point)
+                    for kind in args.kinds:
+                        point = asyncio.run(
+                            run(n, protocol == "delta", args.learns, batch, store, kind)
+                        )
+                        print(json.dumps(point), flush=True)
+                        points.append(point)
     write_results(points)
 
 
