@@ -40,7 +40,9 @@ from xdsproxy.harness.lazymesh import (
 from xdsproxy.harness.stack import eventually, running_envoy, settled
 from xdsproxy.istio.names import ServicePort, cluster_name, outbound_cluster
 from xdsproxy.istio.node import IstioNode, parse_node
+from xdsproxy.model import WorkloadKey
 from xdsproxy.scope.routes import kept_vhosts, parse_table, sidecar_table
+from xdsproxy.scope.scope import Scope
 from xdsproxy.scope.tunnel import TUNNEL_LISTENER, placeholder_cluster, tunnel_listener
 from xdsproxy.sim.istiod import Snapshot
 from xdsproxy.sim.mesh import Endpoint, generate
@@ -115,9 +117,11 @@ async def per_kind(services: int) -> dict:
         typeurls.CLUSTER: {n: b for n, b in cds.items() if not outbound_cluster(n)},
         typeurls.LISTENER: {n: b for n, b in lds.items() if n.startswith("virtual")},
     }
+    # A scope that covers nothing: every service's vhost gives way to the egress catch-all.
+    nothing_in_scope = Scope(WorkloadKey("ns-0", "app"))
     lazy_tables = {
         n: sidecar_table(
-            b, kept_vhosts(parse_table(b), lambda s: False), EGRESS_CLUSTER, "ns-0", "app"
+            b, kept_vhosts(parse_table(b), nothing_in_scope), EGRESS_CLUSTER, "ns-0", "app"
         )
         for n, b in per_service_tables.items()
     }
