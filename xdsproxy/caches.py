@@ -7,6 +7,7 @@ from a cold start. Caches held by one object (a runtime's, a scope's) are not li
 with it.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,6 +79,30 @@ def lru(name: str, getsizeof: Callable[[Any], int] | None = None) -> LRUCache:
     cache: LRUCache = LRUCache(maxsize=bound.size, getsizeof=getsizeof)
     _CLEARS[name] = cache.clear
     return cache
+
+
+def by_identity(name: str) -> Callable[[Callable], Callable]:
+    """Memoize a function of shared values that never change (selections, responses' tuples,
+    parsed tables) by their identities, with the bound listed under `name`: hashing them would
+    cost a pass over them. The entry keeps its arguments, so an id reused by a new object is
+    never taken for the old one's."""
+
+    def wrap(function: Callable) -> Callable:
+        cache = lru(name)
+
+        @functools.wraps(function)
+        def memoized(*args: Any) -> Any:
+            key = tuple(map(id, args))
+            found = cache.get(key)
+            if found is not None and all(a is b for a, b in zip(found[0], args, strict=True)):
+                return found[1]
+            result = function(*args)
+            cache[key] = (args, result)
+            return result
+
+        return memoized
+
+    return wrap
 
 
 def registered() -> frozenset[str]:

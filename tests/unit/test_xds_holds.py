@@ -182,3 +182,14 @@ async def test_the_debug_row_says_what_is_held_back_why_and_for_how_long() -> No
     assert row["types"]["CDS"]["held_back"] is None
     schemas = json.loads(resources.files("xdsproxy.debug").joinpath("schemas.json").read_text())
     jsonschema.validate(row, {**schemas["node"], "counts": schemas["counts"]})
+
+
+def test_nacks_in_a_row_of_the_same_config_do_not_pile_up() -> None:
+    """Envoy rejecting every push of a bad config must not grow what the record keeps."""
+    record = Record()
+    rejected = Selection(("l1", "l2"), (b"a", b"b"))
+    for _ in range(5):
+        record.note_nack(rejected)
+    assert record.maybe == rejected
+    record.note_nack(Selection(("l1",), (b"c",)))  # a new body of l1: Envoy may hold either
+    assert record.maybe == Selection(("l1", "l2", "l1"), (b"a", b"b", b"c"))

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cachetools import LRUCache
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.config.route.v3.route_components_pb2 import Route, VirtualHost
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
@@ -120,13 +119,6 @@ class Coverage(Protocol):
     def covers(self, service: ServicePort) -> bool: ...
 
 
-# Per table and set of static patterns, the vhosts the patterns keep: tables and patterns are
-# shared by every sidecar of a namespace's workloads, and the patterns never change at run time.
-_STATIC_KEPT: LRUCache[tuple[int, tuple], tuple[ParsedTable, frozenset[int]]] = caches.lru(
-    "static_kept_vhosts"
-)
-
-
 def kept_vhosts(parsed: ParsedTable, scope: Coverage) -> tuple[int, ...]:
     """Indexes of the vhosts a scoped sidecar keeps: in-scope services (their own `*` vhost
     included), vhosts that route to an in-scope service, and any vhost that is neither a
@@ -139,27 +131,23 @@ def kept_vhosts(parsed: ParsedTable, scope: Coverage) -> tuple[int, ...]:
 
     Computed from the table's index: the vhosts of the scope's learned services, and (once per
     table) those its static patterns keep."""
-    kept: set[int] = set(_static_kept(parsed, scope) if scope.static else parsed.always)
+    kept: set[int] = set(_static_kept(parsed, scope.static) if scope.static else parsed.always)
     by_service = parsed.by_service
     for service in scope.learned:
         kept.update(by_service.get(service, ()))
     return tuple(sorted(kept))
 
 
-def _static_kept(parsed: ParsedTable, scope: Coverage) -> frozenset[int]:
-    key = (id(parsed), scope.static)
-    found = _STATIC_KEPT.get(key)
-    if found is not None and found[0] is parsed:
-        return found[1]
-    patterns = scope.static
-    kept = frozenset(parsed.always).union(
+@caches.by_identity("static_kept_vhosts")
+def _static_kept(parsed: ParsedTable, patterns: tuple) -> frozenset[int]:
+    """The vhosts a scope's static patterns keep, once per table and set of patterns (both
+    shared by the sidecars of a workload, and the patterns never change at run time)."""
+    return frozenset(parsed.always).union(
         i
         for service, indexes in parsed.by_service.items()
         if any(p.matches(service) for p in patterns)
         for i in indexes
     )
-    _STATIC_KEPT[key] = (parsed, kept)
-    return kept
 
 
 def _egress_vhost(
@@ -297,14 +285,9 @@ class TablesIndex:
     by_service: Mapping[ServicePort, frozenset[str]]
 
 
-# By the identity of the tables' selection (shared by every stream holding the same response).
-_TABLES_INDEX: LRUCache[int, tuple[tuple, TablesIndex]] = caches.lru("tables_index")
-
-
+@caches.by_identity("tables_index")
 def tables_index(bodies: tuple[bytes, ...]) -> TablesIndex:
-    found = _TABLES_INDEX.get(id(bodies))
-    if found is not None and found[0] is bodies:
-        return found[1]
+    """Shared by every stream holding the same response's tables."""
     always: set[str] = set()
     by_service: dict[ServicePort, set[str]] = {}
     for body in bodies:
@@ -315,9 +298,7 @@ def tables_index(bodies: tuple[bytes, ...]) -> TablesIndex:
             named = by_service.setdefault(service, set())
             for index in indexes:
                 named |= parsed.clusters[index]
-    index = TablesIndex(frozenset(always), {s: frozenset(c) for s, c in by_service.items()})
-    _TABLES_INDEX[id(bodies)] = (bodies, index)
-    return index
+    return TablesIndex(frozenset(always), {s: frozenset(c) for s, c in by_service.items()})
 
 
 def kept_table_clusters(bodies: tuple[bytes, ...], scope: Coverage) -> set[str]:
@@ -329,8 +310,7 @@ def kept_table_clusters(bodies: tuple[bytes, ...], scope: Coverage) -> set[str]:
     for service in scope.learned:
         kept |= by_service.get(service, frozenset())
     if scope.static:
-        patterns = scope.static
         for service, clusters in by_service.items():
-            if any(p.matches(service) for p in patterns):
+            if scope.covers(service):  # static matches memoized by the scope
                 kept |= clusters
     return kept

@@ -232,9 +232,8 @@ class SidecarView:
         for service in self.scope.learned:
             keep.update(index.by_service.get(service, ()))
         if self.scope.static:
-            patterns = self.scope.static
             for service, indexes in index.by_service.items():
-                if any(p.matches(service) for p in patterns):
+                if self.scope.covers(service):  # static matches memoized by the scope
                     keep.update(indexes)
         placeholders = {position[name] for name in tcp if name in position} - keep
         kept = sorted(keep | placeholders)
@@ -266,14 +265,9 @@ class ClusterIndex:
     position: dict[str, int]
 
 
-# By the identity of the response's selection (shared by every stream holding it).
-_CLUSTER_INDEX: LRUCache[int, tuple[Selection, ClusterIndex]] = caches.lru("cluster_index")
-
-
+@caches.by_identity("cluster_index")
 def cluster_index(clusters: Selection) -> ClusterIndex:
-    found = _CLUSTER_INDEX.get(id(clusters))
-    if found is not None and found[0] is clusters:
-        return found[1]
+    """Shared by every stream holding the same response's selection."""
     names = clusters[0]
     plain: list[int] = []
     by_service: dict[ServicePort, list[int]] = {}
@@ -283,10 +277,8 @@ def cluster_index(clusters: Selection) -> ClusterIndex:
             plain.append(i)
         else:
             by_service.setdefault(parsed.service, []).append(i)
-    index = ClusterIndex(
+    return ClusterIndex(
         tuple(plain),
         {s: tuple(i) for s, i in by_service.items()},
         {name: i for i, name in enumerate(names)},
     )
-    _CLUSTER_INDEX[id(clusters)] = (clusters, index)
-    return index

@@ -55,8 +55,6 @@ from xdsproxy.xds.view import NOTHING, UNSCOPED, ResourceView, Selection
 WILDCARD = "*"
 # Delta keeps subscribed names as a set, shared from the empty one (see `shared`)
 _NOTHING_SUBSCRIBED = Subscription(False, EMPTY_SET)
-# Types whose resources name no cluster: what Envoy holds of them is never a `Record` selection
-_UNNAMING = frozenset({typeurls.CLUSTER, typeurls.ENDPOINT})
 
 
 @dataclass(slots=True)
@@ -177,32 +175,27 @@ class DeltaStream(holds.Holding):
         if self.view.transparent:
             return []
         due = set(self._held_types())
-        if (
-            type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT)
-            and typeurls.CLUSTER in self._types
-        ):
+        if type_url not in holds.UNNAMING and typeurls.CLUSTER in self._types:
             due.add(typeurls.CLUSTER)
         return self.refresh(frozenset(due))
-
-    def _records(self) -> dict[str, holds.Record]:
-        return {t: s.record for t, s in self._types.items()}
 
     def _named_by_envoy(self, type_url: str) -> frozenset[str]:
         return ordering.named_by_envoy(
             self.view.references,
-            ((t, s.record) for t, s in self._types.items() if t != type_url and t not in _UNNAMING),
+            (
+                (t, s.record)
+                for t, s in self._types.items()
+                if t != type_url and t not in holds.UNNAMING
+            ),
         )
 
     def _newly_named(self, type_url: str, pairs: list[tuple[str, bytes]]) -> frozenset[str]:
-        """Clusters the pushed pairs name that what Envoy ACKed of the type did not."""
-        if type_url in _UNNAMING:
+        if type_url in holds.UNNAMING:
             return frozenset()
+        # A selection of this push alone: read directly, not memoized (`ordering.names_in`).
         selection = Selection(tuple(n for n, _ in pairs), tuple(a for _, a in pairs))
         names = self.view.references(type_url, selection)
-        acked = self._types[type_url].record.acked
-        if names and acked is not None:
-            names -= ordering.names_in(self.view.references, type_url, acked)
-        return names
+        return self._types[type_url].record.newly_named(self.view.references, type_url, names)
 
     def _warmth(self) -> holds.Warmth:
         clusters = self._types.get(typeurls.CLUSTER)
@@ -288,7 +281,7 @@ class DeltaStream(holds.Holding):
             self._note_held(request.type_url, state)
             if state.acked is not None:
                 state.acked = shared.without(state.acked, dropped)
-                if request.type_url not in _UNNAMING:
+                if request.type_url not in holds.UNNAMING:
                     state.record.acked = _selection_of(state.acked)
             state.upstream = shared.without(state.upstream, dropped)
 
@@ -486,7 +479,7 @@ class DeltaStream(holds.Holding):
     def _note_held(type_url: str, state: _TypeState) -> None:
         """What Envoy holds of a type whose resources name clusters, as its record's selection
         (`xds.holds.Record`)."""
-        if type_url not in _UNNAMING:
+        if type_url not in holds.UNNAMING:
             state.record.pushed = _selection_of(state.held)
 
     @staticmethod

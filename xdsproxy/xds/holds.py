@@ -23,9 +23,14 @@ Tests: `tests/unit/test_xds_holds.py`, row by row.
 import enum
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from xdsproxy.wire import typeurls
 from xdsproxy.xds import ordering
 from xdsproxy.xds.view import NOTHING, Selection
+
+# Types whose resources name no cluster: nothing they hold can wait for, or keep, a cluster.
+UNNAMING = frozenset({typeurls.CLUSTER, typeurls.ENDPOINT})
 
 
 class Why(enum.Enum):
@@ -69,14 +74,23 @@ class Record:
                 named |= ordering.names_in(references, type_url, selection)
         return named
 
+    def newly_named(
+        self, references: ordering.References, type_url: str, names: frozenset[str]
+    ) -> frozenset[str]:
+        """Of the clusters a candidate push names, those what Envoy ACKed of the type did not."""
+        if names and self.acked is not None:
+            names -= ordering.names_in(references, type_url, self.acked)
+        return names
+
     def note_ack(self) -> None:
         self.acked, self.maybe = self.pushed, NOTHING
 
     def note_nack(self, rejected: Selection) -> None:
+        """Each (name, body) once: NACKs in a row of a config Envoy keeps rejecting do not pile
+        up. Every body stays, since Envoy may hold any of them until it ACKs."""
         if rejected:
-            self.maybe = Selection(
-                self.maybe.names + rejected.names, self.maybe.bodies + rejected.bodies
-            )
+            pairs = dict.fromkeys((*zip(*self.maybe, strict=True), *zip(*rejected, strict=True)))
+            self.maybe = Selection(tuple(n for n, _ in pairs), tuple(b for _, b in pairs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +169,11 @@ def decide(
 
 
 class Holding:
-    """What SotW and Delta streams share of holds: a stream gives its records by type
-    (`_records`), recomputes types (`_refresh`) and reads its clock (`_clock`)."""
+    """What SotW and Delta streams share of holds: a stream keeps each type's state with its
+    `record` (`_types`), recomputes types (`_refresh`) and reads its clock (`_clock`)."""
 
     _clock: Callable[[], float]
-
-    def _records(self) -> Mapping[str, Record]:
-        raise NotImplementedError
+    _types: Mapping[str, Any]  # type URL -> the stream's state of it, with its `record`
 
     def _refresh(self, type_urls: frozenset[str], release_before: float | None = None) -> list:
         raise NotImplementedError
@@ -193,21 +205,25 @@ class Holding:
         record.hold = decision.hold
         return decision
 
+    def holds(self) -> dict[str, Hold]:
+        """The pushes held back, by type (for the debug endpoint)."""
+        return {t: s.record.hold for t, s in self._types.items() if s.record.hold is not None}
+
     def _held_types(self) -> frozenset[str]:
-        return frozenset(t for t, r in self._records().items() if r.hold is not None)
+        return frozenset(self.holds())
 
     def held_back(self) -> bool:
         """A push waits for its inputs or for clusters to warm."""
-        return any(r.hold is not None for r in self._records().values())
-
-    def holds(self) -> dict[str, Hold]:
-        """The pushes held back, by type (for the debug endpoint)."""
-        return {t: r.hold for t, r in self._records().items() if r.hold is not None}
+        return any(s.record.hold is not None for s in self._types.values())
 
     def oldest_hold(self) -> float | None:
         """When the oldest hold that the warm-wait bound applies to started (the stream's
-        clock); None if there is none (docs/protocol.md R13)."""
-        starts = [r.hold.since for r in self._records().values() if r.hold and r.hold.releasable]
+        clock); None if there is none (docs/protocol.md R13). Asked after every message."""
+        starts = [
+            s.record.hold.since
+            for s in self._types.values()
+            if s.record.hold is not None and s.record.hold.releasable
+        ]
         return min(starts) if starts else None
 
     def release(self, started_before: float | None = None) -> list:

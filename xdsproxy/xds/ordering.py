@@ -18,7 +18,7 @@ A view declares what its selections name (`references`); only clusters the upstr
 count, so a stream never waits for a cluster that will not come.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -85,17 +85,10 @@ def named_by_envoy(references: References, records: Iterable[tuple[str, _Named]]
     return frozenset(named)
 
 
-# A selection's resources by name, by the selection's identity (shared, never changed).
-_BY_NAME: LRUCache[int, tuple[Selection, dict[str, bytes]]] = caches.lru("selection_by_name")
-
-
+@caches.by_identity("selection_by_name")
 def by_name(selection: Selection) -> dict[str, bytes]:
-    found = _BY_NAME.get(id(selection))
-    if found is not None and found[0] is selection:
-        return found[1]
-    mapping = dict(zip(*selection, strict=True))
-    _BY_NAME[id(selection)] = (selection, mapping)
-    return mapping
+    """A selection's resources by name (shared by every stream holding the selection)."""
+    return dict(zip(*selection, strict=True))
 
 
 def keep_named(
@@ -135,8 +128,8 @@ def cold(
     names: frozenset[str],
     upstream_clusters: Mapping[str, bytes],
     pushed_clusters: Mapping[str, bytes | None],
-    acked_clusters: Iterable[str],
-    acked_endpoints: Iterable[str],
+    acked_clusters: Collection[str],
+    acked_endpoints: Collection[str],
 ) -> frozenset[str]:
     """Of the clusters `names`, those Envoy was pushed or the upstream sends that Envoy has not
     warmed. Whether a cluster waits for endpoints is read from what Envoy was pushed (a
@@ -144,12 +137,13 @@ def cold(
     wanted = [n for n in names if n in pushed_clusters or n in upstream_clusters]
     if not wanted:
         return frozenset()
-    have, endpoints = set(acked_clusters), set(acked_endpoints)
 
     def needs_endpoints(name: str) -> bool:
         body = pushed_clusters.get(name) or upstream_clusters.get(name)
         return body is not None and is_eds_cluster(body)
 
     return frozenset(
-        n for n in wanted if n not in have or (n not in endpoints and needs_endpoints(n))
+        n
+        for n in wanted
+        if n not in acked_clusters or (n not in acked_endpoints and needs_endpoints(n))
     )

@@ -153,32 +153,21 @@ def shared_names(
     return found
 
 
-# SotW state of a type whose responses carry only what they change (Istiod's EDS and RDS: an
-# incremental push, an answer to a subscription change). Streams in step share it: keyed by the
-# identities of what they merge, checked on the way out.
-_MERGED: LRUCache[tuple[int, int, int], tuple[Selection, tuple, object, Selection]] = caches.lru(
-    "sotw_merged"
-)
-
-
 def merged(held: Selection, update: Selection, subscribed: Collection[str]) -> Selection:
-    """What Envoy holds of a SotW type that is no wildcard once it applies `update`: `held` and
-    `update`, the update's resources replacing those of the same name, all restricted to the
-    names `subscribed` (Envoy drops what it stops watching)."""
-    key = (id(held), id(update.bodies), id(subscribed))
-    found = _MERGED.get(key)
-    if (
-        found is not None
-        and found[0] is held
-        and found[1] is update.bodies
-        and found[2] is subscribed
-    ):
-        return found[3]
+    """What Envoy holds of a SotW type that is no wildcard once it applies `update` (Istiod's
+    responses of EDS and RDS carry only what they change): `held` and `update`, the update's
+    resources replacing those of the same name, all restricted to the names `subscribed`
+    (Envoy drops what it stops watching). Streams in step share the result: the update's
+    tuples are shared by every stream given the same response (`wire.codec`)."""
+    return _merged(held, update.names, update.bodies, subscribed)
+
+
+@caches.by_identity("sotw_merged")
+def _merged(
+    held: Selection, names: tuple[str, ...], bodies: tuple[bytes, ...], subscribed: Collection[str]
+) -> Selection:
     wanted = subscribed if isinstance(subscribed, frozenset | set) else frozenset(subscribed)
     state = {n: b for n, b in zip(*held, strict=True) if n in wanted}
-    state.update((n, b) for n, b in zip(*update, strict=True) if n in wanted)
+    state.update((n, b) for n, b in zip(names, bodies, strict=True) if n in wanted)
     result = Selection(tuple(state), tuple(state.values()))
-    if result == held:
-        result = held
-    _MERGED[key] = (held, update.bodies, subscribed, result)
-    return result
+    return held if result == held else result

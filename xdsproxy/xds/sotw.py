@@ -237,7 +237,7 @@ class SotwStream(holds.Holding):
         if not state.exchange.accepted or self.view.transparent:
             return []
         due = set(self._held_types())
-        if type_url not in (typeurls.CLUSTER, typeurls.ENDPOINT):
+        if type_url not in holds.UNNAMING:
             due.add(typeurls.CLUSTER)
         return self._refresh(frozenset(due & set(self._types)))
 
@@ -345,15 +345,11 @@ class SotwStream(holds.Holding):
         return selection, decision
 
     def _newly_named(self, type_url: str, selection: Selection) -> frozenset[str]:
-        """Clusters the selection names that what Envoy ACKed of the type did not."""
-        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+        if type_url in holds.UNNAMING:
             return frozenset()
         references = self.view.references
         names = ordering.names_in(references, type_url, selection)
-        acked = self._types[type_url].record.acked
-        if names and acked is not None:
-            names -= ordering.names_in(references, type_url, acked)
-        return names
+        return self._types[type_url].record.newly_named(references, type_url, names)
 
     def _warmth(self) -> holds.Warmth:
         clusters = self._types.get(typeurls.CLUSTER)
@@ -362,7 +358,7 @@ class SotwStream(holds.Holding):
         return holds.Warmth(
             True,
             # While a CDS push is unanswered, what Envoy ACKed before may be on its way out.
-            frozenset(clusters.record.acked.names) if clusters.exchange.accepted else frozenset(),
+            ordering.by_name(clusters.record.acked) if clusters.exchange.accepted else {},
             self._warm_endpoints(),
             ordering.by_name(self._upstream.get(typeurls.CLUSTER, NOTHING)),
             ordering.by_name(clusters.record.pushed or NOTHING),
@@ -388,9 +384,6 @@ class SotwStream(holds.Holding):
         return ordering.keep_named(
             selection, self._upstream.get(type_url, NOTHING), state.record.pushed.names, named
         )
-
-    def _records(self) -> dict[str, holds.Record]:
-        return {t: s.record for t, s in self._types.items()}
 
     def refresh(self) -> list[Event]:
         """Recompute every pushed type; push what differs."""
